@@ -1,0 +1,273 @@
+"""The Python API: what the CLI (and later the server and batch engines) call.
+
+    from visionflow import api
+    api.train(TrainConfig(data="digits", out="runs/digits"))
+    api.evaluate("runs/digits", "digits")
+    for row in api.predict("runs/digits", ["photos/"]): ...
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from visionflow.config import TrainConfig
+from visionflow.data.loading import DecodedPart, decode_part, stratified_split
+from visionflow.data.sources import DataSet, DataSource, open_data, unlabelled_files
+from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
+from visionflow.errors import VisionflowError
+from visionflow.infer.predict import predict_rows
+from visionflow.infer.predictor import Predictor
+from visionflow.models import count_parameters, create_model, list_models, model_entry
+from visionflow.report.plots import plot_confusion, plot_curves, plot_image_grid, save_image_grid
+from visionflow.runs import RunDir
+from visionflow.train.loop import fit
+from visionflow.train.metrics import classification_metrics, worst_mistakes
+
+log = logging.getLogger("visionflow")
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    train: DecodedPart
+    val: DecodedPart
+    held_out: list[str] | None  # origins split off the training data, recorded in split.json
+
+
+def _check_kind(model_name: str, source: DataSource) -> None:
+    kind = model_entry(model_name).input_kind
+    if kind != source.kind:
+        raise VisionflowError(f"model '{model_name}' takes {kind}s but {source.name or 'the data'} holds {source.kind}s "
+                              f"(models for {source.kind}s: {', '.join(m for m in list_models() if model_entry(m).input_kind == source.kind)})")
+
+
+def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None]:
+    """(train source, validation source, held-out origins or None when the validation data is separate)."""
+    if cfg.val is not None:
+        val_set = open_data(cfg.val)
+        val = val_set.test or val_set.train
+        return dataset.train, _aligned(val, dataset.train.classes), None
+    if dataset.test is not None:
+        return dataset.train, dataset.test, None
+    train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
+    val = dataset.train.subset(val_idx)
+    return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))]
+
+
+def _aligned(source: DataSource, classes: list[str]) -> DataSource:
+    """The same source with labels re-indexed to `classes` (by name); an error names unknown classes."""
+    if source.classes == classes:
+        return source
+    unknown = sorted(set(source.classes) - set(classes))
+    if unknown:
+        raise VisionflowError(f"{source.name}: classes {unknown} are not among the run's classes {classes}")
+    mapping = np.asarray([classes.index(c) for c in source.classes], dtype=np.int64)
+    source.labels = mapping[source.labels]
+    source.classes = list(classes)
+    return source
+
+
+def load_training_data(cfg: TrainConfig, channels: int, size: int) -> TrainingData:
+    dataset = open_data(cfg.data)
+    train_source, val_source, held_out = _validation_source(cfg, dataset)
+    train = decode_part(train_source, channels, size, strict=cfg.strict)
+    val = decode_part(val_source, channels, size, strict=cfg.strict)
+    return TrainingData(train, val, held_out)
+
+
+def _data_shape(cfg: TrainConfig) -> tuple[DataSet, int, int]:
+    dataset = open_data(cfg.data)
+    _check_kind(cfg.model, dataset.train)
+    channels = cfg.channels or dataset.train.guess_channels()
+    size = cfg.image_size or dataset.train.guess_size()
+    return dataset, channels, size
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
+    """Train a new run in cfg.out; returns report.json's content."""
+    cfg.validate()
+    AugmentSpec.parse(cfg.augment)
+    run = RunDir(cfg.out)
+    if run.exists("config.json"):
+        raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+    _, channels, size = _data_shape(cfg)
+    create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
+    data = load_training_data(cfg, channels, size)
+    mean, std = channel_stats(data.train.images)
+    preprocess = Preprocess(image_size=size, channels=channels, mean=mean, std=std)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = create_model(cfg.model, num_classes=len(data.train.classes), in_channels=channels, image_size=size,
+                         **cfg.model_options)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_json("config.json", {
+        "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
+        "input_kind": model_entry(cfg.model).input_kind, "augment_eval": "none",
+        "data_spec": open_data(cfg.data).spec,
+    })
+    if data.held_out is not None:
+        run.write_json("split.json", {"held_out": data.held_out})
+    summary = fit(model, cfg, data.train, data.val, preprocess, run, resume=False, show_progress=show_progress)
+    return write_report(run, model, cfg, data, preprocess, summary)
+
+
+def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) -> dict:
+    """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`."""
+    run = RunDir(run_dir)
+    if not run.exists("config.json"):
+        raise VisionflowError(f"{run.path}: nothing to resume (no config.json)")
+    config = run.read_json("config.json")
+    cfg = TrainConfig.from_dict(config["train"])
+    if epochs is not None:
+        cfg.epochs = epochs
+    cfg.validate()
+    preprocess = Preprocess(**config["preprocess"])
+    data = load_training_data(cfg, preprocess.channels, preprocess.image_size)
+    if data.train.classes != config["classes"]:
+        raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
+    model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
+                         image_size=preprocess.image_size, **cfg.model_options)
+    config["train"] = cfg.to_dict()
+    run.write_json("config.json", config)
+    summary = fit(model, cfg, data.train, data.val, preprocess, run, resume=True, show_progress=show_progress)
+    return write_report(run, model, cfg, data, preprocess, summary)
+
+
+def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: TrainingData, preprocess: Preprocess,
+                 summary: dict) -> dict:
+    """Final validation metrics with the best weights, report.json and the run's pictures."""
+    model.load_state_dict(run.load_weights(run.best_weights_name()))
+    predictor = Predictor(model, preprocess, data.train.classes, next(model.parameters()).device)
+    logits = predictor.logits(data.val.images)
+    metrics = classification_metrics(logits, data.val.labels, data.val.classes)
+    skipped = data.train.skipped + data.val.skipped
+    report = {
+        "model": cfg.model, "parameters": count_parameters(model), "epochs": summary["epochs"],
+        "best_epoch": summary["best_epoch"], "validation": metrics,
+        "train_images_per_second": summary["train_images_per_second"],
+        "skipped_files": len(skipped), "skipped": [{"path": p, "reason": r} for p, r in skipped],
+    }
+    run.write_json("report.json", report)
+    plot_curves(summary["rows"], run / "curves.png")
+    plot_confusion(metrics["confusion"], data.val.classes, run / "confusion.png")
+    mistakes = worst_mistakes(logits, data.val.labels)
+    if mistakes and data.val.images.ndim == 4:
+        classes = data.val.classes
+        plot_image_grid(data.val.images[[i for i, _, _ in mistakes]],
+                        [f"{classes[p]} {c:.2f} (true {classes[int(data.val.labels[i])]})" for i, p, c in mistakes],
+                        run / "mistakes.png")
+    return report
+
+
+# --- evaluation and labelling ----------------------------------------------------------------------------
+
+def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
+    """The data's own test part; else the held-out part the run recorded (same data); else all of it."""
+    if dataset.test is not None:
+        return dataset.test
+    config = run.read_json("config.json")
+    if dataset.spec == config.get("data_spec") and run.exists("split.json"):
+        held_out = set(run.read_json("split.json")["held_out"])
+        source = dataset.train
+        return source.subset([i for i in range(len(source)) if source.origin(i) in held_out])
+    return dataset.train
+
+
+def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best", batch_size: int = 256,
+             strict: bool = False) -> dict:
+    run = RunDir(run_dir).require()
+    predictor = Predictor.from_run(run, device=device, weights=weights)
+    dataset = open_data(data)
+    source = evaluation_part(run, dataset)
+    if source.kind != predictor.input_kind:
+        raise VisionflowError(f"the run's model takes {predictor.input_kind}s but {data} holds {source.kind}s")
+    if source.native_channels is not None and source.native_channels != predictor.preprocess.channels:
+        raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run was trained on "
+                              f"{predictor.preprocess.channels}-channel images")
+    source = _aligned(source, predictor.classes)
+    part = decode_part(source, predictor.preprocess.channels, predictor.preprocess.image_size, strict=strict)
+    predictor.logits(part.images[:batch_size], batch_size)  # warm-up, left out of the timing
+    start = time.perf_counter()
+    logits = predictor.logits(part.images, batch_size)
+    seconds = time.perf_counter() - start
+    metrics = classification_metrics(logits, part.labels, predictor.classes)
+    metrics["images_per_second"] = round(len(part) / max(seconds, 1e-9), 1)
+    metrics["skipped_files"] = len(part.skipped)
+    return metrics
+
+
+def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
+            weights: str = "best", on_batch=None) -> Iterator[dict]:
+    """Label files, folders (recursive) or globs; yields one row per image as batches finish."""
+    if top_k < 1:
+        raise VisionflowError(f"--top-k must be at least 1 (got {top_k})")
+    predictor = Predictor.from_run(run_dir, device=device, weights=weights)
+    source = unlabelled_files(inputs)
+    return predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch)
+
+
+def count_inputs(inputs: Sequence[str]) -> int:
+    return len(unlabelled_files(inputs))
+
+
+# --- looking at data -------------------------------------------------------------------------------------
+
+def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, image_size: int | None = None,
+            channels: int | None = None) -> Path:
+    """A grid of augmented training samples, exactly as the training loop would see them (before normalising)."""
+    spec = AugmentSpec.parse(augment)
+    dataset = open_data(data)
+    source = dataset.train
+    rng = np.random.default_rng(seed)
+    picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
+    part = decode_part(picked, channels or source.guess_channels(), image_size or source.guess_size())
+    generator = torch.Generator().manual_seed(seed)
+    x = Augment(spec)(part.images.float() / 255.0, generator)
+    path = Path(out)
+    save_image_grid((x * 255).round().clamp(0, 255).to(torch.uint8), path)
+    return path
+
+
+def models_table() -> list[tuple[str, str, int, str]]:
+    """(name, input kind, parameters for 10 classes at its usual input, summary) for every registered model."""
+    rows = []
+    for name in list_models():
+        entry = model_entry(name)
+        model = create_model(name, num_classes=10, in_channels=1 if entry.input_kind == "image" else 3,
+                             image_size=28 if entry.input_kind == "image" else 32)
+        rows.append((name, entry.input_kind, count_parameters(model), entry.summary))
+    return rows
+
+
+# --- the demo ---------------------------------------------------------------------------------------------
+
+def demo(out: str = "runs/demo", show_progress: bool = True) -> dict:
+    """Train the seed CNN on the built-in digits, evaluate it and label a few held-out images written as PNGs."""
+    run = RunDir(out)
+    if run.exists("config.json"):
+        shutil.rmtree(run.path)  # the demo's own run from last time (only ever a visionflow run directory)
+    cfg = TrainConfig(data="digits", out=out, model="seed-cnn", epochs=12, batch_size=32, lr=2e-3,
+                      augment="rotate=10,shift=0.08", seed=0)  # digits has only 1,617 training images: augment
+    report = train(cfg, show_progress=show_progress)
+    metrics = evaluate(out, "digits")
+    samples = run.path / "samples"
+    samples.mkdir(exist_ok=True)
+    dataset = open_data("digits")
+    held_out = evaluation_part(run, dataset)
+    from PIL import Image
+    truth = {}
+    for i in range(0, len(held_out), max(1, len(held_out) // 8))[:8]:
+        image = held_out.read(i, 1, 28)[0].numpy()
+        path = samples / f"held_out_{i:03d}_true_{held_out.classes[held_out.labels[i]]}.png"
+        Image.fromarray(image).save(path)
+        truth[str(path)] = held_out.classes[held_out.labels[i]]
+    rows = list(predict(out, sorted(truth), top_k=3))
+    return {"report": report, "evaluation": metrics, "predictions": rows, "truth": truth}

@@ -1,0 +1,58 @@
+"""The command line: a thin layer over the Python API. Every option maps onto one API argument.
+
+Each module here adds its verbs with `register(commands) -> {verb: handler}`.
+Exit codes: 0 success, 2 a user error (one line on stderr, no traceback), 1 an internal error,
+130 interrupted (training leaves a resumable checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from visionflow.cli import classify
+from visionflow.errors import VisionflowError
+
+VERB_MODULES = (classify,)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) like every other user error."""
+
+    def error(self, message: str):
+        raise VisionflowError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> tuple[ArgumentParser, dict]:
+    parser = ArgumentParser(prog="visionflow", description="Deep learning on images: train, evaluate, label, generate.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    handlers: dict = {}
+    for module in VERB_MODULES:
+        handlers.update(module.register(commands))
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    from visionflow.train.loop import TrainingInterrupted
+
+    try:
+        parser, handlers = build_parser()
+        args = parser.parse_args(argv)
+        return handlers[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"visionflow: {exc}", file=sys.stderr)
+        return 130
+    except VisionflowError as exc:
+        print(f"visionflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("visionflow: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""CLI verbs for image classification: train, evaluate, predict, models, preview, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+
+from visionflow.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from visionflow.errors import VisionflowError
+
+
+def _model_options(text: str | None) -> dict:
+    """'hidden=128,layers=2,bidirectional=true' -> {'hidden': 128, 'layers': 2, 'bidirectional': True}"""
+    options: dict = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VisionflowError(f"--model-options: '{item}' is not key=value")
+        value = value.strip()
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[key.strip()] = lowered == "true"
+            continue
+        for cast in (int, float):
+            try:
+                options[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key.strip()] = value
+    return options
+
+
+def add_train_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a classifier on DATA")
+    p.add_argument("data", help="class folders, train/+val/ folders, an MNIST folder, or a built-in name (digits)")
+    p.add_argument("--model", default="seed-cnn", help="a registered model (see `visionflow models`)")
+    p.add_argument("--model-options", default=None, help="family options as key=value,... (e.g. hidden=128)")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--val", default=None, help="separate validation DATA")
+    p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction when DATA has no val/test part")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 10; with --resume: extend to this many)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a better validation accuracy (0 = off)")
+    p.add_argument("--class-weights", default="none", choices=("none", "auto"))
+    p.add_argument("--balanced-sampler", action="store_true", help="sample classes equally often")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
+    p.add_argument("--augment", default="none", help="e.g. flip,rotate=15,crop=0.8,elastic=0.5 (none = off)")
+    p.add_argument("--frames", type=int, default=16, help="clips: frames sampled per clip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args) -> int:
+    from visionflow import api
+
+    if args.resume:
+        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet)
+    else:
+        cfg = TrainConfig(
+            data=args.data, out=args.out, model=args.model, model_options=_model_options(args.model_options),
+            val=args.val, val_split=args.val_split, epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
+            optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+            label_smoothing=args.label_smoothing, patience=args.patience, class_weights=args.class_weights,
+            balanced_sampler=args.balanced_sampler, image_size=args.image_size, channels=args.channels,
+            augment=args.augment, frames=args.frames, seed=args.seed, strict=args.strict, device=args.device,
+        )
+        report = api.train(cfg, show_progress=not args.quiet)
+    validation = report["validation"]
+    print(f"{args.out}: validation accuracy {validation['accuracy']:.4f}  top-{validation['top_k']} "
+          f"{validation['top_k_accuracy']:.4f}  macro-F1 {validation['macro_f1']:.4f}  "
+          f"({validation['n']} images, best epoch {report['best_epoch']}, "
+          f"{report['train_images_per_second']:,.0f} train img/s, {report['skipped_files']} skipped files)")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from visionflow import api
+
+    metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, strict=args.strict)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"n {metrics['n']}  accuracy {metrics['accuracy']:.4f}  top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}  "
+          f"macro-F1 {metrics['macro_f1']:.4f}  {metrics['images_per_second']:,.0f} img/s  "
+          f"skipped {metrics['skipped_files']}")
+    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for name, row in metrics["per_class"].items():
+        print(f"{name:<16}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10d}")
+    return 0
+
+
+def run_predict(args) -> int:
+    from visionflow import api
+    from visionflow.infer.predict import write_rows
+    from visionflow.train.progress import make_console, make_progress
+
+    console = make_console()
+    show = console.is_terminal and not args.quiet
+    total = api.count_inputs(args.inputs) if show else None
+    out = open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)
+    with out as stream, make_progress(console, show) as progress:
+        task = progress.add_task("labelling", total=total, status="")
+        rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                           device=args.device, weights=args.weights,
+                           on_batch=lambda n: progress.update(task, advance=n))
+        count = write_rows(rows, stream, args.format)
+    if args.output:
+        print(f"wrote {count} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_models(args) -> int:
+    from visionflow import api
+
+    print(f"{'model':<14}{'input':<8}{'parameters':>12}  summary  (10 classes; images 1x28x28, clips 3x32x32)")
+    for name, kind, params, summary in api.models_table():
+        print(f"{name:<14}{kind:<8}{params:>12,}  {summary}")
+    return 0
+
+
+def run_preview(args) -> int:
+    from visionflow import api
+
+    path = api.preview(args.data, args.augment, args.out, count=args.count, seed=args.seed,
+                       image_size=args.image_size, channels=args.channels)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_demo(args) -> int:
+    from visionflow import api
+
+    result = api.demo(args.out, show_progress=not args.quiet)
+    evaluation = result["evaluation"]
+    print(f"\nvisionflow demo: seed-cnn on the built-in digits ({result['report']['parameters']:,} parameters)")
+    print(f"  held-out accuracy   {evaluation['accuracy']:.4f}  ({evaluation['n']} images)")
+    print(f"  top-{evaluation['top_k']} accuracy      {evaluation['top_k_accuracy']:.4f}")
+    print(f"  macro F1            {evaluation['macro_f1']:.4f}")
+    print(f"  training speed      {result['report']['train_images_per_second']:,.0f} images/s")
+    print(f"  labelling speed     {evaluation['images_per_second']:,.0f} images/s")
+    print(f"  run directory       {args.out}\n")
+    print(f"  {'image':<44}{'true':>5}{'predicted':>11}{'score':>8}")
+    for row in result["predictions"]:
+        name = row["path"].rsplit("/", 1)[-1]
+        print(f"  {name:<44}{result['truth'][row['path']]:>5}{row['label']:>11}{row['score']:>8.3f}")
+    return 0
+
+
+def register(commands) -> dict:
+    """Add this module's verbs to the CLI; returns {verb: handler}."""
+    add_train_parser(commands)
+
+    p = commands.add_parser("evaluate", help="score a run on DATA (its test part, or the run's held-out part)")
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--weights", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true")
+
+    p = commands.add_parser("predict", help="label images: files, folders (recursive) or globs")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--format", default="table", choices=("table", "csv", "jsonl"))
+    p.add_argument("--output", default=None, help="write rows to this file instead of stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+    commands.add_parser("models", help="list the registered models")
+
+    p = commands.add_parser("preview", help="write a grid of augmented samples")
+    p.add_argument("data")
+    p.add_argument("--augment", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
+
+    p = commands.add_parser("demo", help="train, evaluate and label on the built-in digits (offline, < 1 min)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quiet", action="store_true")
+    return {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "models": run_models,
+            "preview": run_preview, "demo": run_demo}
+
+

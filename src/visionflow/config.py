@@ -1,0 +1,67 @@
+"""Training configuration: one dataclass the CLI maps onto one to one, saved as config.json in the run.
+
+`predict` and `evaluate` rebuild everything (model, classes, preprocessing) from config.json alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from visionflow.errors import VisionflowError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "seed-cnn"
+    model_options: dict = field(default_factory=dict)  # family options, e.g. {"hidden": 128}
+    val: str | None = None            # a separate validation DATA; else the data's own test part or --val-split
+    val_split: float = 0.1
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9             # SGD only
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    patience: int = 0                 # early stopping on validation accuracy; 0 = off
+    class_weights: str = "none"       # "auto": inverse class frequency in the loss
+    balanced_sampler: bool = False
+    image_size: int | None = None     # None: measured from the data
+    channels: int | None = None       # None: measured from the data
+    augment: str = "none"
+    seed: int = 0
+    strict: bool = False
+    device: str = "auto"
+    frames: int = 16                  # clips only: frames sampled per clip
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer})"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule})"),
+            (self.class_weights in ("none", "auto"), f"--class-weights must be none or auto (got {self.class_weights})"),
+            (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
+            (self.image_size is None or 8 <= self.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {self.image_size})"),
+            (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
+            (self.frames >= 1, f"--frames must be at least 1 (got {self.frames})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VisionflowError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

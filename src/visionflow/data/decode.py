@@ -1,0 +1,97 @@
+"""Decoding: every image visionflow reads goes through `decode_image`.
+
+It returns a uint8 tensor (C, H, W) in the requested channel count and size, whatever the file's mode
+(L, LA, RGB, RGBA, P, CMYK, I;16, I, F), with the EXIF orientation applied. Anything that cannot be
+decoded raises `BrokenImage` naming the file, so collections can skip it and say so.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visionflow.errors import BrokenImage
+
+# Files with these endings are images; anything else in a folder (.txt, .DS_Store, .csv) is ignored.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+
+# Pillow's own limit (about 89 Mpx) only warns between 1x and 2x; we refuse anything above it, so a
+# decompression bomb is a broken file rather than a memory spike.
+MAX_PIXELS = 89_478_485
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High bit-depth modes scale down to 8 bits (Pillow's convert would clip them instead)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return img
+
+
+def pil_to_tensor(img: Image.Image, channels: int, size: int | None) -> torch.Tensor:
+    """A decoded Pillow image -> uint8 (channels, size, size). Resizing squashes to a square (as Keras does)."""
+    img = _to_8bit(img)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> Image.Image:
+    """Open and fully load an image with EXIF orientation applied; BrokenImage on any failure."""
+    origin = origin or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise BrokenImage(origin, "empty file")
+            img = Image.open(io.BytesIO(source))
+        else:
+            if os.path.getsize(source) == 0:
+                raise BrokenImage(origin, "empty file")
+            img = Image.open(source)
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise BrokenImage(origin, f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
+        img.load()
+        return ImageOps.exif_transpose(img)
+    except BrokenImage:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise BrokenImage(origin, f"not a readable image ({type(exc).__name__})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BrokenImage(origin, f"truncated or corrupt image ({exc})") from None
+
+
+def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | None = None,
+                 origin: str | None = None) -> torch.Tensor:
+    """Read one image file (or its bytes) as a uint8 tensor (channels, size, size)."""
+    return pil_to_tensor(open_image(source, origin), channels, size)
+
+
+def probe_image(path: str | Path) -> tuple[int, tuple[int, int]]:
+    """(channel count the image naturally has, (width, height)) without a full decode; BrokenImage on failure."""
+    try:
+        with Image.open(path) as img:
+            mode, size = img.mode, img.size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BrokenImage(str(path), f"not a readable image ({type(exc).__name__})") from None
+    gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+    return (1 if gray else 3), size

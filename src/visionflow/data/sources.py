@@ -1,0 +1,285 @@
+"""Data sources: one interface for every kind of collection visionflow reads.
+
+A `DataSource` is an indexable labelled collection. Whatever it holds (files in class folders, MNIST IDX
+arrays, the built-in digits, later video clips or Parquet shards), `read(i, channels, size)` returns the
+decoded uint8 tensor of item i, `origin(i)` says where it came from and `labels[i]` is its class index.
+Errors in one item raise `BrokenImage`; the loaders in `visionflow.data.loading` decide to skip or refuse.
+
+`open_data(spec)` turns what the user typed (a path or a built-in name) into a `DataSet`: a train part and,
+when the data has one, its own test part.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from visionflow.data.decode import decode_image, is_image_file, probe_image
+from visionflow.errors import VisionflowError
+
+BUILTIN_DATASETS = ("digits",)
+
+
+class DataSource:
+    """An indexable, labelled collection. Subclasses implement `read` and set the attributes."""
+
+    classes: list[str]
+    labels: np.ndarray  # int64, -1 for unlabelled items
+    kind: str = "image"  # "image" or "clip": which models can use it
+    native_channels: int | None = None  # set when the data has one fixed channel count (arrays)
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def origin(self, index: int) -> str:
+        raise NotImplementedError
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int]) -> "Subset":
+        return Subset(self, np.asarray(indices, dtype=np.int64))
+
+    def guess_channels(self) -> int:
+        return self.native_channels or 3
+
+    def guess_size(self) -> int:
+        raise NotImplementedError
+
+
+class Subset(DataSource):
+    def __init__(self, parent: DataSource, indices: np.ndarray):
+        self.parent, self.indices = parent, indices
+        self.classes, self.kind, self.name = parent.classes, parent.kind, parent.name
+        self.native_channels = parent.native_channels
+        self.labels = parent.labels[indices]
+
+    def origin(self, index: int) -> str:
+        return self.parent.origin(int(self.indices[index]))
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        return self.parent.read(int(self.indices[index]), channels, size)
+
+    def guess_channels(self) -> int:
+        return self.parent.guess_channels()
+
+    def guess_size(self) -> int:
+        return self.parent.guess_size()
+
+
+class ImageFiles(DataSource):
+    """Image files with labels (label -1 when unlabelled, as for `predict` inputs)."""
+
+    def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], name: str = ""):
+        self.paths, self.classes, self.name = paths, classes, name
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def origin(self, index: int) -> str:
+        return self.paths[index]
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        return decode_image(self.paths[index], channels, size)
+
+    def _probe_some(self, count: int = 32) -> list[tuple[int, tuple[int, int]]]:
+        step = max(1, len(self.paths) // count)
+        found = []
+        for path in self.paths[::step][:count]:
+            try:
+                found.append(probe_image(path))
+            except VisionflowError:
+                continue
+        return found
+
+    def guess_channels(self) -> int:
+        """1 when every sampled image is grayscale, otherwise 3."""
+        probed = self._probe_some()
+        return 1 if probed and all(c == 1 for c, _ in probed) else 3
+
+    def guess_size(self) -> int:
+        """The most common longer side of the sampled images, capped at 224."""
+        sides = [max(wh) for _, wh in self._probe_some()]
+        if not sides:
+            return 32
+        values, counts = np.unique(sides, return_counts=True)
+        return int(min(224, values[np.argmax(counts)]))
+
+
+class ImageArray(DataSource):
+    """Images already in memory as a uint8 array (N, H, W) or (N, H, W, C): MNIST, digits."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], name: str):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes, self.name = classes, name
+        self.native_channels = 1 if images.ndim == 3 else images.shape[3]
+
+    def origin(self, index: int) -> str:
+        return f"{self.name}#{index}"
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        img = torch.from_numpy(self.images[index])
+        img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)
+        if channels != img.shape[0]:
+            img = img.expand(channels, -1, -1) if img.shape[0] == 1 else img.float().mean(0, keepdim=True).round().byte()
+        if size is not None and img.shape[-1] != size:
+            img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True)[0].round().clamp(0, 255).byte()
+        return img.contiguous()
+
+    def guess_size(self) -> int:
+        return int(self.images.shape[1])
+
+
+@dataclass
+class DataSet:
+    """What `open_data` returns: the data's train part and, when it has one, its own test part."""
+
+    spec: str  # what identifies it again: an absolute path or a built-in name
+    train: DataSource
+    test: DataSource | None
+
+
+# --- folders of images -------------------------------------------------------------------------------
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files_below(folder: Path, accept) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if accept(f))
+    return found
+
+
+def image_folder(root: Path, classes: list[str] | None = None) -> ImageFiles:
+    """A folder with one sub-folder per class, images at any depth below each."""
+    folders = _class_folders(root)
+    if not folders:
+        raise VisionflowError(f"{root}: no class folders found (expected one sub-folder per class)")
+    names = [f.name for f in folders]
+    if classes is not None:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise VisionflowError(f"{root}: classes {unknown} are not among the {len(classes)} classes of the other part")
+    else:
+        classes = names
+    paths, labels = [], []
+    for folder in folders:
+        files = _files_below(folder, is_image_file)
+        if not files:
+            raise VisionflowError(f"{folder}: class folder '{folder.name}' holds no images")
+        paths.extend(files)
+        labels.extend([classes.index(folder.name)] * len(files))
+    if len(classes) < 2:
+        raise VisionflowError(f"{root}: only one class ('{classes[0]}'); a classifier needs at least two")
+    return ImageFiles(paths, labels, classes, name=str(root))
+
+
+# --- MNIST IDX files ---------------------------------------------------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]
+        dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, ValueError, IndexError, struct.error, EOFError) as exc:
+        raise VisionflowError(f"{path}: not a readable IDX file ({exc})") from None
+
+
+def _idx_file(root: Path, stem: str) -> Path | None:
+    for candidate in (root / stem, root / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_mnist_folder(root: Path) -> bool:
+    return _idx_file(root, "train-images-idx3-ubyte") is not None or _idx_file(root, "t10k-images-idx3-ubyte") is not None
+
+
+def mnist_part(root: Path, prefix: str) -> ImageArray | None:
+    images_path = _idx_file(root, f"{prefix}-images-idx3-ubyte")
+    if images_path is None:
+        return None
+    labels_path = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
+    if labels_path is None:
+        raise VisionflowError(f"{root}: {images_path.name} has no matching {prefix}-labels-idx1-ubyte[.gz]")
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise VisionflowError(f"{root}: {images_path.name} and {labels_path.name} do not match ({images.shape} vs {labels.shape})")
+    return ImageArray(images, labels.astype(np.int64), [str(d) for d in range(10)], name=f"{root}/{prefix}")
+
+
+# --- built-in data -----------------------------------------------------------------------------------
+
+def builtin_digits() -> ImageArray:
+    """scikit-learn's bundled handwritten digits (1,797 images, 8x8, 17 grey levels) upscaled to 28x28."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    big = F.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)
+    images = big[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    return ImageArray(images, bunch.target, [str(d) for d in range(10)], name="digits")
+
+
+# --- what the user typed -> a DataSet ------------------------------------------------------------------
+
+def open_data(spec: str | os.PathLike) -> DataSet:
+    """Auto-detect what DATA names: a built-in data set, an MNIST folder, a split folder or a class folder."""
+    text = str(spec)
+    if text in BUILTIN_DATASETS:
+        return DataSet(text, builtin_digits(), None)
+    root = Path(text).expanduser()
+    if not root.exists():
+        raise VisionflowError(f"{text}: no such file or folder (and not a built-in data set: {', '.join(BUILTIN_DATASETS)})")
+    if not root.is_dir():
+        raise VisionflowError(f"{text}: is a file; DATA is a folder (class folders, train/+val/, MNIST files) or a built-in name")
+    root = root.resolve()
+    if is_mnist_folder(root):
+        train, test = mnist_part(root, "train"), mnist_part(root, "t10k")
+        return DataSet(str(root), train if train is not None else test, test if train is not None else None)
+    test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        train = image_folder(root / "train")
+        return DataSet(str(root), train, image_folder(test_dir, classes=train.classes))
+    return DataSet(str(root), image_folder(root), None)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files, folders (recursive) and globs -> image file paths, in the order given."""
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths.extend(_files_below(Path(item), is_image_file))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise VisionflowError(f"{item}: no such file, folder or matching glob")
+            for match in matches:
+                paths.extend(_files_below(Path(match), is_image_file) if os.path.isdir(match) else [match])
+    return paths
+
+
+def unlabelled_files(inputs: Sequence[str]) -> ImageFiles:
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise VisionflowError(f"no image files in {' '.join(inputs)}")
+    return ImageFiles(paths, [-1] * len(paths), classes=[], name="inputs")

@@ -1,0 +1,170 @@
+"""Preprocessing and augmentation as batched tensor ops, on the batch's device.
+
+Two parts, kept apart on purpose:
+- `Preprocess`: the deterministic part (uint8 -> float, optional centre crop, normalisation with the
+  training data's mean/std). It is recorded in the run's config.json, and evaluation, prediction and
+  export apply exactly it.
+- `Augment`: the random part used only in training, parsed from a short SPEC such as
+  `flip,rotate=15,crop=0.8,elastic=0.5`. Rotation, flips, shifts and random-resized crops are composed
+  into one affine matrix per sample and the elastic field is added to the same sampling grid, so a batch
+  is resampled once, whatever the SPEC.
+
+Clips (N, T, C, H, W) are folded to (N, T*C, H, W): every frame of a clip gets the same transform.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from visionflow.errors import VisionflowError
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    flip: bool = False       # random horizontal flip
+    vflip: bool = False      # random vertical flip
+    rotate: float = 0.0      # max rotation, degrees
+    shift: float = 0.0       # max translation, fraction of the side
+    crop: float = 1.0        # random-resized crop: smallest area fraction kept (1 = off)
+    elastic: float = 0.0     # elastic deformation strength: displacements up to about elastic x 5% of the side
+
+    @classmethod
+    def parse(cls, text: str | None) -> "AugmentSpec":
+        """'flip,rotate=15,crop=0.8,elastic=0.5' -> AugmentSpec; 'none' or '' -> no augmentation."""
+        if text is None or text.strip().lower() in ("", "none"):
+            return cls()
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for item in text.split(","):
+            key, _, value = item.strip().partition("=")
+            key = key.strip().lower().replace("hflip", "flip")
+            if key not in known:
+                raise VisionflowError(f"--augment: unknown operation '{key}' (known: {', '.join(known)}, none)")
+            if known[key].type in (bool, "bool"):
+                values[key] = True
+                continue
+            try:
+                values[key] = float(value) if value else {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5}[key]
+            except ValueError:
+                raise VisionflowError(f"--augment: '{item.strip()}' needs a number, e.g. {key}=0.5") from None
+        spec = cls(**values)
+        if not 0.05 <= spec.crop <= 1.0:
+            raise VisionflowError(f"--augment: crop={spec.crop} must be between 0.05 and 1")
+        if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0:
+            raise VisionflowError("--augment: rotate, shift and elastic take non-negative numbers")
+        return spec
+
+    def __str__(self) -> str:
+        parts = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name):g}"
+                 for f in fields(self) if getattr(self, f.name) != f.default]
+        return ",".join(parts) or "none"
+
+    @property
+    def active(self) -> bool:
+        return self != AugmentSpec()
+
+
+class Augment:
+    """The random part of training-time preprocessing, applied to a float batch in [0, 1]."""
+
+    def __init__(self, spec: AugmentSpec):
+        self.spec = spec
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.spec.active:
+            return x
+        clip_shape = x.shape if x.ndim == 5 else None
+        if clip_shape is not None:
+            x = x.flatten(1, 2)
+        n, _, h, w = x.shape
+        grid = F.affine_grid(self._affine(n, generator).to(x.device, x.dtype), list(x.shape), align_corners=False)
+        if self.spec.elastic > 0:
+            grid = grid + self._elastic_field(n, h, w, generator).to(x.device, x.dtype)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.view(clip_shape) if clip_shape is not None else out
+
+    def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """Per-sample 2x3 matrices mapping output coordinates to input coordinates (normalised [-1, 1])."""
+        s = self.spec
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(n, generator=g) * (hi - lo) + lo
+
+        angle = uniform(-s.rotate, s.rotate) * (math.pi / 180.0)
+        # Random-resized crop: keep `area` of the image with aspect ratio in [3/4, 4/3] (torchvision's range).
+        area = uniform(s.crop, 1.0)
+        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3)) if s.crop < 1.0 else torch.zeros(n)
+        ratio = torch.exp(log_ratio)
+        scale_x = torch.sqrt(area * ratio).clamp(max=1.0)
+        scale_y = torch.sqrt(area / ratio).clamp(max=1.0)
+        # The crop window may sit anywhere inside the image; `shift` moves it further.
+        tx = uniform(-1.0, 1.0) * (1.0 - scale_x) + uniform(-s.shift, s.shift) * 2.0
+        ty = uniform(-1.0, 1.0) * (1.0 - scale_y) + uniform(-s.shift, s.shift) * 2.0
+        flip_x = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if s.flip else torch.ones(n)
+        flip_y = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if s.vflip else torch.ones(n)
+        # theta = [R(angle) @ diag(scale_x * flip_x, scale_y * flip_y) | t]
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        sx, sy = scale_x * flip_x, scale_y * flip_y
+        return torch.stack([
+            torch.stack([cos * sx, -sin * sy, tx], dim=1),
+            torch.stack([sin * sx, cos * sy, ty], dim=1),
+        ], dim=1)
+
+    def _elastic_field(self, n: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+        """A smooth random displacement field (Simard et al. 2003): coarse noise, upsampled bicubically."""
+        coarse = torch.rand(n, 2, 4, 4, generator=g) * 2.0 - 1.0
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+        return (field * (self.spec.elastic * 0.1)).permute(0, 2, 3, 1)
+
+
+@dataclass
+class Preprocess:
+    """The deterministic preprocessing recorded in config.json; `__call__` maps uint8 -> normalised float."""
+
+    image_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    center_crop: float = 1.0  # fraction of the side kept around the centre, then resized back
+
+    def __call__(self, images: torch.Tensor, augment: "Augment | None" = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 -> float in [0, 1] -> (training only: augment) -> normalised.
+
+        Augmenting before normalising means rotations and crops fill with black, as the preview shows.
+        """
+        x = images.float() / 255.0
+        if self.center_crop < 1.0:
+            x = center_crop(x, self.center_crop)
+        if augment is not None:
+            x = augment(x, generator)
+        mean = torch.tensor(self.mean, device=x.device)
+        std = torch.tensor(self.std, device=x.device)
+        shape = (-1, 1, 1) if x.ndim == 4 else (1, -1, 1, 1)  # (N,C,H,W) or (N,T,C,H,W)
+        return (x - mean.view(shape)) / std.view(shape)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def center_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    cropped = x[..., top:top + ch, left:left + cw]
+    lead = cropped.shape[:-3]
+    resized = F.interpolate(cropped.flatten(0, -4), size=(h, w), mode="bilinear", align_corners=False)
+    return resized.view(*lead, *resized.shape[-3:])
+
+
+def channel_stats(images: torch.Tensor, max_items: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of uint8 images (N, C, H, W) or clips (N, T, C, H, W)."""
+    sample = images[:max_items].float() / 255.0
+    dims = [d for d in range(sample.ndim) if d != sample.ndim - 3]
+    mean = sample.mean(dim=dims)
+    std = sample.std(dim=dims).clamp(min=1e-3)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

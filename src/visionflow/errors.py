@@ -1,0 +1,18 @@
+"""The one error type that travels up to the CLI and the server.
+
+Raised where user input enters (paths, options, data, run directories). The CLI prints its message as
+one line and exits with code 2; anything else is an internal error (exit 1).
+"""
+
+
+class VisionflowError(Exception):
+    """A problem with what the user asked for: a bad path, option, data set or run directory."""
+
+
+class BrokenImage(VisionflowError):
+    """One file of a collection could not be decoded. Collections skip it (or refuse it with --strict)."""
+
+    def __init__(self, origin: str, reason: str):
+        super().__init__(f"{origin}: {reason}")
+        self.origin = origin
+        self.reason = reason

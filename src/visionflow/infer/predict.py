@@ -1,0 +1,59 @@
+"""Labelling collections: stream rows batch by batch, and write them as a table, CSV or JSON lines.
+
+Memory holds one batch of decoded images at a time; rows are written (and flushed) as each batch is
+done, so a folder of a million files runs in flat memory and a long run shows progress as it goes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import IO, Iterable, Iterator
+
+from visionflow.data.loading import stream_batches
+from visionflow.data.sources import DataSource
+from visionflow.infer.predictor import Predictor
+
+FORMATS = ("table", "csv", "jsonl")
+
+
+def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch_size: int = 64,
+                 on_batch=None) -> Iterator[dict]:
+    """One row per item: path, label, score, top_k [{label, score}], error (None unless unreadable)."""
+    size = predictor.preprocess.image_size
+    for origins, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size):
+        for item in broken:
+            yield {"path": item.origin, "label": None, "score": None, "top_k": [], "error": item.reason}
+        if images is not None:
+            scores, indices = predictor.top_k(images, top_k)
+            for origin, row_scores, row_indices in zip(origins, scores.tolist(), indices.tolist()):
+                top = [{"label": predictor.classes[i], "score": round(s, 6)} for s, i in zip(row_scores, row_indices)]
+                yield {"path": origin, "label": top[0]["label"], "score": top[0]["score"], "top_k": top, "error": None}
+        if on_batch is not None:
+            on_batch(len(origins) + len(broken))
+
+
+def write_rows(rows: Iterable[dict], out: IO[str], fmt: str) -> int:
+    """Write rows as they come; returns how many were written."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["path", "label", "score", "top_k", "error"])
+    for row in rows:
+        if fmt == "jsonl":
+            out.write(json.dumps(row) + "\n")
+        elif fmt == "csv":
+            top = ";".join(f"{t['label']}:{t['score']:.4f}" for t in row["top_k"])
+            writer.writerow([row["path"], row["label"] or "", "" if row["score"] is None else f"{row['score']:.6f}",
+                             top, row["error"] or ""])
+        else:
+            if row["error"]:
+                out.write(f"{row['path']}\tERROR\t{row['error']}\n")
+            else:
+                top = "  ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"][1:])
+                out.write(f"{row['path']}\t{row['label']}\t{row['score']:.4f}\t{top}\n")
+        count += 1
+        if count % 256 == 0:
+            out.flush()
+    out.flush()
+    return count

@@ -1,0 +1,72 @@
+"""The predictor: one object that turns decoded uint8 images into class probabilities.
+
+The CLI's `predict` and `evaluate`, validation during training, the HTTP service and batch engines all
+call it, so every path applies exactly the preprocessing recorded in the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from visionflow.data.transforms import Preprocess
+from visionflow.devices import autocast, memory_format, select_device
+from visionflow.errors import VisionflowError
+from visionflow.models import create_model
+from visionflow.runs import RunDir
+
+
+@dataclass
+class Predictor:
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+    device: torch.device
+    input_kind: str = "image"
+    frames: int = 16
+
+    @classmethod
+    def from_run(cls, run_dir: str | RunDir, device: str = "auto", weights: str = "best") -> "Predictor":
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        run.require()
+        config = run.read_json("config.json")
+        train = config["train"]
+        preprocess = Preprocess(**config["preprocess"])
+        model = create_model(train["model"], num_classes=len(config["classes"]), in_channels=preprocess.channels,
+                             image_size=preprocess.image_size, **train.get("model_options", {}))
+        name = {"best": run.best_weights_name(), "last": "last.safetensors"}.get(weights)
+        if name is None:
+            raise VisionflowError(f"--weights must be best or last (got {weights})")
+        try:
+            model.load_state_dict(run.load_weights(name))
+        except RuntimeError as exc:
+            raise VisionflowError(f"{run.path / name}: weights do not fit the model in config.json ({str(exc).splitlines()[0]})") from None
+        target = select_device(device)
+        model.to(target, memory_format=memory_format(target)).eval()
+        return cls(model, preprocess, list(config["classes"]), target, config.get("input_kind", "image"),
+                   int(train.get("frames", 16)))
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """uint8 images (N, C, H, W) or clips (N, T, C, H, W) -> logits (N, classes), float32 on the CPU."""
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(self.device, non_blocking=True)
+            x = self.preprocess(batch)
+            if x.ndim == 4:
+                x = x.contiguous(memory_format=memory_format(self.device))
+            with autocast(self.device):
+                outputs.append(self.model(x).float().cpu())
+        if not outputs:
+            return torch.empty(0, len(self.classes))
+        return torch.cat(outputs)
+
+    def probabilities(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        return torch.softmax(self.logits(images, batch_size), dim=1)
+
+    def top_k(self, images: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, class indices), each (N, k), best first."""
+        probs = self.probabilities(images)
+        return probs.topk(min(k, probs.shape[1]), dim=1)

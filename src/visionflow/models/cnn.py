@@ -1,0 +1,52 @@
+"""The seed's CNN, exactly: Conv 32 3x3 ReLU, MaxPool 2, Conv 64 3x3 ReLU, MaxPool 2, Flatten,
+Dense 64 ReLU, Dense classes. 'valid' convolutions and Glorot-uniform weights with zero biases, as Keras
+builds it, so the two stacks start from the same kind of network."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from visionflow.models.registry import register_model
+from visionflow.errors import VisionflowError
+
+
+def glorot_init(module: nn.Module) -> None:
+    """Keras's defaults: Glorot-uniform kernels, zero biases."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class SeedCNN(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int, image_size: int):
+        super().__init__()
+        side = ((image_size - 2) // 2 - 2) // 2
+        if side < 1:
+            raise VisionflowError(f"seed-cnn needs images of at least 10x10 pixels (got {image_size})")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 64), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(64, num_classes)
+        self.num_features = 64
+        glorot_init(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model("seed-cnn")
+def seed_cnn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The seed's CNN: two 3x3 conv + max-pool blocks, a 64-unit dense layer (Keras-identical)."""
+    return SeedCNN(num_classes, in_channels, image_size)

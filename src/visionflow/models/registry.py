@@ -1,0 +1,63 @@
+"""One model registry (after timm): models are created by name with the same arguments.
+
+Every registered model is an `nn.Module` with
+- `forward_features(x)` -> a (N, num_features) tensor and `forward_head(features)` -> logits, so export,
+  feature extraction (domain FID) and the clip encoder reuse any model without special cases;
+- `num_features` and `input_kind` ("image": (N, C, H, W) or "clip": (N, T, C, H, W)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from visionflow.errors import VisionflowError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., nn.Module]
+    input_kind: str
+    summary: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, input_kind: str = "image"):
+    """Decorator: `@register_model("seed-cnn")` over a function (num_classes, in_channels, image_size, **options)."""
+    def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        summary = (build.__doc__ or "").strip().splitlines()[0] if build.__doc__ else ""
+        _REGISTRY[name] = ModelEntry(name, build, input_kind, summary)
+        return build
+    return wrap
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise VisionflowError(f"unknown model '{name}' (known: {', '.join(list_models())})")
+    return _REGISTRY[name]
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
+    """Build a registered model by name; options are the family's own (e.g. hidden size for RNNs)."""
+    entry = model_entry(name)
+    try:
+        model = entry.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
+    except TypeError as exc:
+        raise VisionflowError(f"model '{name}': {exc}") from None
+    model.input_kind = entry.input_kind
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,82 @@
+"""The pictures a run leaves behind: learning curves, confusion matrix, image grids (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from visionflow.runs import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    matrix = np.asarray(confusion)
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title="Confusion matrix")
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    if len(classes) <= 20:
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > matrix.max() / 2 else "black")
+    _save(fig, path)
+
+
+def plot_image_grid(images: torch.Tensor, titles: list[str], path: Path, columns: int = 8) -> None:
+    """uint8 images (N, C, H, W) with a caption each."""
+    n = len(images)
+    if n == 0:
+        return
+    rows = (n + columns - 1) // columns
+    cols = min(columns, n)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        array = image.permute(1, 2, 0).numpy()
+        ax.imshow(array[:, :, 0] if array.shape[2] == 1 else array, cmap="gray" if array.shape[2] == 1 else None,
+                  vmin=0, vmax=255)
+        ax.set_title(title, fontsize=7)
+    _save(fig, path)
+
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, pad: int = 2) -> None:
+    """uint8 images (N, C, H, W) tiled into one PNG with no captions (sample grids, previews)."""
+    n, c, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    canvas = torch.zeros(c, rows * (h + pad) + pad, columns * (w + pad) + pad, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[:, top:top + h, left:left + w] = image
+    array = canvas.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if c == 1 else array)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

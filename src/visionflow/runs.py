@@ -1,0 +1,119 @@
+"""The run directory: one format, one reader/writer.
+
+    RUN_DIR/
+      config.json        TrainConfig + classes, preprocessing and input kind (all predict needs)
+      split.json         origins of the held-out validation items (when split from the training data)
+      best.safetensors   weights with the best validation accuracy   (safetensors: tensors only, no code)
+      last.safetensors   weights after the last finished epoch
+      checkpoint.pt      resumable state: weights, optimizer, schedule, epoch, RNG (loaded weights_only)
+      metrics.csv        one row per epoch
+      report.json        final validation metrics, train_images_per_second, skipped_files
+      curves.png, confusion.png, mistakes.png
+
+Every write goes to a temporary file in the same folder and is renamed into place, so an interrupted
+write never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from visionflow.errors import VisionflowError
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX within one filesystem)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def require(self) -> "RunDir":
+        """Check this is a finished-enough run directory to load a model from."""
+        if not self.path.is_dir():
+            raise VisionflowError(f"{self.path}: no such run directory")
+        if not self.exists("config.json"):
+            raise VisionflowError(f"{self.path}: not a visionflow run directory (no config.json)")
+        if not (self.exists("best.safetensors") or self.exists("last.safetensors")):
+            raise VisionflowError(f"{self.path}: the run has no weights yet (training never finished an epoch)")
+        return self
+
+    # --- JSON ---
+    def write_json(self, name: str, value: Any) -> None:
+        text = json.dumps(value, indent=2, sort_keys=False) + "\n"
+        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            raise VisionflowError(f"{self.path}: missing {name}") from None
+        except json.JSONDecodeError as exc:
+            raise VisionflowError(f"{self.path / name}: not valid JSON ({exc})") from None
+
+    # --- weights (safetensors) ---
+    def save_weights(self, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        atomic_write(self.path / name, lambda tmp: save_file(tensors, tmp))
+
+    def load_weights(self, name: str) -> dict[str, torch.Tensor]:
+        if not self.exists(name):
+            raise VisionflowError(f"{self.path}: missing {name}")
+        return load_file(str(self.path / name))
+
+    def best_weights_name(self) -> str:
+        return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"
+
+    # --- resumable training state ---
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_write(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        if not self.exists("checkpoint.pt"):
+            raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt)")
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+        return torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+    # --- metrics.csv ---
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = list(rows[0])
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.path / "metrics.csv", write)
+
+    def read_metrics(self) -> list[dict[str, float]]:
+        if not self.exists("metrics.csv"):
+            return []
+        with open(self.path / "metrics.csv", newline="") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,0 +1,208 @@
+"""The one training loop for classifiers: images and clips alike (a clip is just a 5-D batch).
+
+Written out top to bottom: `fit` runs epochs, `train_one_epoch` runs steps, `validate` scores. What is
+trained (model, loss) is kept apart from how it runs (device, checkpoints, resume). Each epoch's shuffle,
+augmentation and dropout draw from a generator seeded by (seed, epoch), so a resumed run continues the
+random stream exactly where the uninterrupted run would have been.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from visionflow.config import TrainConfig
+from visionflow.data.loading import DecodedPart
+from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
+from visionflow.devices import autocast, memory_format, select_device
+from visionflow.errors import VisionflowError
+from visionflow.infer.predictor import Predictor
+from visionflow.runs import RunDir
+from visionflow.train.metrics import classification_metrics
+from visionflow.train.progress import make_console, make_progress
+
+log = logging.getLogger("visionflow")
+
+
+class TrainingInterrupted(VisionflowError):
+    """Ctrl-C during training: the last finished epoch is saved and `--resume` continues from it."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.01)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR multiplier. Rebuilt from the config on resume, so `--epochs M` stretches it to the new end."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = max(1, int(0.3 * total))
+
+    def cosine(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    def one_cycle(step: int) -> float:
+        # linear warm-up from 1/25 to the peak over 30% of training, then cosine down to ~0 (Smith 2018)
+        if step < warmup:
+            return 0.04 + 0.96 * step / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
+
+    multiplier = {"cosine": cosine, "onecycle": one_cycle, "constant": lambda step: 1.0}[cfg.schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled to mean 1 over the classes present."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights
+
+
+def epoch_order(labels: torch.Tensor, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """The order of training items for one epoch: a permutation, or balanced sampling with replacement."""
+    if not balanced:
+        return torch.randperm(len(labels), generator=generator)
+    counts = torch.bincount(labels).float()
+    return torch.multinomial(1.0 / counts[labels], len(labels), replacement=True, generator=generator)
+
+
+@dataclass
+class FitState:
+    """What survives an interruption, besides weights and optimizer: saved in checkpoint.pt."""
+
+    epoch: int = 0                     # epochs finished
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    stale_epochs: int = 0              # epochs since the best, for early stopping
+    rows: list[dict] = field(default_factory=list)
+
+
+def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess, augment: Augment,
+                    loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule, cfg: TrainConfig,
+                    device: torch.device, generator: torch.Generator, on_step) -> dict:
+    model.train()
+    order = epoch_order(part.labels, cfg.balanced_sampler, generator)
+    total_loss = torch.zeros((), device=device)
+    total_correct = torch.zeros((), device=device, dtype=torch.int64)
+    start = time.perf_counter()
+    for first in range(0, len(order), cfg.batch_size):
+        index = order[first:first + cfg.batch_size]
+        if len(index) < 2 and len(order) > 1:
+            continue  # a 1-item last batch would break batch norm and adds nothing
+        images = part.images[index].to(device, non_blocking=True)
+        labels = part.labels[index].to(device, non_blocking=True)
+        x = preprocess(images, augment, generator)
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=memory_format(device))
+        with autocast(device):
+            logits = model(x)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        # Accumulate on the device: no host sync per step.
+        total_loss += loss.detach() * len(index)
+        total_correct += (logits.argmax(1) == labels).sum()
+        on_step(len(index))
+    seconds = time.perf_counter() - start
+    loss_value = float(total_loss) / len(order)
+    if not math.isfinite(loss_value):
+        raise VisionflowError(f"training diverged (loss {loss_value}); try a lower --lr")
+    return {"train_loss": loss_value, "train_accuracy": int(total_correct) / len(order),
+            "images_per_second": len(order) / seconds, "seconds": seconds}
+
+
+def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: DecodedPart, preprocess: Preprocess,
+        run: RunDir, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train `model`, writing the run directory as it goes; returns the FitState summary as a dict."""
+    device = select_device(cfg.device)
+    model.to(device, memory_format=memory_format(device))
+    weight = class_weights(train_part.labels, len(train_part.classes)).to(device) if cfg.class_weights == "auto" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    optimizer = build_optimizer(cfg, model)
+    steps_per_epoch = sum(1 for first in range(0, len(train_part), cfg.batch_size)
+                          if len(train_part) - first >= 2 or len(train_part) == 1)
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch)
+    state = FitState()
+    if resume:
+        checkpoint = run.load_checkpoint()
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        state = FitState(**checkpoint["state"])
+        state.rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
+    augment = Augment(AugmentSpec.parse(cfg.augment))
+    validator = Predictor(model, preprocess, train_part.classes, device, input_kind=getattr(model, "input_kind", "image"))
+    console = make_console()
+
+    def save_checkpoint() -> None:
+        run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(),
+                             "state": {k: v for k, v in state.__dict__.items() if k != "rows"}})
+
+    if state.epoch == 0:
+        save_checkpoint()  # even an interruption in the first epoch leaves something to resume
+    with make_progress(console, show_progress) as progress:
+        for epoch in range(state.epoch, cfg.epochs):
+            if cfg.patience and state.stale_epochs >= cfg.patience:
+                break
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_part), status="")
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and any other global-RNG draw
+            generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+            counter = {"seen": 0, "start": time.perf_counter()}
+
+            def on_step(count: int) -> None:
+                counter["seen"] += count
+                rate = counter["seen"] / max(1e-9, time.perf_counter() - counter["start"])
+                progress.update(task, advance=count, status=f"{rate:,.0f} img/s")
+
+            try:
+                stats = train_one_epoch(model, train_part, preprocess, augment, loss_fn, optimizer, schedule, cfg,
+                                        device, generator, on_step)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(
+                    f"interrupted in epoch {epoch + 1}; {state.epoch} finished epoch(s) saved in {run.path} "
+                    f"- continue with: visionflow train ... --out {run.path} --resume") from None
+            model.eval()
+            val_logits = validator.logits(val_part.images)
+            val_loss = float(nn.functional.cross_entropy(val_logits, val_part.labels))
+            val_accuracy = float((val_logits.argmax(1) == val_part.labels).float().mean())
+            progress.remove_task(task)
+            state.epoch = epoch + 1
+            state.rows.append({"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
+                               "train_accuracy": round(stats["train_accuracy"], 6), "val_loss": round(val_loss, 6),
+                               "val_accuracy": round(val_accuracy, 6), "lr": optimizer.param_groups[0]["lr"],
+                               "images_per_second": round(stats["images_per_second"], 1),
+                               "seconds": round(stats["seconds"], 3)})
+            console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
+                          f"acc {stats['train_accuracy']:.4f}  val_loss {val_loss:.4f}  val_acc {val_accuracy:.4f}  "
+                          f"{stats['images_per_second']:,.0f} img/s", highlight=False, soft_wrap=True)
+            weights = model.state_dict()
+            if val_accuracy > state.best_accuracy:
+                state.best_accuracy, state.best_epoch, state.stale_epochs = val_accuracy, epoch + 1, 0
+                run.save_weights("best.safetensors", weights)
+            else:
+                state.stale_epochs += 1
+            run.save_weights("last.safetensors", weights)
+            run.write_metrics(state.rows)
+            save_checkpoint()
+    rates = [r["images_per_second"] for r in state.rows]
+    return {"epochs": state.epoch, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_accuracy,
+            # the first epoch carries warm-up (allocator, kernels); leave it out when there are others
+            "train_images_per_second": round(statistics.median(rates[1:] or rates), 1) if rates else 0.0,
+            "rows": state.rows}
