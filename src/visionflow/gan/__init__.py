@@ -1,0 +1,1 @@
+"""Generative models: class-conditional image generation (DCGAN) and image repair (inpainting)."""
