@@ -91,9 +91,31 @@ class FitState:
     rows: list[dict] = field(default_factory=list)
 
 
+class Lookahead:
+    """airbench's lookahead/EMA (`--lookahead N`): every N steps a running average of the weights (and
+    BatchNorm statistics) moves towards the model, and the model is put back on it. The decay grows as
+    0.95^N x progress^3, so early training moves freely and the last steps are averaged out."""
+
+    def __init__(self, model: nn.Module, every: int, total_steps: int):
+        self.every, self.total_steps = every, max(1, total_steps)
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.average:
+                self.average[name].lerp_(value, 1.0 - decay)
+                value.copy_(self.average[name])
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if step % self.every == 0:
+            self.update(model, 0.95 ** self.every * min(1.0, step / self.total_steps) ** 3)
+
+
 def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess, augment: Augment,
                     loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule, cfg: TrainConfig,
-                    device: torch.device, generator: torch.Generator, on_step) -> dict:
+                    device: torch.device, generator: torch.Generator, on_step,
+                    lookahead: Lookahead | None = None) -> dict:
     model.train()
     order = epoch_order(part.labels, cfg.balanced_sampler, generator)
     total_loss = torch.zeros((), device=device)
@@ -115,6 +137,8 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
         loss.backward()
         optimizer.step()
         schedule.step()
+        if lookahead is not None:
+            lookahead.after_step(model, schedule.last_epoch)  # last_epoch counts steps over the whole run
         # Accumulate on the device: no host sync per step.
         total_loss += loss.detach() * len(index)
         total_correct += (logits.argmax(1) == labels).sum()
@@ -146,61 +170,67 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
         schedule.load_state_dict(checkpoint["schedule"])
         state = FitState(**checkpoint["state"])
         state.rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
+    lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
+    if resume and lookahead is not None and "lookahead" in checkpoint:
+        lookahead.average = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
     augment = Augment(AugmentSpec.parse(cfg.augment))
-    validator = Predictor(model, preprocess, train_part.classes, device, input_kind=getattr(model, "input_kind", "image"))
+    validator = Predictor(model, preprocess, train_part.classes, device, input_kind=getattr(model, "input_kind", "image"),
+                          augment_eval=cfg.augment_eval)
     console = make_console()
 
     def save_checkpoint() -> None:
         run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "schedule": schedule.state_dict(),
-                             "state": {k: v for k, v in state.__dict__.items() if k != "rows"}})
+                             "state": {k: v for k, v in state.__dict__.items() if k != "rows"},
+                             **({"lookahead": lookahead.average} if lookahead is not None else {})})
 
     if state.epoch == 0:
         save_checkpoint()  # even an interruption in the first epoch leaves something to resume
-    with make_progress(console, show_progress) as progress:
-        for epoch in range(state.epoch, cfg.epochs):
-            if cfg.patience and state.stale_epochs >= cfg.patience:
-                break
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_part), status="")
-            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and any other global-RNG draw
-            generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-            counter = {"seen": 0, "start": time.perf_counter()}
+    try:
+        with make_progress(console, show_progress) as progress:
+            for epoch in range(state.epoch, cfg.epochs):
+                if cfg.patience and state.stale_epochs >= cfg.patience:
+                    break
+                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_part), status="")
+                torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and any other global-RNG draw
+                generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+                counter = {"seen": 0, "start": time.perf_counter()}
 
-            def on_step(count: int) -> None:
-                counter["seen"] += count
-                rate = counter["seen"] / max(1e-9, time.perf_counter() - counter["start"])
-                progress.update(task, advance=count, status=f"{rate:,.0f} img/s")
+                def on_step(count: int) -> None:
+                    counter["seen"] += count
+                    rate = counter["seen"] / max(1e-9, time.perf_counter() - counter["start"])
+                    progress.update(task, advance=count, status=f"{rate:,.0f} img/s")
 
-            try:
                 stats = train_one_epoch(model, train_part, preprocess, augment, loss_fn, optimizer, schedule, cfg,
-                                        device, generator, on_step)
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch + 1}; {state.epoch} finished epoch(s) saved in {run.path} "
-                    f"- continue with: visionflow train ... --out {run.path} --resume") from None
-            model.eval()
-            val_logits = validator.logits(val_part.images)
-            val_loss = float(nn.functional.cross_entropy(val_logits, val_part.labels))
-            val_accuracy = float((val_logits.argmax(1) == val_part.labels).float().mean())
-            progress.remove_task(task)
-            state.epoch = epoch + 1
-            state.rows.append({"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
-                               "train_accuracy": round(stats["train_accuracy"], 6), "val_loss": round(val_loss, 6),
-                               "val_accuracy": round(val_accuracy, 6), "lr": optimizer.param_groups[0]["lr"],
-                               "images_per_second": round(stats["images_per_second"], 1),
-                               "seconds": round(stats["seconds"], 3)})
-            console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
-                          f"acc {stats['train_accuracy']:.4f}  val_loss {val_loss:.4f}  val_acc {val_accuracy:.4f}  "
-                          f"{stats['images_per_second']:,.0f} img/s", highlight=False, soft_wrap=True)
-            weights = model.state_dict()
-            if val_accuracy > state.best_accuracy:
-                state.best_accuracy, state.best_epoch, state.stale_epochs = val_accuracy, epoch + 1, 0
-                run.save_weights("best.safetensors", weights)
-            else:
-                state.stale_epochs += 1
-            run.save_weights("last.safetensors", weights)
-            run.write_metrics(state.rows)
-            save_checkpoint()
+                                        device, generator, on_step, lookahead)
+                model.eval()
+                val_logits = validator.logits(val_part.images)
+                val_loss = float(nn.functional.cross_entropy(val_logits, val_part.labels))
+                val_accuracy = float((val_logits.argmax(1) == val_part.labels).float().mean())
+                progress.remove_task(task)
+                state.epoch = epoch + 1
+                state.rows.append({"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
+                                   "train_accuracy": round(stats["train_accuracy"], 6), "val_loss": round(val_loss, 6),
+                                   "val_accuracy": round(val_accuracy, 6), "lr": optimizer.param_groups[0]["lr"],
+                                   "images_per_second": round(stats["images_per_second"], 1),
+                                   "seconds": round(stats["seconds"], 3)})
+                console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
+                              f"acc {stats['train_accuracy']:.4f}  val_loss {val_loss:.4f}  val_acc {val_accuracy:.4f}  "
+                              f"{stats['images_per_second']:,.0f} img/s", highlight=False, soft_wrap=True)
+                weights = model.state_dict()
+                if val_accuracy > state.best_accuracy:
+                    state.best_accuracy, state.best_epoch, state.stale_epochs = val_accuracy, epoch + 1, 0
+                    run.save_weights("best.safetensors", weights)
+                else:
+                    state.stale_epochs += 1
+                run.save_weights("last.safetensors", weights)
+                run.write_metrics(state.rows)
+                save_checkpoint()
+    except KeyboardInterrupt:
+        # Every finished epoch is already saved atomically; the interrupted one restarts on resume.
+        raise TrainingInterrupted(
+            f"interrupted after {state.epoch} finished epoch(s), saved in {run.path}; "
+            f"continue with: visionflow train {cfg.data} --out {run.path} --resume") from None
     rates = [r["images_per_second"] for r in state.rows]
     return {"epochs": state.epoch, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_accuracy,
             # the first epoch carries warm-up (allocator, kernels); leave it out when there are others

@@ -1,0 +1,50 @@
+"""Shared test fixtures: small generated image collections (no downloads, no shared data sets)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def pattern_image(kind: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """A noisy 8-bit grey image of one of three easily told apart patterns."""
+    image = rng.integers(0, 40, size=(size, size)).astype(np.uint8)
+    if kind == "stripes_h":
+        image[::4] = 220
+    elif kind == "stripes_v":
+        image[:, ::4] = 220
+    else:  # "square"
+        image[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 220
+    return image
+
+
+def write_class_folder(root: Path, per_class: int = 20, size: int = 16, seed: int = 0, mode: str = "L") -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in ("square", "stripes_h", "stripes_v"):
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(pattern_image(kind, rng, size)).convert(mode).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def patterns(tmp_path: Path) -> Path:
+    """Three classes x 20 grey 16x16 PNGs."""
+    return write_class_folder(tmp_path / "patterns")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m visionflow ARGS` as a user would; returns the completed process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "visionflow", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)

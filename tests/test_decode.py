@@ -1,0 +1,120 @@
+"""decode_image reads every odd-but-valid image correctly and names every broken one."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionflow.data.decode import MAX_PIXELS, decode_image, is_image_file
+from visionflow.errors import BrokenImage
+
+
+def rgb_array() -> np.ndarray:
+    array = np.zeros((6, 8, 3), dtype=np.uint8)
+    array[..., 0] = 200  # red everywhere
+    array[:, :4, 1] = 100  # green on the left half
+    return array
+
+
+def test_rgb_png_decodes_exactly(tmp_path: Path):
+    Image.fromarray(rgb_array()).save(tmp_path / "a.png")
+    out = decode_image(tmp_path / "a.png", channels=3)
+    assert out.dtype == torch.uint8 and out.shape == (3, 6, 8)
+    assert torch.equal(out.permute(1, 2, 0), torch.from_numpy(rgb_array()))
+
+
+def test_rgb_to_one_channel_uses_luminance(tmp_path: Path):
+    Image.fromarray(rgb_array()).save(tmp_path / "a.png")
+    out = decode_image(tmp_path / "a.png", channels=1)
+    expected = np.array(Image.fromarray(rgb_array()).convert("L"))
+    assert out.shape == (1, 6, 8) and torch.equal(out[0], torch.from_numpy(expected))
+
+
+def test_grey_to_three_channels_repeats(tmp_path: Path):
+    Image.fromarray(np.full((5, 5), 77, np.uint8)).save(tmp_path / "g.png")
+    out = decode_image(tmp_path / "g.png", channels=3)
+    assert out.shape == (3, 5, 5) and int(out.min()) == int(out.max()) == 77
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "LA"])
+def test_other_modes_convert(tmp_path: Path, mode: str):
+    image = Image.fromarray(rgb_array()).convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    image.save(path, quality=100) if mode == "CMYK" else image.save(path)
+    out = decode_image(path, channels=3)
+    assert out.shape == (3, 6, 8)
+    if mode != "LA":  # LA has no colour to keep
+        red = out[0].float().mean()
+        assert 180 < red < 220, f"{mode}: red channel lost ({red})"
+
+
+def test_sixteen_bit_scales_instead_of_clipping(tmp_path: Path):
+    array = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(array).save(tmp_path / "deep.png")
+    out = decode_image(tmp_path / "deep.png", channels=1)
+    assert out[0, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    array = np.zeros((10, 20, 3), dtype=np.uint8)
+    array[:, :10] = 255  # white left half in the stored pixels
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    out = decode_image(tmp_path / "rotated.jpg", channels=1)
+    assert out.shape == (1, 20, 10)  # displayed upright: taller than wide
+    assert out[0, :10].float().mean() > 200 and out[0, 10:].float().mean() < 50  # left became top
+
+
+def test_resize_to_square(tmp_path: Path):
+    Image.fromarray(rgb_array()).save(tmp_path / "a.png")
+    assert decode_image(tmp_path / "a.png", channels=3, size=12).shape == (3, 12, 12)
+
+
+def test_webp_and_upper_case_extension(tmp_path: Path):
+    Image.fromarray(rgb_array()).save(tmp_path / "a.WEBP", format="WEBP", lossless=True)
+    assert is_image_file(tmp_path / "a.WEBP")
+    assert torch.equal(decode_image(tmp_path / "a.WEBP", channels=3).permute(1, 2, 0), torch.from_numpy(rgb_array()))
+
+
+def test_bytes_decode_like_files():
+    buffer = io.BytesIO()
+    Image.fromarray(rgb_array()).save(buffer, format="PNG")
+    assert torch.equal(decode_image(buffer.getvalue(), channels=3).permute(1, 2, 0), torch.from_numpy(rgb_array()))
+
+
+def test_non_images_are_not_image_files():
+    assert not is_image_file("notes.txt") and not is_image_file(".DS_Store") and not is_image_file("a/.hidden.png")
+    assert is_image_file("a/B.JPG")
+
+
+def broken_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    Image.fromarray(rgb_array()).save(good, format="PNG")
+    paths = {"empty": folder / "empty.png", "text": folder / "text.jpg", "truncated": folder / "truncated.png"}
+    paths["empty"].write_bytes(b"")
+    paths["text"].write_text("this is not an image")
+    paths["truncated"].write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    return paths
+
+
+def test_broken_files_raise_broken_image_naming_the_file(tmp_path: Path):
+    for kind, path in broken_files(tmp_path).items():
+        with pytest.raises(BrokenImage) as info:
+            decode_image(path, channels=3)
+        assert str(path) in str(info.value), kind
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path):
+    side = int(MAX_PIXELS ** 0.5) + 100
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")  # 1-bit: tiny file, huge image
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
+    with pytest.raises(BrokenImage, match="decompression bomb"):
+        decode_image(tmp_path / "bomb.png", channels=1)

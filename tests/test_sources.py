@@ -1,0 +1,121 @@
+"""open_data recognises every DATA layout, and refuses unusable data with one clear message."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_class_folder
+from visionflow.data.loading import decode_part, stratified_split
+from visionflow.data.sources import expand_inputs, open_data
+from visionflow.errors import VisionflowError
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, n_train: int = 30, n_test: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 256, (n_train, 28, 28))
+    train_labels = np.arange(n_train) % 10
+    write_idx(root / "train-images-idx3-ubyte.gz", train_images)
+    write_idx(root / "train-labels-idx1-ubyte.gz", train_labels)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 28, 28)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(n_test) % 10)
+    return train_images, train_labels
+
+
+def test_class_folder(patterns: Path):
+    (patterns / "square" / "notes.txt").write_text("ignored")
+    (patterns / "square" / ".DS_Store").write_bytes(b"\0\1")
+    nested = patterns / "square" / "more"
+    nested.mkdir()
+    Image.new("L", (16, 16)).save(nested / "deep.PNG")
+    data = open_data(patterns)
+    assert data.test is None
+    assert data.train.classes == ["square", "stripes_h", "stripes_v"]
+    assert len(data.train) == 61 and np.bincount(data.train.labels).tolist() == [21, 20, 20]
+    assert data.train.guess_channels() == 1 and data.train.guess_size() == 16
+
+
+def test_split_folder_uses_given_parts(tmp_path: Path):
+    write_class_folder(tmp_path / "d" / "train", per_class=5)
+    write_class_folder(tmp_path / "d" / "val", per_class=2, seed=1)
+    data = open_data(tmp_path / "d")
+    assert len(data.train) == 15 and len(data.test) == 6
+    assert data.test.classes == data.train.classes
+
+
+def test_mnist_layout(tmp_path: Path):
+    images, labels = write_mnist(tmp_path / "m")
+    data = open_data(tmp_path / "m")
+    assert data.train.classes == [str(d) for d in range(10)] and len(data.train) == 30 and len(data.test) == 10
+    assert data.train.read(3, 1, None)[0].numpy().tolist() == images[3].tolist()
+    assert data.train.labels.tolist() == labels.tolist()
+
+
+def test_builtin_digits():
+    data = open_data("digits")
+    assert len(data.train) == 1797 and data.train.classes == [str(d) for d in range(10)]
+    image = data.train.read(0, 1, None)
+    assert image.shape == (1, 28, 28) and int(image.max()) > 200  # upscaled and stretched to 0..255
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: (root / "a").mkdir(parents=True) or (root / "b").mkdir(), "holds no images"),
+    (lambda root: write_class_folder(root, per_class=2) and [p.unlink() for p in (root / "stripes_h").iterdir()], "holds no images"),
+    (lambda root: root.mkdir(parents=True), "no class folders"),
+])
+def test_unusable_folders_are_one_line_errors(tmp_path: Path, make, message: str):
+    make(tmp_path / "bad")
+    with pytest.raises(VisionflowError, match=message):
+        open_data(tmp_path / "bad")
+
+
+def test_single_class_is_refused(tmp_path: Path):
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "one" / "cat" / "a.png")
+    with pytest.raises(VisionflowError, match="only one class"):
+        open_data(tmp_path / "one")
+
+
+def test_missing_path_is_refused(tmp_path: Path):
+    with pytest.raises(VisionflowError, match="no such file"):
+        open_data(tmp_path / "nowhere")
+
+
+def test_broken_files_are_skipped_and_named(patterns: Path, caplog):
+    (patterns / "square" / "broken.png").write_bytes(b"\x89PNG not really")
+    (patterns / "stripes_h" / "empty.jpg").write_bytes(b"")
+    part = decode_part(open_data(patterns).train, channels=1, size=16)
+    assert len(part) == 60
+    assert sorted(Path(p).name for p, _ in part.skipped) == ["broken.png", "empty.jpg"]
+    assert "broken.png" in caplog.text and "empty.jpg" in caplog.text
+    with pytest.raises(VisionflowError, match="broken.png|empty.jpg"):
+        decode_part(open_data(patterns).train, channels=1, size=16, strict=True)
+
+
+def test_stratified_split_is_seeded_and_per_class():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    train_a, val_a = stratified_split(labels, 0.2, seed=3)
+    train_b, val_b = stratified_split(labels, 0.2, seed=3)
+    _, val_c = stratified_split(labels, 0.2, seed=4)
+    assert np.array_equal(val_a, val_b) and not np.array_equal(val_a, val_c)
+    assert np.bincount(labels[val_a]).tolist() == [10, 6, 4]
+    assert len(np.intersect1d(train_a, val_a)) == 0 and len(train_a) + len(val_a) == 100
+
+
+def test_expand_inputs_files_folders_globs(patterns: Path):
+    files = expand_inputs([str(patterns / "square" / "000.png"), str(patterns / "stripes_h"), str(patterns / "stripes_v" / "00*.png")])
+    assert len(files) == 1 + 20 + 10
+    with pytest.raises(VisionflowError, match="no such file"):
+        expand_inputs([str(patterns / "missing*.png")])

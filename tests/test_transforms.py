@@ -1,0 +1,71 @@
+"""Batched augmentation and the recorded deterministic preprocessing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
+from visionflow.errors import VisionflowError
+
+
+def test_spec_round_trip_and_errors():
+    spec = AugmentSpec.parse("flip,rotate=15,crop=0.8,elastic=0.5")
+    assert spec == AugmentSpec(flip=True, rotate=15.0, crop=0.8, elastic=0.5)
+    assert AugmentSpec.parse(str(spec)) == spec
+    assert AugmentSpec.parse("none") == AugmentSpec() and str(AugmentSpec()) == "none"
+    with pytest.raises(VisionflowError, match="unknown operation 'blur'"):
+        AugmentSpec.parse("blur=3")
+    with pytest.raises(VisionflowError, match="needs a number"):
+        AugmentSpec.parse("rotate=lots")
+
+
+def test_no_augmentation_is_identity():
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(Augment(AugmentSpec())(x, torch.Generator().manual_seed(0)), x)
+
+
+def test_flip_mirrors_about_half_of_the_batch():
+    x = torch.rand(200, 1, 6, 6)
+    out = Augment(AugmentSpec(flip=True))(x, torch.Generator().manual_seed(0))
+    same = torch.isclose(out, x, atol=1e-5).flatten(1).all(1)
+    mirrored = torch.isclose(out, x.flip(-1), atol=1e-5).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 60 < int(mirrored.sum()) < 140
+
+
+def test_rotation_by_90_degrees_moves_pixels_where_expected():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 1, 4] = 1.0  # a dot above the centre
+    augment = Augment(AugmentSpec(rotate=90.0))
+    # find a seed whose draw is close to +-90 degrees: the dot must then sit left or right of the centre
+    rotated = [augment(x, torch.Generator().manual_seed(s)) for s in range(200)]
+    side_hits = [r for r in rotated if r[0, 0, 4, :3].sum() > 0.5 or r[0, 0, 4, 6:].sum() > 0.5]
+    assert side_hits, "no rotation moved the dot to the side"
+    assert all(abs(float(r.sum()) - 1.0) < 0.35 for r in rotated)  # mass is kept (bilinear)
+
+
+def test_same_seed_same_batch_different_seed_different_batch():
+    x = torch.rand(8, 1, 16, 16)
+    augment = Augment(AugmentSpec.parse("rotate=20,crop=0.6,elastic=1"))
+    a = augment(x, torch.Generator().manual_seed(1))
+    b = augment(x, torch.Generator().manual_seed(1))
+    c = augment(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_clip_frames_get_the_same_transform():
+    frame = torch.rand(1, 3, 12, 12)
+    clip = frame.unsqueeze(1).expand(2, 5, 3, 12, 12).contiguous()  # 2 clips x 5 identical frames
+    out = Augment(AugmentSpec.parse("flip,rotate=30,crop=0.5,elastic=1"))(clip, torch.Generator().manual_seed(0))
+    assert out.shape == clip.shape
+    assert torch.allclose(out, out[:, :1].expand_as(out))  # every frame of a clip transformed identically
+    assert not torch.allclose(out[0], out[1])  # but clips differ
+
+
+def test_preprocess_normalises_with_training_statistics():
+    images = (torch.rand(64, 3, 8, 8) * 120 + 60).round().to(torch.uint8)
+    mean, std = channel_stats(images)
+    x = Preprocess(image_size=8, channels=3, mean=mean, std=std)(images)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2)
