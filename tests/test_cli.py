@@ -1,0 +1,130 @@
+"""The command line as a user meets it: each verb, each output format, each kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli, write_class_folder
+from test_sources import write_mnist
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, data folder): the seed CNN trained on three generated pattern classes, with broken files."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_class_folder(root / "patterns", per_class=30)
+    (data / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (data / "stripes_h" / "empty.jpg").write_bytes(b"")
+    (data / "stripes_v" / "readme.txt").write_text("not an image, ignored silently")
+    result = run_cli("train", data, "--out", root / "run", "--epochs", "4", "--lr", "3e-3", "--quiet", "--val-split", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stderr and "empty.jpg" in result.stderr and "readme.txt" not in result.stderr
+    return root / "run", data
+
+
+def assert_user_error(result, *words: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_train_reports_skipped_files_and_learns(trained):
+    run, _ = trained
+    report = json.loads((run / "report.json").read_text())
+    assert report["skipped_files"] == 2
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.png", "empty.jpg"]
+    assert report["validation"]["accuracy"] >= 0.9
+    assert report["train_images_per_second"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["classes"] == ["square", "stripes_h", "stripes_v"] and config["preprocess"]["channels"] == 1
+
+
+def test_evaluate_json(trained):
+    run, data = trained
+    result = run_cli("evaluate", run, data, "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 18  # 20% of 30 per class, the part the run held out
+    assert metrics["accuracy"] == json.loads((run / "report.json").read_text())["validation"]["accuracy"]
+    assert set(metrics["per_class"]) == {"square", "stripes_h", "stripes_v"}
+    assert sum(map(sum, metrics["confusion"])) == 18 and metrics["images_per_second"] > 0
+    assert metrics["top_k"] == 2  # fewer than 5 classes: k = classes - 1
+
+
+def test_predict_formats_and_broken_rows(trained):
+    run, data = trained
+    result = run_cli("predict", run, data / "square", "--format", "jsonl", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 31  # 30 images and the broken one, which gets an error row instead of stopping the run
+    broken = [r for r in rows if r["error"]]
+    assert len(broken) == 1 and broken[0]["path"].endswith("broken.png") and broken[0]["label"] is None
+    good = [r for r in rows if not r["error"]]
+    assert sum(r["label"] == "square" for r in good) >= 27
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["score"] >= r["top_k"][1]["score"] for r in good)
+    out = run.parent / "predictions.csv"
+    result = run_cli("predict", run, str(data / "stripes_*" / "00*.png"), "--format", "csv", "--output", out)
+    assert result.returncode == 0, result.stderr
+    table = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(table) == 20 and {r["label"] for r in table} <= {"square", "stripes_h", "stripes_v"}
+
+
+def test_models_lists_parameter_counts():
+    result = run_cli("models")
+    assert result.returncode == 0
+    line = next(l for l in result.stdout.splitlines() if l.startswith("seed-cnn"))
+    assert "121,930" in line  # the seed's Keras model has exactly this many parameters for 28x28x1, 10 classes
+
+
+def test_preview_writes_a_grid(tmp_path: Path):
+    result = run_cli("preview", "digits", "--augment", "rotate=20,elastic=1", "--out", tmp_path / "grid.png", "--count", "16")
+    assert result.returncode == 0, result.stderr
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert (width, height) == (8 * 30 + 2, 2 * 30 + 2)  # 8 columns x 2 rows of 28 px with 2 px padding
+
+
+def test_strict_refuses_the_first_broken_file(tmp_path: Path):
+    data = write_class_folder(tmp_path / "d", per_class=4)
+    (data / "square" / "zz-broken.png").write_bytes(b"nope")
+    assert_user_error(run_cli("train", data, "--out", tmp_path / "run", "--strict", "--epochs", "1"), "zz-broken.png", "--strict")
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, trained):
+    run, data = trained
+    other = write_class_folder(tmp_path / "other", per_class=2)
+    (other / "square").rename(other / "circle")
+    assert_user_error(run_cli("evaluate", run, other), "circle")
+    write_mnist(tmp_path / "mnist")
+    assert_user_error(run_cli("evaluate", run, tmp_path / "mnist"), "classes")
+    assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--model", "vgg99"), "unknown model 'vgg99'")
+    assert_user_error(run_cli("train", tmp_path / "missing", "--out", tmp_path / "x"), "no such file")
+    assert_user_error(run_cli("predict", tmp_path / "not-a-run", data), "no such run directory")
+    assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--augment", "sparkle"), "unknown operation")
+    assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--epochs", "-1"), "--epochs")
+    assert_user_error(run_cli("train", data, "--out", run), "already holds a run")
+    (tmp_path / "single" / "only").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "single" / "only" / "a.png")
+    assert_user_error(run_cli("train", tmp_path / "single", "--out", tmp_path / "x"), "only one class")
+    (tmp_path / "hollow" / "a").mkdir(parents=True)
+    (tmp_path / "hollow" / "b").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "hollow" / "a" / "a.png")
+    assert_user_error(run_cli("train", tmp_path / "hollow", "--out", tmp_path / "x"), "holds no images")
+
+
+def test_channel_mismatch_is_refused(tmp_path: Path):
+    rgb = write_class_folder(tmp_path / "rgb", per_class=6, mode="RGB")
+    for name in ("0", "1"):  # MNIST class names, so only the channels differ
+        (rgb / ("square" if name == "0" else "stripes_h")).rename(rgb / name)
+    (rgb / "stripes_v").rename(rgb / "2")
+    assert run_cli("train", rgb, "--out", tmp_path / "run", "--epochs", "1", "--channels", "3", "--quiet").returncode == 0
+    write_mnist(tmp_path / "mnist")
+    result = run_cli("evaluate", tmp_path / "run", tmp_path / "mnist")
+    assert_user_error(result, "1-channel", "3-channel")
