@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from visionflow.cli import classify
+from visionflow.cli import classify, repair
 from visionflow.errors import VisionflowError
 
-VERB_MODULES = (classify,)
+VERB_MODULES = (classify, repair)
 
 
 class ArgumentParser(argparse.ArgumentParser):

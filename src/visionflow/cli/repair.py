@@ -1,0 +1,99 @@
+"""CLI verbs for image repair (inpainting): `repair train`, `repair run`, `repair evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+from visionflow.gan.losses import GAN_LOSSES
+
+
+def add_repair_parsers(commands) -> None:
+    repair = commands.add_parser("repair", help="image repair (inpainting): train, run, evaluate against biharmonic")
+    verbs = repair.add_subparsers(dest="repair_command", required=True, parser_class=type(repair))  # one-line usage errors here too
+
+    p = verbs.add_parser("train", help="train a repair model (U-Net generator + PatchGAN) with random holes")
+    p.add_argument("data", help="class folders, train/+test/ folders, an MNIST folder, or a built-in name (digits)")
+    p.add_argument("--out", required=True, help="the run directory")
+    p.add_argument("--epochs", type=int, default=None, help="default 10; with --resume: extend the run to this many")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--width", type=int, default=16, help="generator channels at full resolution")
+    p.add_argument("--hole-weight", type=float, default=6.0, help="L1 weight of hole pixels (known pixels: 1)")
+    p.add_argument("--adversarial-weight", type=float, default=0.01)
+    p.add_argument("--gan-loss", default="ns", choices=GAN_LOSSES)
+    p.add_argument("--val-split", type=float, default=0.1, help="validation fraction held out of the training part")
+    p.add_argument("--max-images", type=int, default=None, help="train on a seeded subset of this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = verbs.add_parser("run", help="repair images: writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    hole = p.add_mutually_exclusive_group(required=True)
+    hole.add_argument("--mask", help="a PNG of the image's size: white (>= 128) = missing pixels")
+    hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto")
+
+    p = verbs.add_parser("evaluate", help="PSNR and SSIM of the model and of biharmonic inpainting on held-out images",
+                         description="Scores the data's test part (else the run's held-out split) with the same masks "
+                                     "for the model and for skimage.restoration.inpaint_biharmonic. PSNR "
+                                     "(skimage.metrics.peak_signal_noise_ratio, data_range 255) and SSIM "
+                                     "(skimage.metrics.structural_similarity, data_range 255, 7x7 window) are computed "
+                                     "on the full uint8 images at the run's size (known pixels included) and averaged "
+                                     "over images.")
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--mask", required=True, choices=("center", "random"),
+                   help="center: a square hole in the middle; random: the training mix of blocks, rectangles and strokes")
+    p.add_argument("--hole", type=int, default=None, help="side of the centre hole in pixels (default: half the image)")
+    p.add_argument("--limit", type=int, default=None, help="score a seeded random subset of this many images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random masks")
+    p.add_argument("--examples", default=None, help="also write a PNG grid: damaged | biharmonic | model | original")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true")
+
+
+def run_repair(args) -> int:
+    from visionflow.gan import repair_api
+    from visionflow.gan.repair import RepairConfig
+
+    if args.repair_command == "train":
+        if args.resume:
+            report = repair_api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet)
+        else:
+            cfg = RepairConfig(
+                data=args.data, out=args.out, epochs=10 if args.epochs is None else args.epochs,
+                batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, channels=args.channels,
+                width=args.width, hole_weight=args.hole_weight, adversarial_weight=args.adversarial_weight,
+                gan_loss=args.gan_loss, val_split=args.val_split, max_images=args.max_images, seed=args.seed,
+                strict=args.strict, device=args.device)
+            report = repair_api.train(cfg, show_progress=not args.quiet)
+        print(f"{args.out}: best validation PSNR {report['best_val_psnr']:.2f} dB (epoch {report['best_epoch']} of "
+              f"{report['epochs']}, {report['parameters']:,} generator parameters, {report['skipped_files']} skipped files)")
+    elif args.repair_command == "run":
+        for row in repair_api.run(args.run_dir, args.images, args.out, mask=args.mask, box=args.box, device=args.device):
+            print(f"{row['image']}: {row['repaired']}  {row['side_by_side']}  (hole {row['hole_fraction']:.1%})")
+    else:
+        result = repair_api.evaluate(args.run_dir, args.data, mask=args.mask, hole=args.hole, limit=args.limit,
+                                     seed=args.seed, examples=args.examples, device=args.device, strict=args.strict)
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"n {result['n']}  mask {result['mask']}" + (f" {result['hole']}x{result['hole']}" if result["hole"] else ""))
+        print(f"{'method':<12}{'PSNR dB':>10}{'SSIM':>10}")
+        for name in ("model", "biharmonic"):
+            print(f"{name:<12}{result[name]['psnr']:>10.3f}{result[name]['ssim']:>10.4f}")
+    return 0
+
+
+def register(commands) -> dict:
+    """Add this module's verbs to the CLI; returns {verb: handler}."""
+    add_repair_parsers(commands)
+    return {"repair": run_repair}

@@ -1,0 +1,251 @@
+"""The repair verbs' Python API: train / resume a repair run, repair image files, evaluate against biharmonic.
+
+    from visionflow.gan import repair_api
+    repair_api.train(RepairConfig(data="digits", out="runs/repair"))
+    repair_api.evaluate("runs/repair", "digits", mask="center")   # model vs biharmonic, PSNR and SSIM
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from visionflow.api import evaluation_part
+from visionflow.data.decode import decode_image
+from visionflow.data.loading import decode_part, stratified_split
+from visionflow.data.sources import DataSource, open_data
+from visionflow.devices import select_device
+from visionflow.errors import VisionflowError
+from visionflow.gan.masks import box_masks, center_masks, coverage, random_masks
+from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
+                                   damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
+from visionflow.report.plots import save_image_grid
+from visionflow.runs import RunDir, atomic_write
+
+EVALUATION_MASKS = ("center", "random")
+VALIDATION_LIMIT = 1000  # images scored after every epoch; more only slows training down
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+def _training_sources(cfg: RepairConfig) -> tuple[DataSource, DataSource]:
+    """(train, validation): validation is always split off the training part, so the data's test part
+    stays untouched for `repair evaluate`."""
+    source = open_data(cfg.data).train
+    if cfg.max_images is not None and cfg.max_images < len(source):
+        picked = np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images, replace=False)
+        source = source.subset(np.sort(picked))
+    train_idx, val_idx = stratified_split(source.labels, cfg.val_split, cfg.seed)
+    return source.subset(train_idx), source.subset(val_idx[:VALIDATION_LIMIT])
+
+
+def _networks(channels: int, width: int) -> tuple[RepairGenerator, PatchDiscriminator]:
+    return RepairGenerator(channels, width), PatchDiscriminator(channels)
+
+
+def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
+    """Train a new repair run in cfg.out; returns report.json's content."""
+    cfg.validate()
+    run = RunDir(cfg.out)
+    if run.exists("config.json"):
+        raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+    dataset = open_data(cfg.data)
+    channels = cfg.channels or dataset.train.guess_channels()
+    size = cfg.image_size or dataset.train.guess_size()
+    if size < 16:
+        raise VisionflowError(f"{cfg.data}: images of {size}px are too small to repair (use --image-size 16 or more)")
+    train_source, val_source = _training_sources(cfg)
+    train_part = decode_part(train_source, channels, size, strict=cfg.strict)
+    val_part = decode_part(val_source, channels, size, strict=cfg.strict)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    generator, discriminator = _networks(channels, cfg.width)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_json("config.json", {"version": 1, "task": "repair", "train": cfg.to_dict(), "channels": channels,
+                                   "image_size": size, "data_spec": dataset.spec})
+    run.write_json("split.json", {"held_out": val_part.origins})
+    summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run,
+                         show_progress=show_progress)
+    return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
+
+
+def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) -> dict:
+    """Continue an interrupted repair run from checkpoint.pt, or extend a finished one to `epochs`."""
+    run = RunDir(run_dir)
+    config = _repair_config(run)
+    cfg = RepairConfig.from_dict(config["train"])
+    if epochs is not None:
+        cfg.epochs = epochs
+    cfg.validate()
+    train_source, val_source = _training_sources(cfg)
+    train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
+    val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
+    generator, discriminator = _networks(config["channels"], cfg.width)
+    config["train"] = cfg.to_dict()
+    run.write_json("config.json", config)
+    summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run, resume=True,
+                         show_progress=show_progress)
+    return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
+
+
+def _write_report(run: RunDir, summary: dict, skipped: list[tuple[str, str]], generator: RepairGenerator) -> dict:
+    report = {"task": "repair", "parameters": sum(p.numel() for p in generator.parameters()),
+              "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+              "best_val_psnr": summary["best_val_psnr"],
+              "skipped_files": len(skipped), "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+    run.write_json("report.json", report)
+    return report
+
+
+def _repair_config(run: RunDir) -> dict:
+    if not run.exists("config.json"):
+        raise VisionflowError(f"{run.path}: not a visionflow run directory (no config.json)")
+    config = run.read_json("config.json")
+    if config.get("task") != "repair":
+        raise VisionflowError(f"{run.path}: not a repair run (train one with `visionflow repair train`)")
+    return config
+
+
+def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RepairGenerator, dict]:
+    """The run's best generator, ready to repair, and its config.json."""
+    run = RunDir(run_dir)
+    config = _repair_config(run)
+    run.require()
+    generator = RepairGenerator(config["channels"], config["train"]["width"])
+    generator.load_state_dict(run.load_weights(run.best_weights_name()))
+    return generator.to(select_device(device)).eval(), config
+
+
+# --- repairing files --------------------------------------------------------------------------------------
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    """'x,y,w,h' -> four integers (pixels, top-left corner first)."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise VisionflowError(f"--box: '{text}' is not x,y,w,h (four whole numbers of pixels)") from None
+    return x, y, w, h
+
+
+def file_mask(mask_path: str | None, box: tuple[int, int, int, int] | None, height: int, width: int,
+              origin: str) -> torch.Tensor:
+    """The hole of one image (1, 1, H, W) from a mask file (white = hole) or a box; clear errors otherwise."""
+    if mask_path is not None:
+        mask = decode_image(mask_path, 1, None)
+        if tuple(mask.shape[-2:]) != (height, width):
+            raise VisionflowError(f"--mask {mask_path}: {mask.shape[2]}x{mask.shape[1]} pixels does not match "
+                                  f"{origin} ({width}x{height})")
+        masks = (mask[None] >= 128).float()
+        where = f"--mask {mask_path}"
+    else:
+        x, y, w, h = box
+        if w < 1 or h < 1 or x < 0 or y < 0 or x + w > width or y + h > height:
+            raise VisionflowError(f"--box {x},{y},{w},{h}: must lie inside {origin} ({width}x{height}) with a positive size")
+        masks = torch.zeros(1, 1, height, width)
+        masks[:, :, y:y + h, x:x + w] = 1.0
+        where = f"--box {x},{y},{w},{h}"
+    hole = float(coverage(masks)[0])
+    if hole == 0.0:
+        raise VisionflowError(f"{where}: the mask is empty (no white pixels): nothing to repair in {origin}")
+    if hole == 1.0:
+        raise VisionflowError(f"{where}: the mask covers all of {origin}: nothing is left to repair from")
+    return masks
+
+
+def repair_file(generator: RepairGenerator, config: dict, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """One uint8 image (C, H, W) at its own size: the network runs at the run's size, its fill is scaled
+    back to (H, W), and every known pixel is kept exactly."""
+    size = config["image_size"]
+    device = next(generator.parameters()).device
+    small = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    # a low-resolution pixel is hole if any part of it is hole: the network never sees damaged content
+    small_masks = (F.interpolate(masks, size=(size, size), mode="area") > 0).float()
+    with torch.no_grad():
+        x = damage(to_unit_range(small.round()), small_masks).to(device)
+        filled = generator(x, small_masks.to(device)).cpu()
+    filled = F.interpolate(filled, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return composite(image[None], to_uint8(filled), masks)[0]
+
+
+def _save_png(array: torch.Tensor, path: Path) -> None:
+    """uint8 (C, H, W) -> PNG, atomically."""
+    pixels = array.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def show_hole(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The damaged image as a person should see it: hole pixels mid-grey."""
+    return composite(images, torch.full_like(images, 128), masks)
+
+
+def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, box: str | None = None,
+        device: str = "auto") -> list[dict]:
+    """Repair image files; writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png (damaged | repaired)."""
+    if (mask is None) == (box is None):
+        raise VisionflowError("give exactly one of --mask MASK.png or --box x,y,w,h")
+    parsed_box = parse_box(box) if box is not None else None
+    generator, config = load_generator(run_dir, device)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VisionflowError(f"--out {out}: is a file; it must be a folder for the repaired images")
+    written = []
+    for number, path in enumerate(images):
+        image = decode_image(path, config["channels"], None)
+        masks = file_mask(mask, parsed_box, image.shape[1], image.shape[2], path)
+        repaired = repair_file(generator, config, image, masks)
+        stem = Path(path).stem if len(images) == 1 else f"{number:03d}_{Path(path).stem}"
+        repaired_path, side_path = out_dir / f"{stem}_repaired.png", out_dir / f"{stem}_side_by_side.png"
+        _save_png(repaired, repaired_path)
+        _save_png(torch.cat([show_hole(image[None], masks)[0], repaired], dim=2), side_path)
+        written.append({"image": path, "repaired": str(repaired_path), "side_by_side": str(side_path),
+                        "hole_fraction": round(float(coverage(masks)[0]), 4)})
+    return written
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+
+def evaluation_masks(kind: str, count: int, size: int, hole: int, seed: int) -> torch.Tensor:
+    if kind == "center":
+        return center_masks(count, size, hole)
+    return random_masks(count, size, torch.Generator().manual_seed(seed), center_hole=hole)
+
+
+def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = None, limit: int | None = None,
+             seed: int = 0, examples: str | None = None, device: str = "auto", strict: bool = False) -> dict:
+    """PSNR and SSIM on held-out images for the model and, on the same images and masks, for biharmonic."""
+    if mask not in EVALUATION_MASKS:
+        raise VisionflowError(f"--mask must be one of {', '.join(EVALUATION_MASKS)} (got {mask})")
+    generator, config = load_generator(run_dir, device)
+    size, channels = config["image_size"], config["channels"]
+    hole = size // 2 if hole is None else hole
+    if not 1 <= hole < size:
+        raise VisionflowError(f"--hole must be between 1 and {size - 1} for {size}px images (got {hole})")
+    if limit is not None and limit < 1:
+        raise VisionflowError(f"--limit must be at least 1 (got {limit})")
+    source = evaluation_part(RunDir(run_dir), open_data(data))
+    if source.native_channels is not None and source.native_channels != channels:
+        raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run repairs {channels}-channel images")
+    if limit is not None and limit < len(source):
+        # a seeded spread over the whole part: folders list one class after another
+        source = source.subset(np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))
+    part = decode_part(source, channels, size, strict=strict)
+    masks = evaluation_masks(mask, len(part), size, hole, seed)
+    by_model = repair_images(generator, part.images, masks)
+    by_biharmonic = biharmonic_repair(part.images, masks)
+    scores = {}
+    for name, repaired in (("model", by_model), ("biharmonic", by_biharmonic)):
+        psnr, ssim = psnr_ssim(part.images, repaired)
+        scores[name] = {"psnr": round(float(psnr.mean()), 4), "ssim": round(float(ssim.mean()), 4)}
+    if examples is not None:
+        count = min(8, len(part))
+        rows = torch.stack([show_hole(part.images[:count], masks[:count]), by_biharmonic[:count], by_model[:count],
+                            part.images[:count]], dim=1).flatten(0, 1)
+        save_image_grid(rows, Path(examples), columns=4)
+    return {**scores, "n": len(part), "mask": mask, "hole": hole if mask == "center" else None,
+            "skipped_files": len(part.skipped)}

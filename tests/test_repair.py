@@ -1,0 +1,154 @@
+"""Image repair: masks, compositing, quality metrics, the three `repair` verbs and their mask errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionflow.cli import main
+from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
+                                  random_stroke_masks)
+from visionflow.gan.repair import RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
+
+
+# --- masks -------------------------------------------------------------------------------------------------
+
+def test_center_masks_are_the_asked_square_in_the_middle():
+    masks = center_masks(3, 28, 14)
+    assert masks.shape == (3, 1, 28, 28)
+    assert torch.allclose(coverage(masks), torch.full((3,), 14 * 14 / 28 ** 2))
+    assert masks[0, 0, 7:21, 7:21].all() and masks[0, 0].sum() == 196
+
+
+def test_box_masks_cover_exactly_the_box():
+    masks = box_masks(10, torch.tensor([[2, 3, 4, 5]]))
+    expected = torch.zeros(10, 10)
+    expected[3:8, 2:6] = 1
+    assert torch.equal(masks[0, 0], expected)
+
+
+def test_random_rectangles_stay_within_their_side_range():
+    masks = random_rectangle_masks(200, 32, torch.Generator().manual_seed(1), min_side=0.25, max_side=0.5)
+    heights = masks[:, 0].amax(dim=2).sum(dim=1)
+    widths = masks[:, 0].amax(dim=1).sum(dim=1)
+    assert heights.min() >= 8 and heights.max() <= 16 and widths.min() >= 8 and widths.max() <= 16
+    assert torch.allclose(coverage(masks), heights * widths / 32 ** 2)  # one solid rectangle each
+
+
+def test_strokes_are_partial_irregular_holes():
+    masks = random_stroke_masks(100, 32, torch.Generator().manual_seed(2))
+    fraction = coverage(masks)
+    assert (fraction > 0).all() and (fraction < 0.9).all()
+    # not rectangles: the bounding box of a stroke mask holds pixels that are not hole
+    rows, cols = masks[:, 0].amax(dim=2).sum(dim=1), masks[:, 0].amax(dim=1).sum(dim=1)
+    assert (masks.flatten(1).sum(1) < rows * cols).float().mean() > 0.9
+
+
+def test_random_masks_are_seeded_and_mix_the_kinds():
+    first = random_masks(300, 28, torch.Generator().manual_seed(3), center_hole=14)
+    again = random_masks(300, 28, torch.Generator().manual_seed(3), center_hole=14)
+    other = random_masks(300, 28, torch.Generator().manual_seed(4), center_hole=14)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    centre = (first == center_masks(1, 28, 14)).flatten(1).all(dim=1).float().mean()
+    assert 0.2 < centre < 0.5  # about a third are centre blocks, the rest rectangles and strokes
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+
+
+# --- compositing and metrics ------------------------------------------------------------------------------
+
+def test_repair_keeps_known_pixels_exactly():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    masks = random_masks(6, 32, torch.Generator().manual_seed(5))
+    known = masks.expand_as(images) == 0
+    for repaired in (repair_images(RepairGenerator(3, 8), images, masks), biharmonic_repair(images, masks)):
+        assert torch.equal(repaired[known], images[known])
+        assert not torch.equal(repaired, images)  # the hole was filled with something else
+
+
+def test_psnr_ssim_identical_is_perfect_and_a_worse_fill_scores_lower():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 1, 28, 28), dtype=np.uint8))
+    psnr, ssim = psnr_ssim(images, images)
+    assert np.isinf(psnr).all() and np.allclose(ssim, 1.0)
+    masks = center_masks(4, 28, 14).bool()
+    near, far = images.clone(), images.clone()
+    near[masks] = (images[masks].int() + 10).clamp(0, 255).byte()
+    far[masks] = 255 - images[masks]
+    psnr_near, ssim_near = psnr_ssim(images, near)
+    psnr_far, ssim_far = psnr_ssim(images, far)
+    assert (psnr_near > psnr_far).all() and (ssim_near > ssim_far).all()
+
+
+# --- the verbs ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repair") / "run"
+    assert main(["repair", "train", "digits", "--out", str(out), "--epochs", "1", "--max-images", "300",
+                 "--batch-size", "32", "--width", "8", "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_a_resumable_run_and_resume_extends_it(digits_run):
+    for name in ("config.json", "split.json", "best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv"):
+        assert (digits_run / name).exists()
+    assert main(["repair", "train", "digits", "--out", str(digits_run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    rows = (digits_run / "metrics.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]
+    assert json.loads((digits_run / "report.json").read_text())["epochs"] == 2
+
+
+def test_evaluate_json_scores_model_and_biharmonic_on_the_asked_count(digits_run, capsys):
+    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "random", "--limit", "12", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 12
+    for name in ("model", "biharmonic"):
+        assert 5 < result[name]["psnr"] < 60 and 0 < result[name]["ssim"] <= 1
+    assert result["model"] != result["biharmonic"]
+
+
+def _digit_png(path, size=28):
+    image = np.zeros((size, size), dtype=np.uint8)
+    image[6:22, 12:16] = 255
+    Image.fromarray(image).save(path)
+    return image
+
+
+def test_run_writes_repaired_image_and_side_by_side(digits_run, tmp_path):
+    original = _digit_png(tmp_path / "seven.png")
+    assert main(["repair", "run", str(digits_run), str(tmp_path / "seven.png"), "--box", "8,8,12,12",
+                 "--out", str(tmp_path / "out")]) == 0
+    repaired = np.asarray(Image.open(tmp_path / "out" / "seven_repaired.png"))
+    side = np.asarray(Image.open(tmp_path / "out" / "seven_side_by_side.png"))
+    assert side.shape == (28, 56)
+    known = np.ones((28, 28), dtype=bool)
+    known[8:20, 8:20] = False
+    assert np.array_equal(repaired[known], original[known])
+    assert np.array_equal(side[:, 28:], repaired)
+
+
+@pytest.mark.parametrize("mask_pixels, expected", [
+    (np.zeros((20, 20), dtype=np.uint8), "does not match"),       # wrong size
+    (np.zeros((28, 28), dtype=np.uint8), "empty"),                # no hole
+    (np.full((28, 28), 255, dtype=np.uint8), "covers all"),       # nothing known
+])
+def test_bad_masks_are_one_line_errors(digits_run, tmp_path, capsys, mask_pixels, expected):
+    _digit_png(tmp_path / "digit.png")
+    Image.fromarray(mask_pixels).save(tmp_path / "mask.png")
+    code = main(["repair", "run", str(digits_run), str(tmp_path / "digit.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
+
+
+def test_box_outside_the_image_is_a_one_line_error(digits_run, tmp_path, capsys):
+    _digit_png(tmp_path / "digit.png")
+    code = main(["repair", "run", str(digits_run), str(tmp_path / "digit.png"), "--box", "20,20,10,10",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "must lie inside" in err and len(err.splitlines()) == 1
