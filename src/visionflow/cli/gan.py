@@ -1,0 +1,97 @@
+"""CLI verbs for image generation: `visionflow gan train | sample | evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+from visionflow.gan.losses import GAN_LOSSES
+
+
+def run_gan_train(args) -> int:
+    from visionflow.gan import api
+    from visionflow.gan.train import GanConfig
+
+    if args.resume:
+        summary = api.resume_gan(args.out, epochs=args.epochs, show_progress=not args.quiet)
+    else:
+        cfg = GanConfig(data=args.data, out=args.out, epochs=20 if args.epochs is None else args.epochs,
+                        conditional=args.conditional, image_size=args.image_size, channels=args.channels,
+                        loss=args.loss, spectral_norm=args.spectral_norm, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.seed, strict=args.strict, device=args.device)
+        summary = api.train_gan(cfg, show_progress=not args.quiet)
+    last = summary["rows"][-1] if summary["rows"] else {}
+    print(f"{args.out}: {summary['epochs']} epochs  D loss {last.get('d_loss', float('nan')):.4f}  "
+          f"G loss {last.get('g_loss', float('nan')):.4f}  diversity {last.get('diversity', float('nan')):.3f}  "
+          f"({summary['skipped_files']} skipped files; samples in {args.out}/samples/)")
+    return 0
+
+
+def run_gan_sample(args) -> int:
+    from visionflow.gan import api
+
+    written = api.sample(args.run_dir, args.n, args.out, label=args.label, seed=args.seed, device=args.device)
+    print(f"wrote {args.out}" if len(written) == 1 and args.out.lower().endswith(".png")
+          else f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
+def run_gan_evaluate(args) -> int:
+    from visionflow.gan import api
+
+    result = api.evaluate_gan(args.run_dir, args.data, classifier=args.classifier, count=args.n, seed=args.seed,
+                              show_progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"domain FID ({result['features']}; lower is closer to the real images)")
+    print(f"  generator            {result['fid']:10.4f}   ({result['n']} samples vs {result['n_real_reference']} training images)")
+    print(f"  held-out real images {result['fid_real_floor']:10.4f}   (the floor: {result['n_real_held_out']} images)")
+    print(f"  untrained generator  {result['fid_untrained']:10.4f}   (the ceiling: same seed and architecture)")
+    if "label_accuracy" in result:
+        print(f"  label accuracy       {result['label_accuracy']:10.4f}   (the classifier agrees with the requested class)")
+        print("  per class: " + "  ".join(f"{k} {v:.3f}" for k, v in result["label_accuracy_per_class"].items()))
+    return 0
+
+
+def register(commands) -> dict:
+    """Add `gan` and its sub-verbs to the CLI; returns {verb: handler}."""
+    gan = commands.add_parser("gan", help="generate images: train a DCGAN, sample it, measure it (domain FID)")
+    verbs = gan.add_subparsers(dest="gan_command", required=True)
+
+    p = verbs.add_parser("train", help="train a DCGAN on DATA")
+    p.add_argument("data", help="any visionflow DATA: class folders, train/+val/, an MNIST folder, digits")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 20; with --resume: extend to this many)")
+    p.add_argument("--conditional", action="store_true", help="condition both networks on the class label")
+    p.add_argument("--image-size", type=int, default=None, help="4-8 times a power of two, e.g. 28, 32, 64")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
+    p.add_argument("--loss", default="ns", choices=GAN_LOSSES, help="ns: non-saturating (default), hinge")
+    p.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on the discriminator")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = verbs.add_parser("sample", help="write N generated images: one grid (.png) or a folder of PNGs")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", required=True, help="grid.png, or a folder for one PNG per image")
+    p.add_argument("--label", default=None, help="conditional GANs: the class to generate (default: every class)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = verbs.add_parser("evaluate", help="domain FID against DATA, beside the real-data floor and the untrained ceiling")
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--classifier", default=None,
+                   help="a visionflow classifier run on the same data (default: train one once into RUN_DIR/classifier)")
+    p.add_argument("--n", type=int, default=2000, help="generated samples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    handlers = {"train": run_gan_train, "sample": run_gan_sample, "evaluate": run_gan_evaluate}
+    return {"gan": lambda args: handlers[args.gan_command](args)}

@@ -1,0 +1,192 @@
+"""The GAN's Python API: train_gan, resume_gan, sample, evaluate_gan (what `visionflow gan ...` calls).
+
+    from visionflow.gan import api as gan
+    gan.train_gan(GanConfig(data="digits", out="runs/gan", conditional=True))
+    gan.sample("runs/gan", 64, "grid.png", label="3")
+    gan.evaluate_gan("runs/gan", "digits")   # {"fid", "fid_real_floor", "fid_untrained", "label_accuracy", "n"}
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from visionflow import api as classify_api
+from visionflow.config import TrainConfig
+from visionflow.data.loading import DecodedPart, decode_part, stratified_split
+from visionflow.data.sources import open_data
+from visionflow.errors import VisionflowError
+from visionflow.gan.dcgan import upsampling_plan
+from visionflow.gan.fid import classifier_features, feature_distance
+from visionflow.gan.generate import GanRun, load_gan_run
+from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
+from visionflow.infer.predictor import Predictor
+from visionflow.report.plots import save_image_grid
+from visionflow.runs import RunDir, atomic_write
+
+log = logging.getLogger("visionflow")
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+def _decode_training_images(cfg: GanConfig, channels: int | None = None, size: int | None = None) -> tuple[DecodedPart, str]:
+    dataset = open_data(cfg.data)
+    source = dataset.train
+    if source.kind != "image":
+        raise VisionflowError(f"{cfg.data}: the GAN generates images but the data holds {source.kind}s")
+    channels = channels or cfg.channels or source.guess_channels()
+    size = size or cfg.image_size or source.guess_size()
+    upsampling_plan(size)
+    part = decode_part(source, channels, size, strict=cfg.strict)
+    if cfg.conditional and bool((part.labels < 0).any()):
+        raise VisionflowError(f"{cfg.data}: --conditional needs labelled images (class folders or MNIST files)")
+    return part, dataset.spec
+
+
+def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
+    """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}."""
+    cfg.validate()
+    run = RunDir(cfg.out)
+    if run.exists("config.json"):
+        raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+    part, spec = _decode_training_images(cfg)
+    channels, size = part.images.shape[1], part.images.shape[-1]
+    pair = build_pair(cfg, channels, size, len(part.classes))
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_json("config.json", {"version": 1, "kind": "gan", "gan": cfg.to_dict(), "classes": part.classes,
+                                   "channels": channels, "image_size": size, "data_spec": spec})
+    summary = fit_gan(pair, cfg, part, run, resume=False, show_progress=show_progress)
+    return {**summary, "skipped_files": len(part.skipped)}
+
+
+def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = True) -> dict:
+    """Continue an interrupted GAN run from checkpoint.pt, or extend a finished one to `epochs`."""
+    run = RunDir(run_dir)
+    if not run.exists("config.json"):
+        raise VisionflowError(f"{run.path}: nothing to resume (no config.json)")
+    config = run.read_json("config.json")
+    if config.get("kind") != "gan":
+        raise VisionflowError(f"{run.path}: not a GAN run (resume classifiers with `visionflow train --resume`)")
+    cfg = GanConfig.from_dict(config["gan"])
+    if epochs is not None:
+        cfg.epochs = epochs
+    cfg.validate()
+    part, _ = _decode_training_images(cfg, config["channels"], config["image_size"])
+    if part.classes != config["classes"]:
+        raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")
+    pair = build_pair(cfg, config["channels"], config["image_size"], len(part.classes))
+    config["gan"] = cfg.to_dict()
+    run.write_json("config.json", config)
+    summary = fit_gan(pair, cfg, part, run, resume=True, show_progress=show_progress)
+    return {**summary, "skipped_files": len(part.skipped)}
+
+
+# --- sampling --------------------------------------------------------------------------------------------
+
+def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: int = 0, device: str = "auto") -> list[Path]:
+    """`count` images from the EMA generator: one grid PNG when `out` ends in .png, else one PNG each in
+    the folder `out`. Conditional models make class `label`, or cycle through every class."""
+    if count < 1:
+        raise VisionflowError(f"--n must be at least 1 (got {count})")
+    gan = load_gan_run(run_dir, device)
+    labels = None
+    if label is not None:
+        labels = torch.full((count,), gan.label_index(label), dtype=torch.int64)
+    elif gan.config.conditional:
+        labels = torch.arange(count) % len(gan.classes)  # a grid column per class
+    images, labels = gan.images(count, labels, seed=seed)
+    path = Path(out)
+    if path.suffix.lower() == ".png":
+        columns = len(gan.classes) if gan.config.conditional and label is None else 8
+        save_image_grid(images, path, columns=min(columns, count))
+        return [path]
+    if path.exists() and not path.is_dir():
+        raise VisionflowError(f"--out {out}: is a file; give a folder, or a .png name for one grid")
+    path.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, image in enumerate(images):
+        name = f"{i:05d}_{gan.classes[int(labels[i])]}.png" if labels is not None else f"{i:05d}.png"
+        array = image.permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[:, :, 0] if gan.channels == 1 else array)
+        atomic_write(path / name, lambda tmp: picture.save(tmp, format="PNG"))
+        written.append(path / name)
+    return written
+
+
+# --- domain FID ------------------------------------------------------------------------------------------
+
+def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None,
+                        show_progress: bool) -> Predictor:
+    """The classifier whose feature space measures the distances: the one given, or the run's own,
+    trained once with `visionflow train`'s defaults (seed-cnn) on DATA and kept in RUN_DIR/classifier."""
+    if classifier is None:
+        own = RunDir(run / "classifier")
+        if not own.exists("config.json"):
+            log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
+            classify_api.train(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
+                                           image_size=gan.image_size, seed=gan.config.seed),
+                               show_progress=show_progress)
+        elif own.read_json("config.json").get("data_spec") != spec:
+            raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
+        classifier = str(own.path)
+    predictor = Predictor.from_run(classifier)
+    if (predictor.preprocess.channels, predictor.preprocess.image_size) != (gan.channels, gan.image_size):
+        raise VisionflowError(f"--classifier {classifier}: it takes {predictor.preprocess.channels}x"
+                              f"{predictor.preprocess.image_size}px images but the GAN makes {gan.channels}x{gan.image_size}px")
+    if gan.config.conditional and predictor.classes != gan.classes:
+        raise VisionflowError(f"--classifier {classifier}: its classes {predictor.classes} differ from the GAN's {gan.classes}")
+    return predictor
+
+
+def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: int = 2000, seed: int = 0,
+                 show_progress: bool = True) -> dict:
+    """Domain FID of the EMA generator against DATA's training images, beside two references on the same
+    features: held-out real images (the floor) and the untrained generator (the ceiling)."""
+    if count < 2:
+        raise VisionflowError(f"--n must be at least 2 (got {count})")
+    gan = load_gan_run(run_dir)
+    dataset = open_data(data)
+    if gan.config.conditional and dataset.train.classes != gan.classes:
+        raise VisionflowError(f"{data}: its classes {dataset.train.classes} differ from the GAN's {gan.classes}")
+    predictor = _feature_classifier(RunDir(run_dir), gan, data, dataset.spec, classifier, show_progress)
+    train = decode_part(dataset.train, gan.channels, gan.image_size)
+    if dataset.test is not None:
+        reference, held_out = train, decode_part(dataset.test, gan.channels, gan.image_size)
+    else:  # no test part: hold out a fifth of the training images for the floor
+        keep, hold = stratified_split(train.labels.numpy(), 0.2, seed)
+        reference = DecodedPart(train.images[keep], train.labels[keep], [], train.classes)
+        held_out = DecodedPart(train.images[hold], train.labels[hold], [], train.classes)
+    reference_features, _ = classifier_features(predictor, reference.images)
+    held_out_features, _ = classifier_features(predictor, held_out.images)
+
+    # Conditional models draw classes as often as the training data holds them, as a real sample would.
+    labels = None
+    if gan.config.conditional:
+        frequencies = torch.bincount(reference.labels, minlength=len(gan.classes)).float()
+        labels = torch.multinomial(frequencies, count, replacement=True, generator=torch.Generator().manual_seed(seed))
+    generated, _ = gan.images(count, labels, seed=seed)
+    generated_features, predicted = classifier_features(predictor, generated)
+
+    untrained = build_pair(gan.config, gan.channels, gan.image_size, len(gan.classes)).generator.to(gan.device)
+    standing_statistics(untrained, gan.config.seed)
+    untrained_run = GanRun(untrained, gan.config, gan.classes, gan.channels, gan.image_size, gan.device)
+    untrained_features, _ = classifier_features(predictor, untrained_run.images(count, labels, seed=seed)[0])
+
+    result = {
+        "fid": round(feature_distance(generated_features, reference_features), 4),
+        "fid_real_floor": round(feature_distance(held_out_features, reference_features), 4),
+        "fid_untrained": round(feature_distance(untrained_features, reference_features), 4),
+    }
+    if labels is not None:
+        correct = predicted == labels.numpy()
+        result["label_accuracy"] = round(float(correct.mean()), 4)
+        result["label_accuracy_per_class"] = {
+            name: round(float(correct[labels.numpy() == k].mean()), 4)
+            for k, name in enumerate(gan.classes) if bool((labels == k).any())}
+    result.update({"n": count, "n_real_reference": len(reference), "n_real_held_out": len(held_out),
+                   "features": f"{predictor.model.num_features}-d forward_features of {classifier or Path(run_dir) / 'classifier'}"})
+    return result
+

@@ -1,0 +1,287 @@
+"""The GAN training loop: its own step (two networks, two optimizers), the run directory of classification.
+
+    RUN_DIR/
+      config.json                "kind": "gan", GanConfig, classes, channels, image size
+      generator.safetensors      the EMA generator with standing batch-norm statistics: what sampling uses
+      checkpoint.pt              both networks, the EMA, both optimizers, epoch (loaded weights_only)
+      metrics.csv                per epoch: losses, discriminator scores, sample diversity, speed
+      samples/epoch_NNN.png      the same fixed noise through the EMA generator after every epoch
+
+Each epoch's shuffle and noise draw from a generator seeded by (seed, epoch), so a resumed run continues
+the random stream exactly where the uninterrupted one would have been. A step whose loss is NaN or
+explodes stops training at once; the checkpoint on disk is then still the last finished (good) epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from visionflow.data.loading import DecodedPart
+from visionflow.devices import select_device
+from visionflow.errors import VisionflowError
+from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
+from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
+from visionflow.report.plots import save_image_grid
+from visionflow.runs import RunDir
+from visionflow.train.loop import TrainingInterrupted, epoch_seed
+from visionflow.train.progress import make_console, make_progress
+
+log = logging.getLogger("visionflow")
+
+EXPLODING_LOSS = 1_000.0      # a per-step loss above this has left any regime a GAN recovers from
+DIVERSITY_DROP = 0.5          # warn when sample diversity falls below this fraction of its best so far
+
+
+@dataclass
+class GanConfig:
+    data: str
+    out: str
+    epochs: int = 20
+    conditional: bool = False
+    image_size: int | None = None     # None: measured from the data
+    channels: int | None = None       # None: measured from the data
+    loss: str = "ns"                  # "ns" (non-saturating) or "hinge"
+    spectral_norm: bool = False       # on every discriminator layer
+    batch_size: int = 64
+    lr: float = 2e-4                  # Adam, betas (0.5, 0.999), both networks (DCGAN's recipe)
+    latent_dim: int = 64
+    width: int = 32                   # channels of the widest-side layers; doubled at each halving
+    ema_decay: float = 0.999
+    seed: int = 0
+    strict: bool = False
+    device: str = "auto"
+
+    def validate(self) -> "GanConfig":
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.batch_size >= 2, f"--batch-size must be at least 2 (got {self.batch_size})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.loss in GAN_LOSSES, f"--loss must be one of {', '.join(GAN_LOSSES)} (got {self.loss})"),
+            (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
+            (self.latent_dim >= 1 and self.width >= 4, "latent_dim and width must be positive"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VisionflowError(message)
+        if self.image_size is not None:
+            upsampling_plan(self.image_size)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GanConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class GanDiverged(VisionflowError):
+    """A NaN or exploding loss: training stops, the last good checkpoint stays on disk."""
+
+
+@dataclass
+class GanPair:
+    generator: Generator
+    discriminator: Discriminator
+    ema: Generator
+
+
+def build_pair(cfg: GanConfig, channels: int, image_size: int, num_classes: int) -> GanPair:
+    """Both networks, seeded by cfg.seed: the untrained reference of `gan evaluate` is built the same way."""
+    torch.manual_seed(cfg.seed)
+    classes = num_classes if cfg.conditional else 0
+    generator = Generator(channels, image_size, classes, cfg.latent_dim, cfg.width)
+    discriminator = Discriminator(channels, image_size, classes, cfg.width, cfg.spectral_norm)
+    return GanPair(generator, discriminator, copy.deepcopy(generator))
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1], the generator's tanh range."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def noise_and_labels(count: int, latent_dim: int, label_weights: torch.Tensor | None,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Seeded noise and, for conditional models, labels drawn with the given class weights."""
+    noise = torch.randn(count, latent_dim, generator=generator)
+    if label_weights is None:
+        return noise, None
+    return noise, torch.multinomial(label_weights, count, replacement=True, generator=generator)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+
+
+@torch.no_grad()
+def standing_statistics(generator: Generator, seed: int, batches: int = 4, batch_size: int = 256) -> None:
+    """Re-estimate batch-norm statistics for these weights (BigGAN's "standing stats").
+
+    The running statistics that training leaves belong to the online generator, not to the EMA weights,
+    and eval-mode samples drawn with mismatched statistics come out washed out.
+    """
+    device = next(generator.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    weights = torch.ones(generator.num_classes) if generator.num_classes else None
+    for module in generator.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the batches below
+    generator.train()
+    for _ in range(batches):
+        noise, labels = noise_and_labels(batch_size, generator.latent_dim, weights, rng)
+        generator(noise.to(device), None if labels is None else labels.to(device))
+    for module in generator.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    generator.eval()
+
+
+def sample_diversity(images: torch.Tensor) -> float:
+    """Mean pairwise pixel distance of a batch in [-1, 1]: it falls towards 0 as samples collapse to one mode."""
+    flat = images.flatten(1).float()
+    return float(torch.cdist(flat, flat).sum() / max(1, len(flat) * (len(flat) - 1)))
+
+
+def fixed_noise(cfg: GanConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise behind every epoch's sample grid; conditional grids put one class per column."""
+    rng = torch.Generator().manual_seed(cfg.seed + 7_919)
+    if not cfg.conditional:
+        return torch.randn(64, cfg.latent_dim, generator=rng), None
+    columns = num_classes
+    rows = max(1, 80 // columns)
+    return torch.randn(rows * columns, cfg.latent_dim, generator=rng), torch.arange(rows * columns) % columns
+
+
+def grid_columns(cfg: GanConfig, num_classes: int) -> int:
+    return num_classes if cfg.conditional else 8
+
+
+def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resume: bool = False,
+            show_progress: bool = True) -> dict:
+    """Train `pair` on the decoded `part`, writing the run directory as it goes; returns a summary."""
+    device = select_device(cfg.device)
+    generator, discriminator, ema = (m.to(device) for m in (pair.generator, pair.discriminator, pair.ema))
+    optimizer_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    num_classes = len(part.classes)
+    label_weights = torch.bincount(part.labels, minlength=num_classes).float() if cfg.conditional else None
+    epoch, step, rows = 0, 0, []
+    if resume:
+        checkpoint = run.load_checkpoint()
+        generator.load_state_dict(checkpoint["generator"])
+        discriminator.load_state_dict(checkpoint["discriminator"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer_g.load_state_dict(checkpoint["optimizer_g"])
+        optimizer_d.load_state_dict(checkpoint["optimizer_d"])
+        epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        rows = [r for r in run.read_metrics() if r["epoch"] <= epoch]
+    grid_noise, grid_labels = fixed_noise(cfg, num_classes)
+    real_diversity = sample_diversity(to_unit_range(part.images[:len(grid_noise)]))
+
+    def save_checkpoint() -> None:
+        run.save_checkpoint({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                             "ema": ema.state_dict(), "optimizer_g": optimizer_g.state_dict(),
+                             "optimizer_d": optimizer_d.state_dict(), "epoch": epoch, "step": step})
+
+    if epoch == 0:
+        save_checkpoint()  # even an interruption (or divergence) in the first epoch leaves something to resume
+    console = make_console()
+    with make_progress(console, show_progress) as progress:
+        while epoch < cfg.epochs:
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(part), status="")
+            rng = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+            order = torch.randperm(len(part), generator=rng)
+            totals = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
+            batches, start = 0, time.perf_counter()
+            generator.train()
+            discriminator.train()
+            try:
+                for first in range(0, len(order) - 1, cfg.batch_size):
+                    index = order[first:first + cfg.batch_size]
+                    if len(index) < 2:
+                        continue  # a 1-item batch breaks batch norm and adds nothing
+                    real = to_unit_range(part.images[index]).to(device)
+                    labels = part.labels[index].to(device) if cfg.conditional else None
+                    noise = torch.randn(len(index), cfg.latent_dim, generator=rng).to(device)
+                    stats = gan_step(generator, discriminator, optimizer_g, optimizer_d, real, labels, noise, cfg.loss)
+                    bad = next((k for k in ("d_loss", "g_loss") if not abs(stats[k]) < EXPLODING_LOSS), None)
+                    if bad is not None:
+                        raise GanDiverged(
+                            f"training diverged in epoch {epoch + 1} ({bad.replace('_', ' ')} {stats[bad]:.4g}); "
+                            f"kept the last good checkpoint (epoch {epoch}) in {run.path} - "
+                            "try a lower --lr, --loss hinge or --spectral-norm")
+                    step += 1
+                    # EMA warm-up: early weights move fast, so the average starts short and lengthens
+                    update_ema(ema, generator, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                    for key in totals:
+                        totals[key] += stats[key]
+                    batches += 1
+                    progress.update(task, advance=len(index),
+                                    status=f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(
+                    f"interrupted in epoch {epoch + 1}; {epoch} finished epoch(s) saved in {run.path} "
+                    f"- continue with: visionflow gan train ... --out {run.path} --resume") from None
+            seconds = time.perf_counter() - start
+            progress.remove_task(task)
+            epoch += 1
+            standing_statistics(ema, cfg.seed)
+            with torch.no_grad():
+                grid = ema(grid_noise.to(device), None if grid_labels is None else grid_labels.to(device)).cpu()
+            diversity = sample_diversity(grid) / max(real_diversity, 1e-9)
+            best_diversity = max([r["diversity"] for r in rows], default=diversity)
+            if diversity < DIVERSITY_DROP * best_diversity:
+                log.warning("sample diversity fell from %.3f to %.3f of the real data's in epoch %d: "
+                            "the generator may be collapsing onto a few modes (look at %s)",
+                            best_diversity, diversity, epoch, run / "samples" / f"epoch_{epoch:03d}.png")
+            row = {"epoch": epoch, **{k: round(v / max(1, batches), 6) for k, v in totals.items()},
+                   "diversity": round(diversity, 4), "images_per_second": round(batches * cfg.batch_size / seconds, 1),
+                   "seconds": round(seconds, 3)}
+            rows.append(row)
+            console.print(f"epoch {epoch}/{cfg.epochs}  D {row['d_loss']:.4f}  G {row['g_loss']:.4f}  "
+                          f"D(real) {row['d_real']:.3f}  D(fake) {row['d_fake']:.3f}  diversity {diversity:.3f}  "
+                          f"{row['images_per_second']:,.0f} img/s", highlight=False, soft_wrap=True)
+            save_image_grid(to_uint8(grid), run / "samples" / f"epoch_{epoch:03d}.png",
+                            columns=grid_columns(cfg, num_classes))
+            run.save_weights("generator.safetensors", ema.state_dict())
+            run.write_metrics(rows)
+            save_checkpoint()
+    return {"epochs": epoch, "rows": rows}
+
+
+def gan_step(generator: Generator, discriminator: Discriminator, optimizer_g: torch.optim.Optimizer,
+             optimizer_d: torch.optim.Optimizer, real: torch.Tensor, labels: torch.Tensor | None,
+             noise: torch.Tensor, loss: str) -> dict:
+    """One discriminator update on (real, fake), then one generator update through the updated discriminator."""
+    fake = generator(noise, labels)
+    real_logits = discriminator(real, labels)
+    fake_logits = discriminator(fake.detach(), labels)
+    d_loss = discriminator_loss(real_logits, fake_logits, loss)
+    optimizer_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    optimizer_d.step()
+
+    discriminator.requires_grad_(False)  # the generator step needs gradients through D, not for D
+    g_loss = generator_loss(discriminator(fake, labels), loss)
+    optimizer_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    optimizer_g.step()
+    discriminator.requires_grad_(True)
+    return {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()),
+            "d_real": float(torch.sigmoid(real_logits.detach()).mean()),
+            "d_fake": float(torch.sigmoid(fake_logits.detach()).mean())}

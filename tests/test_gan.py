@@ -1,0 +1,219 @@
+"""GAN image generation: networks, domain FID, training/resume, the divergence guard, sampling, bad input,
+and --gan-augment. Everything runs on a few hundred built-in digits at 16x16 so the file stays fast."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionflow import api
+from visionflow.cli import main
+from visionflow.config import TrainConfig
+from visionflow.data.sources import builtin_digits
+from visionflow.errors import VisionflowError
+from visionflow.gan import api as gan_api
+from visionflow.gan import train as gan_train
+from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
+from visionflow.gan.fid import feature_distance, frechet_distance
+from visionflow.gan.train import GanConfig, GanDiverged
+from visionflow.runs import RunDir
+
+SIZE = 16
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    """An MNIST-layout folder: 300 training and 100 test images of the built-in digits."""
+    root = tmp_path_factory.mktemp("digits-mnist")
+    digits = builtin_digits()
+    _write_idx(root / "train-images-idx3-ubyte.gz", digits.images[:300])
+    _write_idx(root / "train-labels-idx1-ubyte.gz", digits.labels[:300])
+    _write_idx(root / "t10k-images-idx3-ubyte.gz", digits.images[300:400])
+    _write_idx(root / "t10k-labels-idx1-ubyte.gz", digits.labels[300:400])
+    return str(root)
+
+
+def _config(data: str, out, epochs: int = 1, **options) -> GanConfig:
+    return GanConfig(data=data, out=str(out), epochs=epochs, conditional=True, image_size=SIZE, batch_size=32,
+                     **options)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(digit_folder, tmp_path_factory):
+    """A conditional GAN trained for one epoch; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("gan") / "run"
+    gan_api.train_gan(_config(digit_folder, out), show_progress=False)
+    return out
+
+
+def _copy(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "run")
+
+
+# --- the networks ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels,size,classes,spectral", [(1, 28, 0, False), (1, 28, 10, True), (3, 32, 10, False),
+                                                            (3, 64, 0, True)])
+def test_generator_and_discriminator_shapes(channels, size, classes, spectral):
+    generator = Generator(channels, size, classes, latent_dim=16, width=8)
+    discriminator = Discriminator(channels, size, classes, width=8, use_spectral_norm=spectral)
+    labels = torch.tensor([0, classes - 1, 1]) if classes else None
+    images = generator(torch.randn(3, 16), labels)
+    assert images.shape == (3, channels, size, size)
+    assert images.min() >= -1.0 and images.max() <= 1.0  # tanh: the range real images are scaled to
+    assert discriminator(images, labels).shape == (3,)
+
+
+def test_conditional_generator_depends_on_the_label():
+    generator = Generator(1, 16, 10, latent_dim=8, width=8).eval()
+    noise = torch.randn(1, 8).expand(2, 8)
+    images = generator(noise, torch.tensor([0, 7]))
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_image_sizes_the_generator_cannot_make_are_refused():
+    assert upsampling_plan(28) == (7, 2)
+    assert upsampling_plan(32) == (8, 2)
+    with pytest.raises(VisionflowError, match="power of two"):
+        upsampling_plan(27)
+
+
+# --- domain FID ----------------------------------------------------------------------------------------
+
+def test_frechet_distance_of_gaussians_with_a_known_answer():
+    # Covariances sharing eigenvectors: FD = |mu_a - mu_b|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    a, b = np.array([1.0, 4.0, 9.0, 0.25]), np.array([4.0, 1.0, 9.0, 1.0])
+    cov_a, cov_b = rotation @ np.diag(a) @ rotation.T, rotation @ np.diag(b) @ rotation.T
+    mean_a, mean_b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
+    expected = 1.0 + 4.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # = 5 + 1 + 1 + 0 + 0.25
+    assert frechet_distance(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected, abs=1e-9)
+    assert frechet_distance(mean_a, cov_a, mean_a, cov_a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_from_samples_approaches_the_closed_form():
+    rng = np.random.default_rng(1)
+    samples_a = rng.normal(0.0, 1.0, size=(20_000, 3))
+    samples_b = rng.normal([2.0, 0.0, 0.0], [1.0, 2.0, 1.0], size=(20_000, 3))
+    assert feature_distance(samples_a, samples_b) == pytest.approx(4.0 + 1.0, rel=0.03)
+
+
+# --- training, resume, the divergence guard ------------------------------------------------------------
+
+def test_training_writes_a_run_that_resumes_to_the_same_result(one_epoch_run, digit_folder, tmp_path):
+    resumed = _copy(one_epoch_run, tmp_path)
+    gan_api.resume_gan(str(resumed), epochs=2, show_progress=False)
+    straight = tmp_path / "straight"
+    gan_api.train_gan(_config(digit_folder, straight, epochs=2), show_progress=False)
+
+    run = RunDir(resumed)
+    assert [row["epoch"] for row in run.read_metrics()] == [1.0, 2.0]
+    assert run.load_checkpoint()["epoch"] == 2
+    assert sorted(p.name for p in (resumed / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    # The (seed, epoch)-seeded noise and restored optimizers make the resumed run the uninterrupted one.
+    resumed_weights, straight_weights = run.load_weights("generator.safetensors"), RunDir(straight).load_weights("generator.safetensors")
+    assert all(torch.allclose(resumed_weights[k], straight_weights[k], atol=1e-6) for k in straight_weights)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, monkeypatch):
+    run_path = _copy(one_epoch_run, tmp_path)
+    weights_before = (run_path / "generator.safetensors").read_bytes()
+    monkeypatch.setattr(gan_train, "generator_loss", lambda logits, kind="ns": logits.mean() * float("nan"))
+    with pytest.raises(GanDiverged, match=r"diverged in epoch 2 \(g loss nan\); kept the last good checkpoint \(epoch 1\)"):
+        gan_api.resume_gan(str(run_path), epochs=3, show_progress=False)
+    run = RunDir(run_path)
+    assert run.load_checkpoint()["epoch"] == 1
+    assert (run_path / "generator.safetensors").read_bytes() == weights_before
+    assert len(run.read_metrics()) == 1
+
+
+def test_a_collapsing_sample_diversity_is_reported(one_epoch_run, tmp_path, monkeypatch, caplog):
+    run_path = _copy(one_epoch_run, tmp_path)
+    # The first call measures the real images, the second epoch 2's grid: make that grid one repeated image.
+    measured = iter([1.0, 0.0])
+    monkeypatch.setattr(gan_train, "sample_diversity", lambda images: next(measured))
+    gan_api.resume_gan(str(run_path), epochs=2, show_progress=False)
+    assert any("sample diversity fell" in record.getMessage() for record in caplog.records)
+    assert RunDir(run_path).read_metrics()[-1]["diversity"] == 0.0
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+def test_gan_sample_writes_the_requested_images(one_epoch_run, tmp_path):
+    folder = tmp_path / "samples"
+    assert main(["gan", "sample", str(one_epoch_run), "--n", "5", "--out", str(folder), "--label", "3"]) == 0
+    files = sorted(folder.iterdir())
+    assert len(files) == 5 and all(f.name.endswith("_3.png") for f in files)
+    assert all(Image.open(f).size == (SIZE, SIZE) for f in files)
+
+    grid = tmp_path / "grid.png"
+    assert main(["gan", "sample", str(one_epoch_run), "--n", "12", "--out", str(grid)]) == 0
+    # a conditional grid puts one class per column: 10 columns, 2 rows of 16px tiles with 2px padding
+    assert Image.open(grid).size == (10 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n", "4", "--label", "cat"], "unknown class 'cat'"),
+    (["--n", "0"], "--n must be at least 1"),
+])
+def test_bad_sample_requests_exit_2_with_one_line(one_epoch_run, tmp_path, capsys, argv, message):
+    assert main(["gan", "sample", str(one_epoch_run), "--out", str(tmp_path / "x.png"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_a_missing_or_wrong_run_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["gan", "sample", str(tmp_path / "nope"), "--n", "4", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"visionflow: error: {tmp_path / 'nope'}: no such run directory"]
+    assert main(["gan", "evaluate", str(tmp_path), "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a visionflow GAN run directory" in err
+
+
+# --- domain FID on a run -----------------------------------------------------------------------------------
+
+def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path):
+    run_path = _copy(one_epoch_run, tmp_path)
+    result = gan_api.evaluate_gan(str(run_path), digit_folder, count=200, show_progress=False)
+    assert result["n"] == 200 and result["n_real_held_out"] == 100
+    assert 0.0 <= result["fid_real_floor"] < result["fid_untrained"]  # real images are closer than noise
+    assert 0.0 <= result["label_accuracy"] <= 1.0 and set(result["label_accuracy_per_class"]) <= set(map(str, range(10)))
+    # the classifier was trained once and is kept for the next evaluation
+    weights = run_path / "classifier" / "best.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = gan_api.evaluate_gan(str(run_path), digit_folder, count=200, show_progress=False)
+    assert weights.stat().st_mtime_ns == stamp and again["fid"] == result["fid"]
+
+
+# --- --gan-augment ---------------------------------------------------------------------------------------
+
+def test_gan_augment_appends_generated_images_class_by_class(one_epoch_run, digit_folder, tmp_path):
+    cfg = TrainConfig(data=digit_folder, out=str(tmp_path / "cls"), image_size=SIZE, channels=1,
+                      gan_augment=str(one_epoch_run), gan_ratio=0.5)
+    data = api.load_training_data(cfg, channels=1, size=SIZE)
+    real = data.train.labels[:300]
+    synthetic = data.train.labels[300:]
+    assert len(synthetic) == sum(round(0.5 * int(c)) for c in torch.bincount(real, minlength=10))
+    assert torch.equal(torch.bincount(synthetic, minlength=10),
+                       torch.tensor([round(0.5 * int(c)) for c in torch.bincount(real, minlength=10)]))
+    assert len(data.val) == 100  # the validation data stays real
+
+
+def test_gan_augment_refuses_a_gan_of_another_image_format(one_epoch_run, digit_folder, tmp_path, capsys):
+    code = main(["train", digit_folder, "--out", str(tmp_path / "cls"), "--image-size", "28", "--epochs", "1",
+                 "--gan-augment", str(one_epoch_run), "--quiet"])
+    assert code == 2
+    assert "the GAN makes 1x16x16 images but the classifier trains on 1x28x28" in capsys.readouterr().err
