@@ -107,10 +107,15 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)  # the initial weights
     model = create_model(cfg.model, num_classes=len(data.train.classes), in_channels=channels, image_size=size,
                          **cfg.model_options)
+    if hasattr(model, "init_from_data"):
+        # A data-dependent init (airbench's whitened first layer) from a seeded sample of the training
+        # images; what it sets is ordinary weights, so predict rebuilds it from config.json + weights.
+        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        model.init_from_data(preprocess(data.train.images[sample]))
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", {
         "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
-        "input_kind": model_entry(cfg.model).input_kind, "augment_eval": "none",
+        "input_kind": model_entry(cfg.model).input_kind, "augment_eval": cfg.augment_eval,
         "data_spec": open_data(cfg.data).spec,
     })
     if data.held_out is not None:
@@ -145,7 +150,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
                  summary: dict) -> dict:
     """Final validation metrics with the best weights, report.json and the run's pictures."""
     model.load_state_dict(run.load_weights(run.best_weights_name()))
-    predictor = Predictor(model, preprocess, data.train.classes, next(model.parameters()).device)
+    predictor = Predictor(model, preprocess, data.train.classes, next(model.parameters()).device,
+                          augment_eval=cfg.augment_eval)
     logits = predictor.logits(data.val.images)
     metrics = classification_metrics(logits, data.val.labels, data.val.classes)
     skipped = data.train.skipped + data.val.skipped

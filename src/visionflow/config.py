@@ -11,6 +11,7 @@ from visionflow.errors import VisionflowError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
+EVAL_AUGMENTS = ("none", "flip")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class TrainConfig:
     strict: bool = False
     device: str = "auto"
     frames: int = 16                  # clips only: frames sampled per clip
+    lookahead: int = 0                # every N steps pull the weights to their running average (airbench); 0 = off
+    augment_eval: str = "none"        # test-time augmentation recorded in the run: none, or flip (mean of both views)
+    preset: str | None = None         # the --preset the values came from (train/presets.py), for the record
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -52,6 +56,8 @@ class TrainConfig:
             (self.image_size is None or 8 <= self.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {self.image_size})"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (self.frames >= 1, f"--frames must be at least 1 (got {self.frames})"),
+            (self.lookahead >= 0, f"--lookahead must be 0 (off) or a number of steps (got {self.lookahead})"),
+            (self.augment_eval in EVAL_AUGMENTS, f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {self.augment_eval})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,8 +6,9 @@ import json
 import sys
 from contextlib import nullcontext
 
-from visionflow.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
 from visionflow.errors import VisionflowError
+from visionflow.train.presets import train_config
 
 
 def _model_options(text: str | None) -> dict:
@@ -62,6 +63,18 @@ def add_train_parser(commands) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preset", default=None, help="a training recipe (e.g. cifar10-90, cifar10-94); flags given override it")
+    p.add_argument("--lookahead", type=int, default=0, help="every N steps pull the weights to their running average (0 = off)")
+    p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS, help="test-time augmentation: flip = mean of both views")
+    # Flags left out parse as None so that a --preset's value stands unless a flag is given; the defaults
+    # written above are TrainConfig's own, which apply when neither sets a value.
+    p.set_defaults(**{name: None for name in TRAIN_FLAGS})
+
+
+# The train flags that map one to one onto TrainConfig fields.
+TRAIN_FLAGS = ("model", "val", "val_split", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
+               "label_smoothing", "patience", "class_weights", "balanced_sampler", "image_size", "channels", "augment",
+               "frames", "seed", "strict", "device", "lookahead", "augment_eval")
 
 
 def run_train(args) -> int:
@@ -70,14 +83,8 @@ def run_train(args) -> int:
     if args.resume:
         report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet)
     else:
-        cfg = TrainConfig(
-            data=args.data, out=args.out, model=args.model, model_options=_model_options(args.model_options),
-            val=args.val, val_split=args.val_split, epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
-            optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
-            label_smoothing=args.label_smoothing, patience=args.patience, class_weights=args.class_weights,
-            balanced_sampler=args.balanced_sampler, image_size=args.image_size, channels=args.channels,
-            augment=args.augment, frames=args.frames, seed=args.seed, strict=args.strict, device=args.device,
-        )
+        given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+        cfg = train_config(args.data, args.out, args.preset, model_options=_model_options(args.model_options), **given)
         report = api.train(cfg, show_progress=not args.quiet)
     validation = report["validation"]
     print(f"{args.out}: validation accuracy {validation['accuracy']:.4f}  top-{validation['top_k']} "

@@ -31,6 +31,7 @@ class AugmentSpec:
     shift: float = 0.0       # max translation, fraction of the side
     crop: float = 1.0        # random-resized crop: smallest area fraction kept (1 = off)
     elastic: float = 0.0     # elastic deformation strength: displacements up to about elastic x 5% of the side
+    translate: float = 0.0   # max shift in whole pixels, edges mirrored (airbench's random translate: no blur)
 
     @classmethod
     def parse(cls, text: str | None) -> "AugmentSpec":
@@ -48,14 +49,14 @@ class AugmentSpec:
                 values[key] = True
                 continue
             try:
-                values[key] = float(value) if value else {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5}[key]
+                values[key] = float(value) if value else {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5, "translate": 2.0}[key]
             except ValueError:
                 raise VisionflowError(f"--augment: '{item.strip()}' needs a number, e.g. {key}=0.5") from None
         spec = cls(**values)
         if not 0.05 <= spec.crop <= 1.0:
             raise VisionflowError(f"--augment: crop={spec.crop} must be between 0.05 and 1")
-        if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0:
-            raise VisionflowError("--augment: rotate, shift and elastic take non-negative numbers")
+        if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0 or spec.translate < 0:
+            raise VisionflowError("--augment: rotate, shift, elastic and translate take non-negative numbers")
         return spec
 
     def __str__(self) -> str:
@@ -81,10 +82,18 @@ class Augment:
         if clip_shape is not None:
             x = x.flatten(1, 2)
         n, _, h, w = x.shape
-        grid = F.affine_grid(self._affine(n, generator).to(x.device, x.dtype), list(x.shape), align_corners=False)
+        theta = self._affine(n, generator)
+        if self.spec.translate > 0:
+            # Whole-pixel steps land exactly on pixel centres, so bilinear sampling copies pixels unblurred.
+            pixels = int(self.spec.translate)
+            steps = torch.randint(-pixels, pixels + 1, (n, 2), generator=generator).float()
+            theta[:, :, 2] += steps * torch.tensor([2.0 / w, 2.0 / h])
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
         if self.spec.elastic > 0:
             grid = grid + self._elastic_field(n, h, w, generator).to(x.device, x.dtype)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # translate mirrors the edges it uncovers (as airbench's reflect padding); everything else fills black
+        padding = "reflection" if self.spec.translate > 0 else "zeros"
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
         return out.view(clip_shape) if clip_shape is not None else out
 
     def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:

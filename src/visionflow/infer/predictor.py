@@ -26,6 +26,7 @@ class Predictor:
     device: torch.device
     input_kind: str = "image"
     frames: int = 16
+    augment_eval: str = "none"  # "flip": logits are the mean over the image and its mirror (test-time augmentation)
 
     @classmethod
     def from_run(cls, run_dir: str | RunDir, device: str = "auto", weights: str = "best") -> "Predictor":
@@ -46,7 +47,7 @@ class Predictor:
         target = select_device(device)
         model.to(target, memory_format=memory_format(target)).eval()
         return cls(model, preprocess, list(config["classes"]), target, config.get("input_kind", "image"),
-                   int(train.get("frames", 16)))
+                   int(train.get("frames", 16)), config.get("augment_eval", "none"))
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -58,7 +59,10 @@ class Predictor:
             if x.ndim == 4:
                 x = x.contiguous(memory_format=memory_format(self.device))
             with autocast(self.device):
-                outputs.append(self.model(x).float().cpu())
+                logits = self.model(x).float()
+                if self.augment_eval == "flip":
+                    logits = (logits + self.model(x.flip(-1)).float()) / 2
+                outputs.append(logits.cpu())
         if not outputs:
             return torch.empty(0, len(self.classes))
         return torch.cat(outputs)
