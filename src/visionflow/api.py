@@ -23,6 +23,7 @@ from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import DataSet, DataSource, open_data, unlabelled_files
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
 from visionflow.errors import VisionflowError
+from visionflow.gan.generate import synthetic_images
 from visionflow.infer.predict import predict_rows
 from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
@@ -80,8 +81,22 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int) -> TrainingDa
     dataset = open_data(cfg.data)
     train_source, val_source, held_out = _validation_source(cfg, dataset)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
+    if cfg.gan_augment is not None:
+        train = with_gan_samples(train, cfg, channels, size)
     val = decode_part(val_source, channels, size, strict=cfg.strict)
     return TrainingData(train, val, held_out)
+
+
+def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: int) -> DecodedPart:
+    """The decoded training part plus cfg.gan_ratio images per real one from a conditional GAN, class by class.
+
+    Generated once (seeded by cfg.seed) and appended to the uint8 cache, so the training loop never knows.
+    """
+    images, labels = synthetic_images(cfg.gan_augment, part.classes, channels, size, part.labels, cfg.gan_ratio,
+                                      cfg.seed)
+    origins = [f"{cfg.gan_augment}#generated{i}" for i in range(len(labels))]
+    return DecodedPart(torch.cat([part.images, images]), torch.cat([part.labels, labels]), part.origins + origins,
+                       part.classes, part.skipped)
 
 
 def _data_shape(cfg: TrainConfig) -> tuple[DataSet, int, int]:

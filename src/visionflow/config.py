@@ -36,6 +36,8 @@ class TrainConfig:
     image_size: int | None = None     # None: measured from the data
     channels: int | None = None       # None: measured from the data
     augment: str = "none"
+    gan_augment: str | None = None    # a conditional GAN run whose samples are added to the training images
+    gan_ratio: float = 1.0            # generated images per real training image, class by class
     seed: int = 0
     strict: bool = False
     device: str = "auto"
@@ -55,6 +57,7 @@ class TrainConfig:
             (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
             (self.image_size is None or 8 <= self.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {self.image_size})"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
+            (self.gan_ratio > 0, f"--gan-ratio must be positive (got {self.gan_ratio})"),
             (self.frames >= 1, f"--frames must be at least 1 (got {self.frames})"),
             (self.lookahead >= 0, f"--lookahead must be 0 (off) or a number of steps (got {self.lookahead})"),
             (self.augment_eval in EVAL_AUGMENTS, f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {self.augment_eval})"),

@@ -57,6 +57,8 @@ def add_train_parser(commands) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--channels", type=int, default=None, choices=(1, 3))
     p.add_argument("--augment", default="none", help="e.g. flip,rotate=15,crop=0.8,elastic=0.5 (none = off)")
+    p.add_argument("--gan-augment", default=None, help="a conditional GAN run: add its samples to the training images")
+    p.add_argument("--gan-ratio", type=float, default=1.0, help="with --gan-augment: generated images per real image")
     p.add_argument("--frames", type=int, default=16, help="clips: frames sampled per clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
@@ -74,7 +76,7 @@ def add_train_parser(commands) -> None:
 # The train flags that map one to one onto TrainConfig fields.
 TRAIN_FLAGS = ("model", "val", "val_split", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
                "label_smoothing", "patience", "class_weights", "balanced_sampler", "image_size", "channels", "augment",
-               "frames", "seed", "strict", "device", "lookahead", "augment_eval")
+               "frames", "seed", "strict", "device", "lookahead", "augment_eval", "gan_augment", "gan_ratio")
 
 
 def run_train(args) -> int:
