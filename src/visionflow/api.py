@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from visionflow.config import TrainConfig
+from visionflow.data.clips import expand_clip_inputs, is_clip_file, sampling_policy, unlabelled_clips
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
-from visionflow.data.sources import DataSet, DataSource, open_data, unlabelled_files
+from visionflow.data.moving_digits import MovingDigitsSpec, make_moving_digits
+from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data, unlabelled_files
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
 from visionflow.errors import VisionflowError
 from visionflow.gan.generate import synthetic_images
@@ -54,7 +56,7 @@ def _check_kind(model_name: str, source: DataSource) -> None:
 def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None]:
     """(train source, validation source, held-out origins or None when the validation data is separate)."""
     if cfg.val is not None:
-        val_set = open_data(cfg.val)
+        val_set = open_data(cfg.val, frames=cfg.frames)
         val = val_set.test or val_set.train
         return dataset.train, _aligned(val, dataset.train.classes), None
     if dataset.test is not None:
@@ -78,7 +80,7 @@ def _aligned(source: DataSource, classes: list[str]) -> DataSource:
 
 
 def load_training_data(cfg: TrainConfig, channels: int, size: int) -> TrainingData:
-    dataset = open_data(cfg.data)
+    dataset = open_data(cfg.data, frames=cfg.frames)
     train_source, val_source, held_out = _validation_source(cfg, dataset)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     if cfg.gan_augment is not None:
@@ -115,10 +117,14 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     if run.exists("config.json"):
         raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
     _, channels, size = _data_shape(cfg)
-    create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
+    probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
     data = load_training_data(cfg, channels, size)
     mean, std = channel_stats(data.train.images)
-    preprocess = Preprocess(image_size=size, channels=channels, mean=mean, std=std)
+    if not getattr(probe, "standardize_inputs", True):  # the model wants pixels in [0, 1] (x / 255), e.g. seed-rnn
+        mean, std = [0.0] * channels, [1.0] * channels
+    input_kind = model_entry(cfg.model).input_kind
+    preprocess = Preprocess(image_size=size, channels=channels, mean=mean, std=std,
+                            frames=cfg.frames if input_kind == "clip" else None)
     torch.manual_seed(cfg.seed)  # the initial weights
     model = create_model(cfg.model, num_classes=len(data.train.classes), in_channels=channels, image_size=size,
                          **cfg.model_options)
@@ -130,8 +136,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", {
         "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
-        "input_kind": model_entry(cfg.model).input_kind, "augment_eval": cfg.augment_eval,
+        "input_kind": input_kind, "augment_eval": cfg.augment_eval,
         "data_spec": open_data(cfg.data).spec,
+        **({"clip_sampling": sampling_policy(cfg.frames)} if input_kind == "clip" else {}),
     })
     if data.held_out is not None:
         run.write_json("split.json", {"held_out": data.held_out})
@@ -206,7 +213,7 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
              strict: bool = False) -> dict:
     run = RunDir(run_dir).require()
     predictor = Predictor.from_run(run, device=device, weights=weights)
-    dataset = open_data(data)
+    dataset = open_data(data, frames=predictor.frames)
     source = evaluation_part(run, dataset)
     if source.kind != predictor.input_kind:
         raise VisionflowError(f"the run's model takes {predictor.input_kind}s but {data} holds {source.kind}s")
@@ -231,12 +238,30 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     if top_k < 1:
         raise VisionflowError(f"--top-k must be at least 1 (got {top_k})")
     predictor = Predictor.from_run(run_dir, device=device, weights=weights)
-    source = unlabelled_files(inputs)
+    if predictor.input_kind == "clip":
+        source = unlabelled_clips(inputs, predictor.frames)
+    else:
+        _refuse_clips(inputs)
+        source = unlabelled_files(inputs)
     return predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch)
 
 
-def count_inputs(inputs: Sequence[str]) -> int:
+def _refuse_clips(inputs: Sequence[str]) -> None:
+    """An image run given only clips: say so, rather than 'no image files'."""
+    if all(is_clip_file(p) for p in expand_inputs(inputs)) and any(is_clip_file(p) for p in expand_clip_inputs(inputs)):
+        raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
+
+
+def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
+    """How many rows `predict` will write (one per image, or per clip for a clip run)."""
+    if run_dir is not None and RunDir(run_dir).read_json("config.json").get("input_kind") == "clip":
+        return len(expand_clip_inputs(inputs))
     return len(unlabelled_files(inputs))
+
+
+def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:
+    """Generate the moving-digits clips into OUT/<class>/ (see visionflow.data.moving_digits)."""
+    return make_moving_digits(out, spec)
 
 
 # --- looking at data -------------------------------------------------------------------------------------

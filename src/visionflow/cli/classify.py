@@ -60,6 +60,8 @@ def add_train_parser(commands) -> None:
     p.add_argument("--gan-augment", default=None, help="a conditional GAN run: add its samples to the training images")
     p.add_argument("--gan-ratio", type=float, default=1.0, help="with --gan-augment: generated images per real image")
     p.add_argument("--frames", type=int, default=16, help="clips: frames sampled per clip")
+    p.add_argument("--temporal-pool", default=None, choices=("rnn", "mean"),
+                   help="cnn-rnn: mean = average frame features, no recurrence (the order-blind control)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
     p.add_argument("--device", default="auto")
@@ -85,8 +87,11 @@ def run_train(args) -> int:
     if args.resume:
         report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet)
     else:
+        model_options = _model_options(args.model_options)
+        if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...
+            model_options["temporal_pool"] = args.temporal_pool
         given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-        cfg = train_config(args.data, args.out, args.preset, model_options=_model_options(args.model_options), **given)
+        cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given)
         report = api.train(cfg, show_progress=not args.quiet)
     validation = report["validation"]
     print(f"{args.out}: validation accuracy {validation['accuracy']:.4f}  top-{validation['top_k']} "
@@ -119,7 +124,7 @@ def run_predict(args) -> int:
 
     console = make_console()
     show = console.is_terminal and not args.quiet
-    total = api.count_inputs(args.inputs) if show else None
+    total = api.count_inputs(args.inputs, args.run_dir) if show else None
     out = open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)
     with out as stream, make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=total, status="")

@@ -80,6 +80,10 @@ class Subset(DataSource):
 class ImageFiles(DataSource):
     """Image files with labels (label -1 when unlabelled, as for `predict` inputs)."""
 
+    probe = staticmethod(probe_image)  # path -> (channels, (width, height)); clips bring their own
+    probe_count = 32                   # files sampled to guess channels and size
+    max_guessed_size = 224
+
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], name: str = ""):
         self.paths, self.classes, self.name = paths, classes, name
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -90,12 +94,12 @@ class ImageFiles(DataSource):
     def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
         return decode_image(self.paths[index], channels, size)
 
-    def _probe_some(self, count: int = 32) -> list[tuple[int, tuple[int, int]]]:
-        step = max(1, len(self.paths) // count)
+    def _probe_some(self) -> list[tuple[int, tuple[int, int]]]:
+        step = max(1, len(self.paths) // self.probe_count)
         found = []
-        for path in self.paths[::step][:count]:
+        for path in self.paths[::step][:self.probe_count]:
             try:
-                found.append(probe_image(path))
+                found.append(self.probe(path))
             except VisionflowError:
                 continue
         return found
@@ -106,12 +110,12 @@ class ImageFiles(DataSource):
         return 1 if probed and all(c == 1 for c, _ in probed) else 3
 
     def guess_size(self) -> int:
-        """The most common longer side of the sampled images, capped at 224."""
+        """The most common longer side of the sampled images, capped at max_guessed_size."""
         sides = [max(wh) for _, wh in self._probe_some()]
         if not sides:
             return 32
         values, counts = np.unique(sides, return_counts=True)
-        return int(min(224, values[np.argmax(counts)]))
+        return int(min(self.max_guessed_size, values[np.argmax(counts)]))
 
 
 class ImageArray(DataSource):
@@ -163,8 +167,8 @@ def _files_below(folder: Path, accept) -> list[str]:
     return found
 
 
-def image_folder(root: Path, classes: list[str] | None = None) -> ImageFiles:
-    """A folder with one sub-folder per class, images at any depth below each."""
+def labelled_items(root: Path, classes: list[str] | None, items_below, what: str) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, classes) of a folder with one sub-folder per class; items_below(class folder) lists its items."""
     folders = _class_folders(root)
     if not folders:
         raise VisionflowError(f"{root}: no class folders found (expected one sub-folder per class)")
@@ -177,13 +181,19 @@ def image_folder(root: Path, classes: list[str] | None = None) -> ImageFiles:
         classes = names
     paths, labels = [], []
     for folder in folders:
-        files = _files_below(folder, is_image_file)
+        files = items_below(folder)
         if not files:
-            raise VisionflowError(f"{folder}: class folder '{folder.name}' holds no images")
+            raise VisionflowError(f"{folder}: class folder '{folder.name}' holds no {what}")
         paths.extend(files)
         labels.extend([classes.index(folder.name)] * len(files))
     if len(classes) < 2:
         raise VisionflowError(f"{root}: only one class ('{classes[0]}'); a classifier needs at least two")
+    return paths, labels, classes
+
+
+def image_folder(root: Path, classes: list[str] | None = None) -> ImageFiles:
+    """A folder with one sub-folder per class, images at any depth below each."""
+    paths, labels, classes = labelled_items(root, classes, lambda folder: _files_below(folder, is_image_file), "images")
     return ImageFiles(paths, labels, classes, name=str(root))
 
 
@@ -240,8 +250,18 @@ def builtin_digits() -> ImageArray:
 
 # --- what the user typed -> a DataSet ------------------------------------------------------------------
 
-def open_data(spec: str | os.PathLike) -> DataSet:
-    """Auto-detect what DATA names: a built-in data set, an MNIST folder, a split folder or a class folder."""
+def class_folder(root: Path, classes: list[str] | None = None, frames: int = 16) -> DataSource:
+    """Class folders of images, or of clips (video files, .npy arrays, folders of frames)."""
+    from visionflow.data import clips  # clips builds on this module, so it is imported only when needed
+
+    return clips.clip_folder(root, classes, frames) if clips.holds_clips(root) else image_folder(root, classes)
+
+
+def open_data(spec: str | os.PathLike, frames: int = 16) -> DataSet:
+    """Auto-detect what DATA names: a built-in data set, an MNIST folder, a split folder or a class folder.
+
+    `frames`: for clip data, the frames per clip the model sees (TrainConfig.frames).
+    """
     text = str(spec)
     if text in BUILTIN_DATASETS:
         return DataSet(text, builtin_digits(), None)
@@ -256,9 +276,9 @@ def open_data(spec: str | os.PathLike) -> DataSet:
         return DataSet(str(root), train if train is not None else test, test if train is not None else None)
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
-        train = image_folder(root / "train")
-        return DataSet(str(root), train, image_folder(test_dir, classes=train.classes))
-    return DataSet(str(root), image_folder(root), None)
+        train = class_folder(root / "train", frames=frames)
+        return DataSet(str(root), train, class_folder(test_dir, train.classes, frames))
+    return DataSet(str(root), class_folder(root, frames=frames), None)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from visionflow.data.clips import sample_frames
 from visionflow.errors import VisionflowError
 
 
@@ -139,13 +140,18 @@ class Preprocess:
     mean: list[float]
     std: list[float]
     center_crop: float = 1.0  # fraction of the side kept around the centre, then resized back
+    frames: int | None = None  # clips: frames per clip the model sees, picked from the decoded ones
 
     def __call__(self, images: torch.Tensor, augment: "Augment | None" = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 -> float in [0, 1] -> (training only: augment) -> normalised.
 
         Augmenting before normalising means rotations and crops fill with black, as the preview shows.
+        Clips first keep `frames` of their decoded frames: at random per segment when a generator is
+        given (training), the segments' centres otherwise (see visionflow.data.clips).
         """
+        if images.ndim == 5 and self.frames is not None:
+            images = sample_frames(images, self.frames, generator)
         x = images.float() / 255.0
         if self.center_crop < 1.0:
             x = center_crop(x, self.center_crop)

@@ -1,0 +1,256 @@
+"""Clips: short videos as a `DataSource` of kind "clip", and the temporal sampling that feeds clip models.
+
+A clip is a video file (.mp4, .avi, .webm, .mkv, decoded with PyAV), a folder of frame images (frames in
+name order, decoded with `decode_image`) or a .npy array T x H x W [x C]. Every frame becomes a uint8
+(C, size, size) tensor the way images do, so mixed resolutions and frame rates stack into one batch.
+
+Temporal sampling happens in two steps, so the one training loop needs no clip-specific code:
+1. `read` decodes `decoded_frames(frames)` = 2 x frames frames per clip, spread evenly over the clip,
+   once, into the uint8 cache (a clip shorter than `frames` is padded by repeating its last frame);
+2. `Preprocess` picks `frames` of them per batch with `sample_frames`: the centre frame of each of
+   `frames` equal segments for evaluation (uniform), a random frame of each segment in training
+   (TSN-style segment sampling, Wang et al. 2016), so each epoch sees a slightly different timing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image
+from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items
+from visionflow.errors import BrokenImage, VisionflowError
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv"})
+ARRAY_EXTENSION = ".npy"
+CACHE_FACTOR = 2  # frames decoded into the cache per frame the model sees: room for training-time jitter
+
+
+def decoded_frames(frames: int) -> int:
+    return CACHE_FACTOR * frames
+
+
+def sampling_policy(frames: int) -> dict:
+    """How clips are sampled, as recorded in config.json."""
+    return {"frames": frames, "decoded_frames": decoded_frames(frames),
+            "train": "segments: one random frame from each of `frames` equal segments (TSN)",
+            "evaluate": "uniform: the centre frame of each segment",
+            "short_clips": "pad by repeating the last frame"}
+
+
+def is_clip_file(path: str | os.PathLike) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS | {ARRAY_EXTENSION}
+
+
+def _natural_key(name: str) -> list:
+    """frame_2.png before frame_10.png: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _frame_files(folder: str | os.PathLike) -> list[str]:
+    names = sorted((n for n in os.listdir(folder) if is_image_file(n)), key=_natural_key)
+    return [os.path.join(folder, n) for n in names]
+
+
+def clip_indices(available: int, count: int, frames: int) -> np.ndarray:
+    """`count` frame indices spread evenly over a clip of `available` frames.
+
+    A clip shorter than `frames` is treated as `frames` long, its missing tail being its last frame.
+    """
+    length = max(available, frames)
+    return np.minimum(((np.arange(count) + 0.5) * length / count).astype(np.int64), available - 1)
+
+
+def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, K, C, H, W) -> (N, frames, C, H, W): one frame from each of `frames` equal segments of K.
+
+    Without a generator the centre of each segment (evaluation); with one a random frame of each segment,
+    drawn per clip (training).
+    """
+    n, k = clips.shape[:2]
+    offsets = torch.full((n, frames), 0.5) if generator is None else torch.rand(n, frames, generator=generator)
+    index = ((torch.arange(frames) + offsets) * (k / frames)).long().clamp(max=k - 1).to(clips.device)
+    return clips[torch.arange(n, device=clips.device)[:, None], index]
+
+
+# --- decoding one clip -----------------------------------------------------------------------------------
+
+def _video_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BrokenImage(path, "no video stream")
+            stream = container.streams.video[0]
+            # Memory stays flat on long videos: when 2 x count frames are kept, drop every other one and
+            # keep only every 2nd (then 4th, ...) frame from then on. Skipped frames are never converted.
+            kept, stride = [], 1
+            try:
+                for number, frame in enumerate(container.decode(stream)):
+                    if number % stride:
+                        continue
+                    kept.append(pil_to_tensor(frame.to_image(), channels, size))
+                    if len(kept) == 2 * count:
+                        kept, stride = kept[::2], stride * 2
+            except av.EOFError:
+                pass  # the stream ends early (no frames at all, or a cut-off last packet): what was read counts
+    except BrokenImage:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise BrokenImage(path, f"not a readable video ({exc})") from None
+    if not kept:
+        raise BrokenImage(path, "video has no frames")
+    return [kept[i] for i in clip_indices(len(kept), count, frames)]
+
+
+def _folder_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
+    files = _frame_files(path)
+    if not files:
+        raise BrokenImage(path, "frame folder holds no images")
+    indices = clip_indices(len(files), count, frames)
+    decoded = {i: decode_image(files[i], channels, size) for i in np.unique(indices)}
+    return [decoded[i] for i in indices]
+
+
+def _array_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BrokenImage(path, f"not a readable .npy array ({exc})") from None
+    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3, 4)):
+        raise BrokenImage(path, f"array shape {array.shape} is not T x H x W [x C] with C 1, 3 or 4")
+    if len(array) == 0:
+        raise BrokenImage(path, "array has no frames")
+    if array.dtype != np.uint8 and array.dtype.kind != "f":
+        raise BrokenImage(path, f"array dtype {array.dtype} is neither uint8 nor float in [0, 1]")
+    out = []
+    for i in clip_indices(len(array), count, frames):
+        frame = np.asarray(array[i])
+        if frame.dtype != np.uint8:
+            frame = (np.clip(frame, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        out.append(pil_to_tensor(Image.fromarray(frame[..., 0] if frame.ndim == 3 and frame.shape[2] == 1 else frame),
+                                 channels, size))
+    return out
+
+
+def read_clip(path: str, channels: int, size: int | None, frames: int) -> torch.Tensor:
+    """One clip -> uint8 (decoded_frames(frames), channels, size, size); BrokenImage naming the file on failure."""
+    if os.path.isdir(path):
+        reader = _folder_frames
+    elif path.lower().endswith(ARRAY_EXTENSION):
+        reader = _array_frames
+    else:
+        reader = _video_frames
+    if not os.path.isdir(path) and os.path.getsize(path) == 0:
+        raise BrokenImage(path, "empty file")
+    return torch.stack(reader(path, channels, size, decoded_frames(frames), frames))
+
+
+def probe_clip(path: str) -> tuple[int, tuple[int, int]]:
+    """(channels the clip naturally has, (width, height) of its first frame); BrokenImage on failure."""
+    if os.path.isdir(path):
+        files = _frame_files(path)
+        if not files:
+            raise BrokenImage(path, "frame folder holds no images")
+        return probe_image(files[0])
+    first = read_clip(path, 3, None, 1)[0].numpy().astype(np.int16)
+    # Video codecs store grey frames as YUV with neutral chroma: grey if the colour channels agree closely.
+    grey = int(np.abs(first[0] - first[1]).max()) <= 8 and int(np.abs(first[1] - first[2]).max()) <= 8
+    return (1 if grey else 3), (first.shape[2], first.shape[1])
+
+
+# --- collections of clips ------------------------------------------------------------------------------------
+
+class ClipFiles(ImageFiles):
+    """Clips with labels (-1 when unlabelled). `read` returns (decoded_frames(frames), C, size, size)."""
+
+    kind = "clip"
+    probe = staticmethod(probe_clip)
+    probe_count = 8  # a probe decodes a whole video
+    max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
+
+    def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], frames: int, name: str = ""):
+        super().__init__(paths, labels, classes, name)
+        self.frames = frames
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        return read_clip(self.paths[index], channels, size, self.frames)
+
+
+def _frame_folders_below(folder: Path) -> list[str]:
+    """Folders strictly below `folder` that directly hold images: one clip each."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if dirpath != str(folder) and any(is_image_file(f) for f in filenames):
+            found.append(dirpath)
+    return found
+
+
+def _clips_below(folder: Path) -> list[str]:
+    return sorted(_files_below(folder, is_clip_file) + _frame_folders_below(folder), key=_natural_key)
+
+
+def holds_clips(root: Path) -> bool:
+    """Class folders hold clips when they hold video or .npy files, or only sub-folders of frame images."""
+    folders = _class_folders(root)
+    if not folders:
+        return False
+    if any(_files_below(folder, is_clip_file) for folder in folders):
+        return True
+    # No images directly in any class folder, and images in their sub-folders: folders of frames.
+    return all(not any(is_image_file(f) for f in os.listdir(folder)) and _frame_folders_below(folder)
+               for folder in folders)
+
+
+def clip_folder(root: Path, classes: list[str] | None, frames: int) -> ClipFiles:
+    """A folder with one sub-folder per class, each holding clips (videos, .npy arrays, frame folders)."""
+    def clips_below(folder: Path) -> list[str]:
+        if any(is_image_file(f) for f in os.listdir(folder)):
+            raise VisionflowError(f"{folder}: holds image files next to clips; put each clip's frames in a sub-folder of its own")
+        return _clips_below(folder)
+
+    paths, labels, classes = labelled_items(root, classes, clips_below, "clips (video files, .npy arrays or frame folders)")
+    return ClipFiles(paths, labels, classes, frames, name=str(root))
+
+
+def expand_clip_inputs(inputs: Sequence[str]) -> list[str]:
+    """Clip files, folders (searched recursively for clips; a folder of images is one clip) and globs."""
+    paths: list[str] = []
+
+    def add(item: str) -> None:
+        if os.path.isdir(item):
+            if any(is_image_file(f) for f in os.listdir(item)):
+                paths.append(item)
+            paths.extend(_clips_below(Path(item)))
+        elif is_image_file(item):
+            raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
+                                  "(video files, .npy arrays or folders of frames)")
+        else:
+            paths.append(item)
+
+    for item in inputs:
+        if os.path.exists(item):
+            add(item)
+            continue
+        matches = sorted(glob.glob(item, recursive=True))
+        if not matches:
+            raise VisionflowError(f"{item}: no such file, folder or matching glob")
+        for match in matches:
+            add(match)
+    return paths
+
+
+def unlabelled_clips(inputs: Sequence[str], frames: int) -> ClipFiles:
+    paths = expand_clip_inputs(inputs)
+    if not paths:
+        raise VisionflowError(f"no clips (video files, .npy arrays or folders of frames) in {' '.join(inputs)}")
+    return ClipFiles(paths, [-1] * len(paths), classes=[], frames=frames, name="inputs")

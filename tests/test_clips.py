@@ -1,0 +1,279 @@
+"""Clip data: each format decodes, temporal sampling, broken videos, kind mismatches, moving-digits, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, write_class_folder
+from visionflow import api
+from visionflow.config import TrainConfig
+from visionflow.data.clips import ClipFiles, clip_indices, decoded_frames, sample_frames
+from visionflow.data.loading import decode_part
+from visionflow.data.moving_digits import DIRECTIONS, MovingDigitsSpec, make_moving_digits, render_clip
+from visionflow.data.sources import open_data
+from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
+from visionflow.errors import VisionflowError
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
+    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> an H.264 mp4."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            fmt = "gray" if frame.ndim == 2 else "rgb24"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def moving_square(frames: int, size: int, step: int = 2) -> np.ndarray:
+    """A bright square moving right one `step` per frame: its column says which frame we are looking at."""
+    clip = np.zeros((frames, size, size), dtype=np.uint8)
+    for t in range(frames):
+        clip[t, size // 2 - 2: size // 2 + 2, t * step: t * step + 4] = 255
+    return clip
+
+
+def square_column(frame: torch.Tensor) -> float:
+    """The mean column of the bright pixels of a (C, H, W) frame."""
+    columns = torch.nonzero(frame[0] > 128)[:, 1].float()
+    return float(columns.mean())
+
+
+@pytest.fixture(scope="module")
+def digit_clips(tmp_path_factory) -> dict[str, Path]:
+    """The same 16 moving-digits clips (8 directions x 2) written in each of the three formats."""
+    root = tmp_path_factory.mktemp("moving")
+    spec = dict(clips=16, frames=8, size=32, seed=3)
+    return {fmt: Path(make_moving_digits(root / fmt, MovingDigitsSpec(format=fmt, **spec))["out"])
+            for fmt in ("npy", "frames", "mp4")}
+
+
+# --- decoding each format --------------------------------------------------------------------------------
+
+def test_every_format_is_detected_as_clip_data_and_decodes_to_the_same_clips(digit_clips):
+    parts = {}
+    for fmt, root in digit_clips.items():
+        source = open_data(root, frames=4).train
+        assert isinstance(source, ClipFiles) and source.kind == "clip" and len(source) == 16
+        assert source.classes == sorted(DIRECTIONS)
+        assert source.guess_channels() == 1 and source.guess_size() == 32
+        parts[fmt] = decode_part(source, 1, 32)
+        assert parts[fmt].images.shape == (16, decoded_frames(4), 1, 32, 32)
+        assert parts[fmt].images.dtype == torch.uint8
+    assert torch.equal(parts["npy"].images, parts["frames"].images)  # both lossless
+    assert parts["npy"].labels.tolist() == parts["mp4"].labels.tolist()
+    error = (parts["mp4"].images.float() - parts["npy"].images.float()).abs().mean()
+    assert error < 3.0  # H.264 at crf 17: a few grey levels on average
+
+
+def test_frames_are_read_in_natural_name_order_and_resized(tmp_path: Path):
+    clip = moving_square(12, 32)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for t, frame in enumerate(clip):
+        Image.fromarray(frame).save(folder / f"frame_{t}.png")  # frame_10 sorts before frame_2 as text
+    source = ClipFiles([str(folder)], [0], ["a"], frames=12)
+    frames = source.read(0, 1, 16)
+    assert frames.shape == (24, 1, 16, 16)
+    columns = [square_column(f) for f in frames[::2]]
+    assert columns == sorted(columns) and columns[-1] > columns[0]
+
+
+def test_mixed_resolutions_and_frame_rates_stack_into_one_batch(tmp_path: Path):
+    for name, size, fps in (("a", 32, 10), ("a", 48, 25), ("b", 64, 30), ("b", 40, 5)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        write_mp4(tmp_path / name / f"{size}_{fps}.mp4", moving_square(10, size), fps=fps)
+    source = open_data(tmp_path, frames=5).train
+    part = decode_part(source, 1, 24)
+    assert part.images.shape == (4, 10, 1, 24, 24) and part.skipped == []
+    for clip in part.images:  # the square moves right in every clip, whatever its size or frame rate
+        assert square_column(clip[-1]) > square_column(clip[0]) + 4
+
+
+def test_colour_video_keeps_its_colours(tmp_path: Path):
+    clip = np.zeros((6, 32, 32, 3), dtype=np.uint8)
+    clip[..., 0] = 200  # red
+    source = ClipFiles([str(write_mp4(tmp_path / "red.mp4", clip))], [0], ["a"], frames=3)
+    assert source.guess_channels() == 3
+    frames = source.read(0, 3, 32).float()
+    assert frames[:, 0].mean() > 150 and frames[:, 1].mean() < 60 and frames[:, 2].mean() < 60
+
+
+def test_arrays_in_float_and_colour_are_read(tmp_path: Path):
+    clip = np.random.default_rng(0).random((5, 20, 30, 3)).astype(np.float32)
+    np.save(tmp_path / "c.npy", clip)
+    frames = ClipFiles([str(tmp_path / "c.npy")], [0], ["a"], frames=5).read(0, 3, 20)
+    assert frames.shape == (10, 3, 20, 20)
+    assert abs(frames.float().mean().item() / 255 - clip.mean()) < 0.02
+
+
+# --- sampling frames ------------------------------------------------------------------------------------
+
+def test_short_clips_are_padded_with_their_last_frame():
+    assert clip_indices(5, 16, 8).tolist()[1::2] == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert clip_indices(40, 4, 4).tolist() == [5, 15, 25, 35]  # long clips: evenly spread
+
+
+def test_evaluation_takes_segment_centres_and_training_jitters_within_segments():
+    clips = torch.arange(16).view(1, 16, 1, 1, 1).expand(3, 16, 1, 1, 1)  # frame t holds the value t
+    uniform = sample_frames(clips, 4)
+    assert uniform[:, :, 0, 0, 0].tolist() == [[2, 6, 10, 14]] * 3
+    picks = torch.stack([sample_frames(clips, 4, torch.Generator().manual_seed(s))[:, :, 0, 0, 0] for s in range(20)])
+    segment = torch.arange(4) * 4
+    assert ((picks >= segment) & (picks < segment + 4)).all()  # one frame from each segment, in order
+    assert len(torch.unique(picks[:, 0, 0])) > 1  # different frames on different draws
+    assert not torch.equal(picks[0, 0], picks[0, 1]) or not torch.equal(picks[1, 0], picks[1, 1])  # per clip
+
+
+def test_preprocess_keeps_frames_per_clip_and_augments_all_frames_alike():
+    preprocess = Preprocess(image_size=16, channels=1, mean=[0.0], std=[1.0], frames=4)
+    frame = torch.randint(0, 256, (1, 1, 16, 16), dtype=torch.uint8)
+    clips = frame.expand(6, 8, 1, 16, 16).clone()  # every frame of every clip the same picture
+    augment = Augment(AugmentSpec.parse("rotate=30,shift=0.2"))
+    x = preprocess(clips, augment, torch.Generator().manual_seed(0))
+    assert x.shape == (6, 4, 1, 16, 16)
+    assert torch.allclose(x, x[:, :1].expand_as(x))  # one transform per clip, shared by its frames
+    assert not torch.allclose(x[0], x[1])  # but different clips are transformed differently
+    assert preprocess(clips).shape == (6, 4, 1, 16, 16)
+
+
+# --- broken input ----------------------------------------------------------------------------------------
+
+def write_broken_videos(root: Path) -> list[str]:
+    """Class folders a/ and b/ with good clips, plus an empty, a garbage and a zero-frame video."""
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            write_mp4(root / name / f"good{i}.mp4", moving_square(6, 16))
+    (root / "a" / "empty.mp4").write_bytes(b"")
+    (root / "a" / "garbage.webm").write_bytes(b"not a video at all" * 50)
+    with av.open(str(root / "b" / "zero.avi"), "w") as container:  # a video stream that holds no frames
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        container.start_encoding()
+    return [str(root / "a" / "empty.mp4"), str(root / "a" / "garbage.webm"), str(root / "b" / "zero.avi")]
+
+
+def test_broken_and_zero_frame_videos_are_skipped_and_named(tmp_path: Path, caplog):
+    broken = write_broken_videos(tmp_path)
+    source = open_data(tmp_path, frames=3).train
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        part = decode_part(source, 1, 16)
+    assert len(part) == 6 and sorted(origin for origin, _ in part.skipped) == sorted(broken)
+    reasons = dict(part.skipped)
+    assert "no frames" in reasons[broken[2]] and "empty" in reasons[broken[0]]
+    assert all(path in caplog.text for path in broken)
+    with pytest.raises(VisionflowError, match="refused by --strict"):
+        decode_part(source, 1, 16, strict=True)
+
+
+def test_strict_training_refuses_a_broken_video_naming_it(tmp_path: Path):
+    write_broken_videos(tmp_path / "clips")
+    cfg = TrainConfig(data=str(tmp_path / "clips"), out=str(tmp_path / "run"), model="cnn-rnn", frames=3, epochs=1,
+                      strict=True)
+    with pytest.raises(VisionflowError, match=r"refused by --strict\): .*(empty\.mp4|garbage\.webm|zero\.avi)"):
+        api.train(cfg, show_progress=False)
+
+
+def test_image_files_next_to_clips_are_an_error(tmp_path: Path):
+    write_broken_videos(tmp_path)
+    Image.new("L", (8, 8)).save(tmp_path / "b" / "stray.png")
+    with pytest.raises(VisionflowError, match="image files next to clips"):
+        open_data(tmp_path)
+
+
+# --- moving digits ---------------------------------------------------------------------------------------
+
+def corner_track(clip: np.ndarray) -> np.ndarray:
+    """(frames, 2) top-left corner (x, y) of the white square in each frame."""
+    return np.array([(np.nonzero(frame)[1].min(), np.nonzero(frame)[0].min()) for frame in clip], dtype=float)
+
+
+def test_moving_digits_move_in_their_labelled_direction_at_the_middle_and_bounce():
+    rng = np.random.default_rng(0)
+    square = np.full((16, 16), 255, dtype=np.uint8)
+    bounced = 0
+    for direction in range(8):
+        want = np.sign(np.round([np.cos(direction * np.pi / 4), -np.sin(direction * np.pi / 4)], 6))
+        for _ in range(10):
+            track = corner_track(render_clip(square, direction, 8, 32, rng))
+            steps = np.diff(track, axis=0)
+            assert (np.sign(steps[3]) == want).all()  # the middle step (frame 3 -> 4) shows the class
+            assert ((track >= 0) & (track <= 16)).all()  # the digit never leaves the canvas
+            moving = want != 0
+            assert (np.abs(steps[:, moving]) >= 1).all() and (steps[:, ~moving] == 0).all()
+            bounced += int((np.sign(steps[:, moving]) != want[moving]).any())
+    assert bounced > 10  # some clips turn at an edge
+
+
+def test_moving_digits_hide_the_direction_from_where_the_digit_is():
+    """Order-blind models must stay near chance: the positions a clip visits do not depend on its direction."""
+    rng = np.random.default_rng(1)
+    square = np.full((16, 16), 255, dtype=np.uint8)
+    mean_x = {d: np.mean([corner_track(render_clip(square, d, 8, 32, rng))[:, 0].mean() for _ in range(300)])
+              for d in (0, 4)}  # right, left
+    assert abs(mean_x[0] - mean_x[4]) < 0.6  # labelled at the first frame instead, the gap is about 4 pixels
+
+
+def test_moving_digits_refuses_a_non_empty_folder_and_bad_options(tmp_path: Path):
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(VisionflowError, match="not empty"):
+        make_moving_digits(tmp_path, MovingDigitsSpec(clips=2))
+    with pytest.raises(VisionflowError, match="even"):
+        make_moving_digits(tmp_path / "new", MovingDigitsSpec(clips=2, size=33))
+
+
+# --- the CLI, end to end -------------------------------------------------------------------------------
+
+def test_cli_makes_clips_trains_evaluates_and_labels_one_row_per_clip(tmp_path: Path):
+    data, run = tmp_path / "clips", tmp_path / "run"
+    made = run_cli("datasets", "make", "moving-digits", data, "--clips", "24", "--frames", "8", "--size", "16",
+                   "--label", "digit", "--seed", "1")
+    assert made.returncode == 0, made.stderr
+    clips = sorted(str(p) for p in data.rglob("*.mp4"))
+    assert len(clips) == 24
+    trained = run_cli("train", data, "--model", "cnn-rnn", "--frames", "4", "--epochs", "1", "--val-split", "0.25",
+                      "--model-options", "cell=gru,hidden=16", "--temporal-pool", "mean", "--out", run, "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["input_kind"] == "clip" and config["preprocess"]["frames"] == 4
+    assert config["train"]["model_options"] == {"cell": "gru", "hidden": 16, "temporal_pool": "mean"}
+    assert config["clip_sampling"]["short_clips"] == "pad by repeating the last frame"
+    held_out = json.loads((run / "split.json").read_text())["held_out"]
+    assert api.evaluate(str(run), str(data))["n"] == len(held_out)  # the run's held-out clips
+    predicted = run_cli("predict", run, data, "--format", "jsonl")
+    assert predicted.returncode == 0, predicted.stderr
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert sorted(row["path"] for row in rows) == clips
+    assert all(row["label"] in config["classes"] and row["error"] is None for row in rows)
+
+
+def test_kind_mismatches_are_one_line_errors(tmp_path: Path):
+    clips = tmp_path / "clips"
+    make_moving_digits(clips, MovingDigitsSpec(clips=8, frames=4, size=16, format="npy"))
+    images = write_class_folder(tmp_path / "images", per_class=6)
+    result = run_cli("train", clips, "--model", "seed-cnn", "--epochs", "1", "--out", tmp_path / "r1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"model 'seed-cnn' takes images but {clips} holds clips" in result.stderr
+    with pytest.raises(VisionflowError, match="model 'cnn-rnn' takes clips but .*images holds images"):
+        api.train(TrainConfig(data=str(images), out=str(tmp_path / "r2"), model="cnn-rnn", epochs=1))
+    # a trained image run given clips to evaluate or label
+    run = str(tmp_path / "r3")
+    api.train(TrainConfig(data=str(images), out=run, model="seed-cnn", epochs=1), show_progress=False)
+    with pytest.raises(VisionflowError, match="takes images but .* holds clips"):
+        api.evaluate(run, str(clips))
+    with pytest.raises(VisionflowError, match="takes images but .* holds clips"):
+        list(api.predict(run, [str(clips)]))
