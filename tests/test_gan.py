@@ -144,10 +144,18 @@ def test_a_collapsing_sample_diversity_is_reported(one_epoch_run, tmp_path, monk
     run_path = _copy(one_epoch_run, tmp_path)
     # The first call measures the real images, the second epoch 2's grid: make that grid one repeated image.
     measured = iter([1.0, 0.0])
-    monkeypatch.setattr(gan_train, "sample_diversity", lambda images: next(measured))
+    monkeypatch.setattr(gan_train, "sample_diversity", lambda images, labels=None: next(measured))
     gan_api.resume_gan(str(run_path), epochs=2, show_progress=False)
     assert any("sample diversity fell" in record.getMessage() for record in caplog.records)
     assert RunDir(run_path).read_metrics()[-1]["diversity"] == 0.0
+
+
+def test_diversity_of_a_conditional_grid_is_measured_within_each_class():
+    prototypes = torch.rand(3, 1, 8, 8) * 2 - 1
+    labels = torch.arange(12) % 3
+    collapsed = prototypes[labels]  # one image per class, repeated: diverse across classes only
+    assert gan_train.sample_diversity(collapsed) > 1.0
+    assert gan_train.sample_diversity(collapsed, labels) == 0.0
 
 
 # --- sampling ------------------------------------------------------------------------------------------------

@@ -151,10 +151,19 @@ def standing_statistics(generator: Generator, seed: int, batches: int = 4, batch
     generator.eval()
 
 
-def sample_diversity(images: torch.Tensor) -> float:
-    """Mean pairwise pixel distance of a batch in [-1, 1]: it falls towards 0 as samples collapse to one mode."""
-    flat = images.flatten(1).float()
-    return float(torch.cdist(flat, flat).sum() / max(1, len(flat) * (len(flat) - 1)))
+def sample_diversity(images: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Mean pairwise pixel distance of a batch in [-1, 1]: it falls towards 0 as samples collapse to one mode.
+
+    With labels, pairs are taken within each class only: a conditional generator that makes one prototype
+    per class looks diverse across classes while it has collapsed inside every one.
+    """
+    groups = [images] if labels is None else [images[labels == k] for k in labels.unique()]
+    distances = []
+    for group in groups:
+        flat = group.flatten(1).float()
+        if len(flat) > 1:
+            distances.append(torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1)))
+    return float(torch.stack(distances).mean()) if distances else 0.0
 
 
 def fixed_noise(cfg: GanConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,7 +200,8 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resum
         epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
         rows = [r for r in run.read_metrics() if r["epoch"] <= epoch]
     grid_noise, grid_labels = fixed_noise(cfg, num_classes)
-    real_diversity = sample_diversity(to_unit_range(part.images[:len(grid_noise)]))
+    real_diversity = sample_diversity(to_unit_range(part.images[:len(grid_noise) * 4]),
+                                      part.labels[:len(grid_noise) * 4] if cfg.conditional else None)
 
     def save_checkpoint() -> None:
         run.save_checkpoint({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
@@ -243,7 +253,7 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resum
             standing_statistics(ema, cfg.seed)
             with torch.no_grad():
                 grid = ema(grid_noise.to(device), None if grid_labels is None else grid_labels.to(device)).cpu()
-            diversity = sample_diversity(grid) / max(real_diversity, 1e-9)
+            diversity = sample_diversity(grid, grid_labels) / max(real_diversity, 1e-9)
             best_diversity = max([r["diversity"] for r in rows], default=diversity)
             if diversity < DIVERSITY_DROP * best_diversity:
                 log.warning("sample diversity fell from %.3f to %.3f of the real data's in epoch %d: "
