@@ -43,7 +43,7 @@ def patterns(tmp_path: Path) -> Path:
     return write_class_folder(tmp_path / "patterns")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `python -m visionflow ARGS` as a user would; returns the completed process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "visionflow", *map(str, args)], capture_output=True, text=True,

@@ -128,3 +128,18 @@ def test_channel_mismatch_is_refused(tmp_path: Path):
     write_mnist(tmp_path / "mnist")
     result = run_cli("evaluate", tmp_path / "run", tmp_path / "mnist")
     assert_user_error(result, "1-channel", "3-channel")
+
+
+def test_demo_reaches_its_promise_and_replaces_only_its_own_folder(tmp_path: Path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    accuracy = float(next(l for l in result.stdout.splitlines() if "held-out accuracy" in l).split()[2])
+    assert accuracy >= 0.97  # the README's promise
+    labelled = [l for l in result.stdout.splitlines() if l.strip().startswith("held_out_")]
+    assert len(labelled) == 8 and sum(l.split()[1] == l.split()[2] for l in labelled) >= 7
+    user_folder = tmp_path / "mine"
+    user_folder.mkdir()
+    (user_folder / "precious.txt").write_text("keep me")
+    assert_user_error(run_cli("demo", "--out", user_folder), "not a demo run")
+    assert (user_folder / "precious.txt").read_text() == "keep me"
