@@ -44,6 +44,7 @@ class TrainConfig:
     frames: int = 16                  # clips only: frames sampled per clip
     lookahead: int = 0                # every N steps pull the weights to their running average (airbench); 0 = off
     augment_eval: str = "none"        # test-time augmentation recorded in the run: none, or flip (mean of both views)
+    compile: bool = False             # torch.compile the model for training (falls back to eager when it cannot)
     preset: str | None = None         # the --preset the values came from (train/presets.py), for the record
 
     def validate(self) -> "TrainConfig":

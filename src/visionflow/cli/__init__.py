@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from visionflow.cli import classify, datasets, gan, repair
+from visionflow.cli import classify, datasets, gan, repair, export
 from visionflow.errors import VisionflowError
 
-VERB_MODULES = (classify, datasets, gan, repair)
+VERB_MODULES = (classify, datasets, gan, repair, export)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -18,6 +18,29 @@ from visionflow.models import create_model
 from visionflow.runs import RunDir
 
 
+ENGINES = ("torch", "onnx")
+
+
+def load_run_model(run: RunDir, weights: str = "best") -> tuple[nn.Module, dict]:
+    """(the run's model with its weights, on the CPU in eval mode; the other Predictor fields)."""
+    config = run.read_json("config.json")
+    train = config["train"]
+    preprocess = Preprocess(**config["preprocess"])
+    model = create_model(train["model"], num_classes=len(config["classes"]), in_channels=preprocess.channels,
+                         image_size=preprocess.image_size, **train.get("model_options", {}))
+    name = {"best": run.best_weights_name(), "last": "last.safetensors"}.get(weights)
+    if name is None:
+        raise VisionflowError(f"--weights must be best or last (got {weights})")
+    try:
+        model.load_state_dict(run.load_weights(name))
+    except RuntimeError as exc:
+        raise VisionflowError(f"{run.path / name}: weights do not fit the model in config.json ({str(exc).splitlines()[0]})") from None
+    fields = {"preprocess": preprocess, "classes": list(config["classes"]),
+              "input_kind": config.get("input_kind", "image"), "frames": int(train.get("frames", 16)),
+              "augment_eval": config.get("augment_eval", "none")}
+    return model.eval(), fields
+
+
 @dataclass
 class Predictor:
     model: nn.Module
@@ -29,25 +52,22 @@ class Predictor:
     augment_eval: str = "none"  # "flip": logits are the mean over the image and its mirror (test-time augmentation)
 
     @classmethod
-    def from_run(cls, run_dir: str | RunDir, device: str = "auto", weights: str = "best") -> "Predictor":
+    def from_run(cls, run_dir: str | RunDir, device: str = "auto", weights: str = "best",
+                 engine: str = "torch") -> "Predictor":
+        """The run's model with its recorded preprocessing; engine "onnx" runs it in ONNX Runtime (CPU)."""
+        if engine not in ENGINES:
+            raise VisionflowError(f"--engine must be one of {', '.join(ENGINES)} (got {engine})")
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         run.require()
-        config = run.read_json("config.json")
-        train = config["train"]
-        preprocess = Preprocess(**config["preprocess"])
-        model = create_model(train["model"], num_classes=len(config["classes"]), in_channels=preprocess.channels,
-                             image_size=preprocess.image_size, **train.get("model_options", {}))
-        name = {"best": run.best_weights_name(), "last": "last.safetensors"}.get(weights)
-        if name is None:
-            raise VisionflowError(f"--weights must be best or last (got {weights})")
-        try:
-            model.load_state_dict(run.load_weights(name))
-        except RuntimeError as exc:
-            raise VisionflowError(f"{run.path / name}: weights do not fit the model in config.json ({str(exc).splitlines()[0]})") from None
+        model, fields = load_run_model(run, weights)
+        if engine == "onnx":
+            from visionflow.infer.onnx_engine import onnx_runtime_model
+
+            return cls(onnx_runtime_model(run, weights, cls(model, device=torch.device("cpu"), **fields)),
+                       device=torch.device("cpu"), **fields)
         target = select_device(device)
-        model.to(target, memory_format=memory_format(target)).eval()
-        return cls(model, preprocess, list(config["classes"]), target, config.get("input_kind", "image"),
-                   int(train.get("frames", 16)), config.get("augment_eval", "none"))
+        model.to(target, memory_format=memory_format(target))
+        return cls(model, device=target, **fields)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

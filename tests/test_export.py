@@ -1,0 +1,112 @@
+"""ONNX export and the ONNX Runtime engine: the same predictions as the PyTorch path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionflow import api
+from visionflow.cli import main
+from visionflow.config import TrainConfig
+from visionflow.data.transforms import Preprocess
+from visionflow.infer.export import export_model_onnx
+from visionflow.infer.onnx_engine import OnnxRuntimeModel
+from visionflow.infer.predictor import Predictor
+from visionflow.models import create_model, list_models, model_entry
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "run"
+    api.train(TrainConfig(data="digits", out=str(out), model="seed-cnn", epochs=2, seed=0), show_progress=False)
+    return out
+
+
+def _small_predictor(name: str) -> Predictor:
+    """An untrained model of each registered family at a small input, with a non-trivial preprocessing."""
+    kind = model_entry(name).input_kind
+    channels, size = (1, 28) if kind == "image" else (3, 32)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, in_channels=channels, image_size=size).eval()
+    preprocess = Preprocess(image_size=size, channels=channels, mean=[0.3] * channels, std=[0.2] * channels)
+    return Predictor(model, preprocess, [str(i) for i in range(5)], torch.device("cpu"), input_kind=kind, frames=4)
+
+
+def _random_inputs(predictor: Predictor, n: int) -> torch.Tensor:
+    p = predictor.preprocess
+    shape = (n, p.channels, p.image_size, p.image_size)
+    if predictor.input_kind == "clip":
+        shape = (n, predictor.frames, *shape[1:])
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports_with_fp32_parity(name, tmp_path):
+    torch_predictor = _small_predictor(name)
+    path = export_model_onnx(torch_predictor, tmp_path / f"{name}.onnx")
+    onnx_predictor = Predictor(OnnxRuntimeModel(str(path)), torch_predictor.preprocess, torch_predictor.classes,
+                               torch.device("cpu"), input_kind=torch_predictor.input_kind, frames=torch_predictor.frames)
+    images = _random_inputs(torch_predictor, 7)  # an odd batch: the batch axis is dynamic
+    expected = torch_predictor.probabilities(images, batch_size=4)
+    got = onnx_predictor.probabilities(images, batch_size=4)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-4
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_export_cli_writes_a_file_that_records_the_preprocessing(digits_run, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "digits.onnx"
+    assert main(["export", str(digits_run), "--format", "onnx", "--out", str(out)]) == 0
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    config = json.loads((digits_run / "config.json").read_text())
+    assert json.loads(metadata["visionflow.classes"]) == config["classes"]
+    assert json.loads(metadata["visionflow.preprocess"]) == config["preprocess"]
+
+
+def test_onnx_engine_evaluates_digits_like_torch(digits_run):
+    torch_metrics = api.evaluate(str(digits_run), "digits")
+    onnx_metrics = api.evaluate(str(digits_run), "digits", engine="onnx")
+    assert (digits_run / "best.onnx").exists()  # exported on first use, beside the weights
+    assert onnx_metrics["n"] == torch_metrics["n"]
+    assert onnx_metrics["accuracy"] == pytest.approx(torch_metrics["accuracy"], abs=1.0 / torch_metrics["n"])
+
+
+def test_onnx_engine_predicts_the_same_rows(digits_run, tmp_path):
+    from PIL import Image
+
+    images = torch.randint(0, 256, (3, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image.numpy()).save(tmp_path / f"{i}.png")
+    torch_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3))
+    onnx_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3, engine="onnx"))
+    assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
+    for a, b in zip(onnx_rows, torch_rows):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_unknown_engine_and_format_are_one_line_errors(digits_run, capsys):
+    assert main(["evaluate", str(digits_run), "digits", "--engine", "tensorrt"]) == 2
+    assert main(["export", str(digits_run), "--format", "tflite"]) == 2
+    assert "tflite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATASETS / "mnist").is_dir(), reason="the shared MNIST data is not on this machine")
+def test_onnx_parity_on_real_mnist_images(digits_run):
+    """The acceptance check in small: real MNIST digits through both engines."""
+    from visionflow.data.loading import decode_part
+    from visionflow.data.sources import open_data
+
+    source = open_data(str(DATASETS / "mnist")).train
+    torch_predictor = Predictor.from_run(str(digits_run))
+    part = decode_part(source.subset(range(500)), 1, torch_predictor.preprocess.image_size)
+    onnx_predictor = Predictor.from_run(str(digits_run), engine="onnx")
+    expected, got = torch_predictor.probabilities(part.images), onnx_predictor.probabilities(part.images)
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.999
+    assert (got - expected).abs().max() < 1e-4

@@ -1,0 +1,92 @@
+"""Each fast path gives the plain path's results, and each falls back cleanly when it cannot run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from visionflow.config import TrainConfig
+from visionflow.devices import compiled_or_eager, cpp_compiler, fused_optimizer_available
+from visionflow.models import create_model
+from visionflow.train.loop import build_optimizer
+
+
+def _seed_cnn(size: int = 12) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("seed-cnn", num_classes=10, in_channels=1, image_size=size)
+
+
+def _batch(size: int = 12, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fused_optimizer_steps_like_the_plain_one(optimizer):
+    x, y = _batch()
+    results = []
+    for fused in (True, False):
+        model = _seed_cnn()
+        opt = build_optimizer(TrainConfig(data="-", out="-", optimizer=optimizer, lr=3e-3, weight_decay=1e-4), model,
+                              fused=fused)
+        assert bool(opt.defaults.get("fused")) is fused  # the option picks the kernel
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    fused_params, plain_params = results
+    assert not torch.equal(fused_params, torch.cat([p.detach().flatten() for p in _seed_cnn().parameters()]))
+    assert torch.allclose(fused_params, plain_params, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_optimizer_is_not_offered_for_integer_tensors():
+    assert fused_optimizer_available([torch.zeros(3)])
+    assert not fused_optimizer_available([torch.zeros(3, dtype=torch.int64)])
+    assert not fused_optimizer_available([torch.zeros(3)], allowed=False)
+
+
+@pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler for TorchInductor here")
+def test_compiled_model_gives_the_eager_logits_and_gradients():
+    x, y = _batch()
+    eager_model, compiled_model = _seed_cnn(), _seed_cnn()
+    forward = compiled_or_eager(compiled_model, torch.device("cpu"))
+    assert forward is not compiled_model  # it really is compiled here
+    results = []
+    for model, call in ((eager_model, eager_model), (compiled_model, forward)):
+        logits = call(x)
+        nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), model.features[0].weight.grad.clone()))
+    (eager_logits, eager_grad), (compiled_logits, compiled_grad) = results
+    assert torch.allclose(compiled_logits, eager_logits, atol=1e-5)
+    assert torch.allclose(compiled_grad, eager_grad, atol=1e-5)
+
+
+def test_without_a_cpp_compiler_training_runs_eager_and_says_so(caplog):
+    model = _seed_cnn()
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        forward = compiled_or_eager(model, torch.device("cpu"), compiler=None)
+    assert forward is model
+    assert "no C++ compiler" in caplog.text
+
+
+def test_compile_switched_off_is_the_model_itself():
+    model = _seed_cnn()
+    assert compiled_or_eager(model, torch.device("cpu"), enabled=False) is model
+
+
+def test_a_compilation_that_fails_falls_back_to_eager(caplog):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("simulated compiler failure")
+
+    x, _ = _batch()
+    model = _seed_cnn()
+    forward = compiled_or_eager(model, torch.device("cpu"), compiler="g++", backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        logits = forward(x)
+    assert torch.equal(logits, model(x))
+    assert "simulated compiler failure" in caplog.text
+    assert torch.equal(forward(x), model(x))  # and stays eager afterwards
