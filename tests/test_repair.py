@@ -13,6 +13,7 @@ from visionflow.cli import main
 from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
                                   random_stroke_masks)
 from visionflow.gan.repair import RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
+from visionflow.gan.repair_api import mean_scores
 
 
 # --- masks -------------------------------------------------------------------------------------------------
@@ -82,6 +83,11 @@ def test_psnr_ssim_identical_is_perfect_and_a_worse_fill_scores_lower():
     psnr_near, ssim_near = psnr_ssim(images, near)
     psnr_far, ssim_far = psnr_ssim(images, far)
     assert (psnr_near > psnr_far).all() and (ssim_near > ssim_far).all()
+
+
+def test_mean_scores_stay_finite_when_a_repair_is_exact():
+    scores = mean_scores(np.array([20.0, np.inf]), np.array([0.5, 1.0]))
+    assert scores == {"psnr": 60.0, "ssim": 0.75, "perfect": 1}  # the exact repair counts as 100 dB
 
 
 # --- the verbs ---------------------------------------------------------------------------------------------
