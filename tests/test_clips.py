@@ -277,3 +277,9 @@ def test_kind_mismatches_are_one_line_errors(tmp_path: Path):
         api.evaluate(run, str(clips))
     with pytest.raises(VisionflowError, match="takes images but .* holds clips"):
         list(api.predict(run, [str(clips)]))
+
+
+def test_preview_shows_one_clip_per_row(digit_clips, tmp_path: Path):
+    path = api.preview(str(digit_clips["npy"]), "rotate=10", str(tmp_path / "preview.png"), count=3)
+    width, height = Image.open(path).size
+    assert (width, height) == (2 + 16 * 34, 2 + 3 * 34)  # 16 frames (the default --frames) of 32 px, 3 rows

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from visionflow.config import TrainConfig
-from visionflow.data.clips import expand_clip_inputs, is_clip_file, sampling_policy, unlabelled_clips
+from visionflow.data.clips import (CACHE_FACTOR, expand_clip_inputs, is_clip_file, sample_frames, sampling_policy,
+                                   unlabelled_clips)
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.moving_digits import MovingDigitsSpec, make_moving_digits
 from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data, unlabelled_files
@@ -276,9 +277,13 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
     part = decode_part(picked, channels or source.guess_channels(), image_size or source.guess_size())
     generator = torch.Generator().manual_seed(seed)
-    x = Augment(spec)(part.images.float() / 255.0, generator)
+    images = part.images
+    if images.ndim == 5:  # clips: the frames a model sees, one clip per row
+        images = sample_frames(images, images.shape[1] // CACHE_FACTOR)
+    x = Augment(spec)(images.float() / 255.0, generator)
     path = Path(out)
-    save_image_grid((x * 255).round().clamp(0, 255).to(torch.uint8), path)
+    columns = x.shape[1] if x.ndim == 5 else 8
+    save_image_grid((x.flatten(0, x.ndim - 4) * 255).round().clamp(0, 255).to(torch.uint8), path, columns=columns)
     return path
 
 
