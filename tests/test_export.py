@@ -23,7 +23,7 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "run"
-    api.train(TrainConfig(data="digits", out=str(out), model="seed-cnn", epochs=2, seed=0), show_progress=False)
+    api.train(TrainConfig(data="digits", out=str(out), model="seed-cnn", epochs=1, seed=0), show_progress=False)
     return out
 
 
@@ -71,7 +71,7 @@ def test_export_cli_writes_a_file_that_records_the_preprocessing(digits_run, tmp
 
 
 def test_onnx_engine_evaluates_digits_like_torch(digits_run):
-    torch_metrics = api.evaluate(str(digits_run), "digits")
+    torch_metrics = api.evaluate(str(digits_run), "digits", engine="torch")
     onnx_metrics = api.evaluate(str(digits_run), "digits", engine="onnx")
     assert (digits_run / "best.onnx").exists()  # exported on first use, beside the weights
     assert onnx_metrics["n"] == torch_metrics["n"]
@@ -84,7 +84,7 @@ def test_onnx_engine_predicts_the_same_rows(digits_run, tmp_path):
     images = torch.randint(0, 256, (3, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     for i, image in enumerate(images):
         Image.fromarray(image.numpy()).save(tmp_path / f"{i}.png")
-    torch_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3))
+    torch_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3, engine="torch"))
     onnx_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3, engine="onnx"))
     assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
     for a, b in zip(onnx_rows, torch_rows):
@@ -110,3 +110,28 @@ def test_onnx_parity_on_real_mnist_images(digits_run):
     expected, got = torch_predictor.probabilities(part.images), onnx_predictor.probabilities(part.images)
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.999
     assert (got - expected).abs().max() < 1e-4
+
+
+def test_auto_engine_is_onnx_on_the_cpu_and_torch_when_asked(digits_run):
+    from visionflow.infer.onnx_engine import OnnxRuntimeModel
+
+    assert isinstance(Predictor.from_run(str(digits_run), device="cpu", engine="auto").model, OnnxRuntimeModel)
+    assert not isinstance(Predictor.from_run(str(digits_run)).model, OnnxRuntimeModel)  # the nn.Module, for features
+
+
+def test_auto_engine_falls_back_to_torch_when_the_export_cannot_be_written(digits_run, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from visionflow.infer.onnx_engine import OnnxRuntimeModel
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    for stale in run.glob("*.onnx"):
+        stale.unlink()
+    (run / "best.onnx").mkdir()  # a folder where the export would go: it cannot be written
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        predictor = Predictor.from_run(str(run), engine="auto")
+    assert not isinstance(predictor.model, OnnxRuntimeModel)
+    assert "ONNX engine is unavailable" in caplog.text
+    assert main(["evaluate", str(run), "digits", "--engine", "onnx"]) == 2  # asked for explicitly: an error, not a fallback

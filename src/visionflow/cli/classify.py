@@ -187,7 +187,8 @@ def register(commands) -> dict:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--weights", default="best", choices=("best", "last"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnx"), help="onnx: ONNX Runtime on the CPU (exports RUN_DIR/best.onnx)")
+    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
+                   help="auto: ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx), PyTorch on a GPU")
     p.add_argument("--strict", action="store_true")
 
     p = commands.add_parser("predict", help="label images: files, folders (recursive) or globs")
@@ -199,7 +200,8 @@ def register(commands) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", default="best", choices=("best", "last"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnx"), help="onnx: ONNX Runtime on the CPU (exports RUN_DIR/best.onnx)")
+    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
+                   help="auto: ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx), PyTorch on a GPU")
     p.add_argument("--quiet", action="store_true")
 
     commands.add_parser("models", help="list the registered models")

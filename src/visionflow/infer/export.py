@@ -53,6 +53,8 @@ def export_model_onnx(predictor: Predictor, path: Path) -> Path:
 
     try:
         atomic_write(path, write)
+    except OSError as exc:
+        raise VisionflowError(f"{path}: cannot write the ONNX file ({exc.strerror or exc})") from None
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
         raise VisionflowError(f"ONNX export of this model failed: {str(exc).splitlines()[0]}") from None
     return path
