@@ -75,9 +75,9 @@ def _aligned(source: DataSource, classes: list[str]) -> DataSource:
     if unknown:
         raise VisionflowError(f"{source.name}: classes {unknown} are not among the run's classes {classes}")
     mapping = np.asarray([classes.index(c) for c in source.classes], dtype=np.int64)
-    source.labels = mapping[source.labels]
-    source.classes = list(classes)
-    return source
+    aligned = source.subset(np.arange(len(source)))  # a view with its own labels; the source stays as it was
+    aligned.labels, aligned.classes = mapping[source.labels], list(classes)
+    return aligned
 
 
 def load_training_data(cfg: TrainConfig, channels: int, size: int) -> TrainingData:
@@ -300,13 +300,20 @@ def models_table() -> list[tuple[str, str, int, str]]:
 
 # --- the demo ---------------------------------------------------------------------------------------------
 
+DEMO_MARKER = ".visionflow-demo"
+
+
 def demo(out: str = "runs/demo", show_progress: bool = True) -> dict:
     """Train the seed CNN on the built-in digits, evaluate it and label a few held-out images written as PNGs."""
     run = RunDir(out)
-    if run.exists("config.json"):
-        shutil.rmtree(run.path)  # the demo's own run from last time (only ever a visionflow run directory)
+    if run.exists(DEMO_MARKER):
+        shutil.rmtree(run.path)  # the demo's own run from last time, and nothing else: it carries the marker
+    elif run.path.exists() and any(run.path.iterdir()):
+        raise VisionflowError(f"{run.path} exists and is not a demo run; the demo writes only to a new or demo folder")
     cfg = TrainConfig(data="digits", out=out, model="seed-cnn", epochs=12, batch_size=32, lr=2e-3,
                       augment="rotate=10,shift=0.08", seed=0)  # digits has only 1,617 training images: augment
+    run.path.mkdir(parents=True, exist_ok=True)
+    (run.path / DEMO_MARKER).write_text("written by `visionflow demo`; the next demo replaces this folder\n")
     report = train(cfg, show_progress=show_progress)
     metrics = evaluate(out, "digits")
     samples = run.path / "samples"

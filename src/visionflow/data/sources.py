@@ -206,7 +206,7 @@ def _read_idx(path: Path) -> np.ndarray:
             data = f.read()
         ndim = data[3]
         dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable, for torch
     except (OSError, ValueError, IndexError, struct.error, EOFError) as exc:
         raise VisionflowError(f"{path}: not a readable IDX file ({exc})") from None
 
