@@ -119,3 +119,14 @@ def test_expand_inputs_files_folders_globs(patterns: Path):
     assert len(files) == 1 + 20 + 10
     with pytest.raises(VisionflowError, match="no such file"):
         expand_inputs([str(patterns / "missing*.png")])
+
+
+def test_images_only_in_sub_folders_are_still_an_image_collection(tmp_path: Path):
+    for kind in ("cats", "dogs"):
+        for year in ("2019", "2020"):
+            folder = tmp_path / "pets" / kind / year
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (10, 10), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
+    source = open_data(tmp_path / "pets").train
+    assert source.kind == "image" and len(source) == 12 and source.classes == ["cats", "dogs"]

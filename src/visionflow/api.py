@@ -57,7 +57,7 @@ def _check_kind(model_name: str, source: DataSource) -> None:
 def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None]:
     """(train source, validation source, held-out origins or None when the validation data is separate)."""
     if cfg.val is not None:
-        val_set = open_data(cfg.val, frames=cfg.frames)
+        val_set = open_data(cfg.val, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
         val = val_set.test or val_set.train
         return dataset.train, _aligned(val, dataset.train.classes), None
     if dataset.test is not None:
@@ -80,8 +80,12 @@ def _aligned(source: DataSource, classes: list[str]) -> DataSource:
     return aligned
 
 
-def load_training_data(cfg: TrainConfig, channels: int, size: int) -> TrainingData:
-    dataset = open_data(cfg.data, frames=cfg.frames)
+def open_training_data(cfg: TrainConfig) -> DataSet:
+    return open_data(cfg.data, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
+
+
+def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: DataSet | None = None) -> TrainingData:
+    dataset = dataset or open_training_data(cfg)
     train_source, val_source, held_out = _validation_source(cfg, dataset)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     if cfg.gan_augment is not None:
@@ -103,7 +107,7 @@ def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: i
 
 
 def _data_shape(cfg: TrainConfig) -> tuple[DataSet, int, int]:
-    dataset = open_data(cfg.data)
+    dataset = open_training_data(cfg)
     _check_kind(cfg.model, dataset.train)
     channels = cfg.channels or dataset.train.guess_channels()
     size = cfg.image_size or dataset.train.guess_size()
@@ -117,9 +121,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     run = RunDir(cfg.out)
     if run.exists("config.json"):
         raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
-    _, channels, size = _data_shape(cfg)
+    dataset, channels, size = _data_shape(cfg)
     probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
-    data = load_training_data(cfg, channels, size)
+    data = load_training_data(cfg, channels, size, dataset)
     mean, std = channel_stats(data.train.images)
     if not getattr(probe, "standardize_inputs", True):  # the model wants pixels in [0, 1] (x / 255), e.g. seed-rnn
         mean, std = [0.0] * channels, [1.0] * channels
@@ -138,7 +142,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     run.write_json("config.json", {
         "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
         "input_kind": input_kind, "augment_eval": cfg.augment_eval,
-        "data_spec": open_data(cfg.data).spec,
+        "data_spec": dataset.spec,
         **({"clip_sampling": sampling_policy(cfg.frames)} if input_kind == "clip" else {}),
     })
     if data.held_out is not None:
@@ -214,7 +218,7 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
              strict: bool = False, engine: str = "auto") -> dict:
     run = RunDir(run_dir).require()
     predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine)
-    dataset = open_data(data, frames=predictor.frames)
+    dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
     source = evaluation_part(run, dataset)
     if source.kind != predictor.input_kind:
         raise VisionflowError(f"the run's model takes {predictor.input_kind}s but {data} holds {source.kind}s")

@@ -199,13 +199,17 @@ def _clips_below(folder: Path) -> list[str]:
     return sorted(_files_below(folder, is_clip_file) + _frame_folders_below(folder), key=_natural_key)
 
 
-def holds_clips(root: Path) -> bool:
-    """Class folders hold clips when they hold video or .npy files, or only sub-folders of frame images."""
+def holds_clips(root: Path, frame_folders: bool = True) -> bool:
+    """Class folders hold clips when they hold video or .npy files, or (with `frame_folders`) only
+    sub-folders of frame images. That last layout is also an image collection nested by folder, so only a
+    caller that wants clips asks for it."""
     folders = _class_folders(root)
     if not folders:
         return False
     if any(_files_below(folder, is_clip_file) for folder in folders):
         return True
+    if not frame_folders:
+        return False
     # No images directly in any class folder, and images in their sub-folders: folders of frames.
     return all(not any(is_image_file(f) for f in os.listdir(folder)) and _frame_folders_below(folder)
                for folder in folders)

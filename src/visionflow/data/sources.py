@@ -250,17 +250,20 @@ def builtin_digits() -> ImageArray:
 
 # --- what the user typed -> a DataSet ------------------------------------------------------------------
 
-def class_folder(root: Path, classes: list[str] | None = None, frames: int = 16) -> DataSource:
-    """Class folders of images, or of clips (video files, .npy arrays, folders of frames)."""
+def class_folder(root: Path, classes: list[str] | None = None, frames: int = 16, kind: str = "image") -> DataSource:
+    """Class folders of images, or of clips (video files, .npy arrays, and folders of frames when kind is "clip")."""
     from visionflow.data import clips  # clips builds on this module, so it is imported only when needed
 
-    return clips.clip_folder(root, classes, frames) if clips.holds_clips(root) else image_folder(root, classes)
+    holds_clips = clips.holds_clips(root, frame_folders=kind == "clip")
+    return clips.clip_folder(root, classes, frames) if holds_clips else image_folder(root, classes)
 
 
-def open_data(spec: str | os.PathLike, frames: int = 16) -> DataSet:
+def open_data(spec: str | os.PathLike, frames: int = 16, kind: str = "image") -> DataSet:
     """Auto-detect what DATA names: a built-in data set, an MNIST folder, a split folder or a class folder.
 
     `frames`: for clip data, the frames per clip the model sees (TrainConfig.frames).
+    `kind`: what the caller's model takes. Video and .npy files are clips whatever it is; class folders
+    whose images all sit in sub-folders are clips of frames for a clip model and nested images otherwise.
     """
     text = str(spec)
     if text in BUILTIN_DATASETS:
@@ -276,9 +279,9 @@ def open_data(spec: str | os.PathLike, frames: int = 16) -> DataSet:
         return DataSet(str(root), train if train is not None else test, test if train is not None else None)
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
-        train = class_folder(root / "train", frames=frames)
-        return DataSet(str(root), train, class_folder(test_dir, train.classes, frames))
-    return DataSet(str(root), class_folder(root, frames=frames), None)
+        train = class_folder(root / "train", frames=frames, kind=kind)
+        return DataSet(str(root), train, class_folder(test_dir, train.classes, frames, kind))
+    return DataSet(str(root), class_folder(root, frames=frames, kind=kind), None)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
