@@ -109,10 +109,13 @@ def test_train_writes_a_resumable_run_and_resume_extends_it(digits_run):
     assert json.loads((digits_run / "report.json").read_text())["epochs"] == 2
 
 
-def test_evaluate_json_scores_model_and_biharmonic_on_the_asked_count(digits_run, capsys):
-    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "random", "--limit", "12", "--json"]) == 0
+def test_evaluate_json_scores_model_and_biharmonic_on_the_asked_count(digits_run, tmp_path, capsys):
+    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "random", "--limit", "12", "--json",
+                 "--examples", str(tmp_path / "examples.png")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 12
+    # 8 examples, one row each: damaged | biharmonic | model | original, 28px tiles with 2px gaps
+    assert Image.open(tmp_path / "examples.png").size == (4 * 30 + 2, 8 * 30 + 2)
     for name in ("model", "biharmonic"):
         assert 5 < result[name]["psnr"] < 60 and 0 < result[name]["ssim"] <= 1
     assert result["model"] != result["biharmonic"]

@@ -251,9 +251,10 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
     for name, repaired in (("model", by_model), ("biharmonic", by_biharmonic)):
         scores[name] = mean_scores(*psnr_ssim(part.images, repaired))
     if examples is not None:
-        count = min(8, len(part))
-        rows = torch.stack([show_hole(part.images[:count], masks[:count]), by_biharmonic[:count], by_model[:count],
-                            part.images[:count]], dim=1).flatten(0, 1)
+        # spread over the part: folders list one class after another, so the first 8 would all be alike
+        picked = torch.from_numpy(np.unique(np.linspace(0, len(part) - 1, min(8, len(part))).round().astype(np.int64)))
+        rows = torch.stack([show_hole(part.images[picked], masks[picked]), by_biharmonic[picked], by_model[picked],
+                            part.images[picked]], dim=1).flatten(0, 1)
         save_image_grid(rows, Path(examples), columns=4)
     return {**scores, "n": len(part), "mask": mask, "hole": hole if mask == "center" else None,
             "skipped_files": len(part.skipped)}
