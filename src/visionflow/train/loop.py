@@ -38,8 +38,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = True) -> torch.optim.Optimizer:
-    """`fused`: Adam/AdamW update each parameter in one kernel where torch has it (same maths, fewer ops)."""
+def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: Adam/AdamW update each parameter in one kernel where torch has it (same maths, fewer ops).
+    Off by default: on this 2-core CPU it measured no faster with one thread and 1.5-2.5x slower per step with
+    two on a busy machine (benchmarks/speed_paths.py); torch's default multi-tensor kernel stays."""
     params = [p for p in model.parameters() if p.requires_grad]
     kernel = {"fused": True} if fused_optimizer_available(params, allowed=fused) else {}
     if cfg.optimizer == "adam":
