@@ -3,7 +3,7 @@
 Generator: noise (plus a label embedding) -> a small base grid -> transposed 4x4 stride-2 convolutions
 with batch norm and ReLU, each doubling the side -> a 3x3 convolution and tanh, so images live in [-1, 1].
 Discriminator: strided 4x4 convolutions with leaky ReLU (no batch norm: it couples the real and fake
-halves of a step), a minibatch-spread channel against mode collapse, then one logit; conditional discriminators add a projection term
+halves of a step), then one logit; conditional discriminators add a projection term
 <embed(label), features> (Miyato & Koyama 2018), the label-aware part of the score.
 
 A network knows tensors, not files: loading, sampling and training live in the rest of `gan/`.
@@ -56,18 +56,6 @@ class Generator(nn.Module):
         return self.upsample(self.project(noise))
 
 
-class MinibatchSpread(nn.Module):
-    """Append the batch's mean standard deviation as one constant channel (Karras et al. 2018).
-
-    A generator that ignores its noise (conditional ones make one prototype per class) produces batches
-    with little spread; this channel lets the discriminator see that, and penalise it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spread = x.std(dim=0, unbiased=False).mean() if len(x) > 1 else x.new_zeros(())
-        return torch.cat([x, spread.expand(len(x), 1, *x.shape[2:])], dim=1)
-
-
 class Discriminator(nn.Module):
     def __init__(self, channels: int, image_size: int, num_classes: int = 0, width: int = 32,
                  use_spectral_norm: bool = False):
@@ -79,10 +67,9 @@ class Discriminator(nn.Module):
         for _ in range(doublings):
             layers += [norm(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1)), nn.LeakyReLU(0.2, inplace=True)]
             in_channels, out_channels = out_channels, out_channels * 2
-        # one more 3x3 layer at the base side (the last strided layer alone sees too little context), fed
-        # the batch's spread as an extra channel
-        layers += [MinibatchSpread(), norm(nn.Conv2d(in_channels + 1, out_channels, 3, padding=1)),
-                   nn.LeakyReLU(0.2, inplace=True), nn.Flatten()]
+        # one more 3x3 layer at the base side: the last strided layer alone sees too little context
+        layers += [norm(nn.Conv2d(in_channels, out_channels, 3, padding=1)), nn.LeakyReLU(0.2, inplace=True),
+                   nn.Flatten()]
         self.features = nn.Sequential(*layers)
         num_features = out_channels * base * base
         self.score = norm(nn.Linear(num_features, 1))
