@@ -34,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; run outputs are ordinary files others may read
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -116,4 +117,4 @@ class RunDir:
         if not self.exists("metrics.csv"):
             return []
         with open(self.path / "metrics.csv", newline="") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -304,7 +304,7 @@ def fit_repair(generator: RepairGenerator, discriminator: PatchDiscriminator, cf
         g_optimizer.load_state_dict(checkpoint["g_optimizer"])
         d_optimizer.load_state_dict(checkpoint["d_optimizer"])
         state = RepairState(**checkpoint["state"])
-        rows = [{**r, "epoch": int(r["epoch"])} for r in run.read_metrics() if r["epoch"] <= state.epoch]
+        rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
     val_masks = validation_masks(len(val_images), val_images.shape[-1], cfg.seed)
     console = make_console()
 
