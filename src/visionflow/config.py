@@ -14,8 +14,27 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 EVAL_AUGMENTS = ("none", "flip")
 
 
+class RunConfig:
+    """What every run configuration shares (training, GAN, repair): option checks that raise one clear
+    error, and the JSON round trip through config.json."""
+
+    @staticmethod
+    def require(checks: list[tuple[bool, str]]) -> None:
+        for ok, message in checks:
+            if not ok:
+                raise VisionflowError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     data: str
     out: str
     model: str = "seed-cnn"
@@ -63,15 +82,5 @@ class TrainConfig:
             (self.lookahead >= 0, f"--lookahead must be 0 (off) or a number of steps (got {self.lookahead})"),
             (self.augment_eval in EVAL_AUGMENTS, f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {self.augment_eval})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise VisionflowError(message)
+        self.require(checks)
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionflow.config import RunConfig
 from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
@@ -29,7 +30,7 @@ from visionflow.train.progress import make_console, make_progress
 
 
 @dataclass
-class RepairConfig:
+class RepairConfig(RunConfig):
     data: str
     out: str
     epochs: int = 10
@@ -60,18 +61,9 @@ class RepairConfig:
             (0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})"),
             (self.max_images is None or self.max_images >= 20, f"--max-images must be at least 20 (got {self.max_images})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise VisionflowError(message)
+        self.require(checks)
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "RepairConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 # --- networks --------------------------------------------------------------------------------------------

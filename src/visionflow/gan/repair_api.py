@@ -22,7 +22,7 @@ from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import DataSource, open_data
 from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
-from visionflow.gan.masks import box_masks, center_masks, coverage, random_masks
+from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
 from visionflow.report.plots import save_image_grid

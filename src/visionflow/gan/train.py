@@ -17,12 +17,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from visionflow.data.loading import DecodedPart
+from visionflow.config import RunConfig
 from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
@@ -39,7 +40,7 @@ DIVERSITY_DROP = 0.5          # warn when sample diversity falls below this frac
 
 
 @dataclass
-class GanConfig:
+class GanConfig(RunConfig):
     data: str
     out: str
     epochs: int = 20
@@ -67,20 +68,11 @@ class GanConfig:
             (self.latent_dim >= 1 and self.width >= 4, "latent_dim and width must be positive"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise VisionflowError(message)
+        self.require(checks)
         if self.image_size is not None:
             upsampling_plan(self.image_size)
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "GanConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class GanDiverged(VisionflowError):
@@ -188,7 +180,6 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resum
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     num_classes = len(part.classes)
-    label_weights = torch.bincount(part.labels, minlength=num_classes).float() if cfg.conditional else None
     epoch, step, rows = 0, 0, []
     if resume:
         checkpoint = run.load_checkpoint()

@@ -24,7 +24,6 @@ from visionflow.devices import autocast, compiled_or_eager, fused_optimizer_avai
 from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 from visionflow.runs import RunDir
-from visionflow.train.metrics import classification_metrics
 from visionflow.train.progress import make_console, make_progress
 
 log = logging.getLogger("visionflow")
