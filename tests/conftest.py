@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
 def pattern_image(kind: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:
