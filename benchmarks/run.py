@@ -223,7 +223,7 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
     schedule = build_schedule(cfg, optimizer, len(part) // batch_size + 1)
     loss_fn = torch.nn.CrossEntropyLoss()
     rates = [train_one_epoch(model, part, preprocess, augment, loss_fn, optimizer, schedule, cfg, torch.device("cpu"),
-                             torch.Generator().manual_seed(epoch), lambda n: None)["images_per_second"]
+                             torch.Generator().manual_seed(epoch), lambda *progress: None)["images_per_second"]
              for epoch in range(2)]
     return {"images": len(part), "decode_images_per_second": len(part) / decode_seconds,
             "augment_images_per_second": len(part) / augment_seconds,

@@ -1,6 +1,6 @@
 """The one training loop for classifiers: images and clips alike (a clip is just a 5-D batch).
 
-Written out top to bottom: `fit` runs epochs, `train_one_epoch` runs steps, `validate` scores. What is
+Written out top to bottom: `fit` runs epochs and scores each on the validation part, `train_one_epoch` runs steps. What is
 trained (model, loss) is kept apart from how it runs (device, checkpoints, resume). Each epoch's shuffle,
 augmentation and dropout draw from a generator seeded by (seed, epoch), so a resumed run continues the
 random stream exactly where the uninterrupted run would have been.
@@ -147,7 +147,7 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
         # Accumulate on the device: no host sync per step.
         total_loss += loss.detach() * len(index)
         total_correct += (logits.argmax(1) == labels).sum()
-        on_step(len(index))
+        on_step(len(index), total_loss, total_correct)
     seconds = time.perf_counter() - start
     loss_value = float(total_loss) / len(order)
     if not math.isfinite(loss_value):
@@ -201,12 +201,19 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
                 task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_part), status="")
                 torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and any other global-RNG draw
                 generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-                counter = {"seen": 0, "start": time.perf_counter()}
+                counter = {"seen": 0, "steps": 0, "start": time.perf_counter()}
 
-                def on_step(count: int) -> None:
+                def on_step(count: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
                     counter["seen"] += count
-                    rate = counter["seen"] / max(1e-9, time.perf_counter() - counter["start"])
-                    progress.update(task, advance=count, status=f"{rate:,.0f} img/s")
+                    counter["steps"] += 1
+                    if not show_progress or counter["steps"] % 25:
+                        progress.update(task, advance=count)
+                        return
+                    # The bar reads the running loss and accuracy every 25 steps: one host sync, not one per step.
+                    seen = counter["seen"]
+                    rate = seen / max(1e-9, time.perf_counter() - counter["start"])
+                    progress.update(task, advance=count, status=f"loss {float(loss_sum) / seen:.4f}  "
+                                                               f"acc {int(correct) / seen:.4f}  {rate:,.0f} img/s")
 
                 stats = train_one_epoch(model, train_part, preprocess, augment, loss_fn, optimizer, schedule, cfg,
                                         device, generator, on_step, lookahead, forward)
