@@ -6,6 +6,7 @@ import json
 import sys
 from contextlib import nullcontext
 
+from visionflow.cli.options import add_run_options
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
 from visionflow.errors import VisionflowError
 from visionflow.train.presets import train_config
@@ -62,11 +63,7 @@ def add_train_parser(commands) -> None:
     p.add_argument("--frames", type=int, default=16, help="clips: frames sampled per clip")
     p.add_argument("--temporal-pool", default=None, choices=("rnn", "mean"),
                    help="cnn-rnn: mean = average frame features, no recurrence (the order-blind control)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p)
     p.add_argument("--preset", default=None, help="a training recipe (e.g. cifar10-90, cifar10-94); flags given override it")
     p.add_argument("--lookahead", type=int, default=0, help="every N steps pull the weights to their running average (0 = off)")
     p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS, help="test-time augmentation: flip = mean of both views")

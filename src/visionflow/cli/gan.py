@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from visionflow.cli.options import add_run_options
 from visionflow.gan.losses import GAN_LOSSES
 
 
@@ -69,11 +70,7 @@ def register(commands) -> dict:
     p.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on the discriminator")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p)
 
     p = verbs.add_parser("sample", help="write N generated images: one grid (.png) or a folder of PNGs")
     p.add_argument("run_dir")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from visionflow.cli.options import add_run_options
 from visionflow.gan.losses import GAN_LOSSES
 
 
@@ -25,11 +26,7 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--gan-loss", default="ns", choices=GAN_LOSSES)
     p.add_argument("--val-split", type=float, default=0.1, help="validation fraction held out of the training part")
     p.add_argument("--max-images", type=int, default=None, help="train on a seeded subset of this many images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p)
 
     p = verbs.add_parser("run", help="repair images: writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png")
     p.add_argument("run_dir")
