@@ -78,7 +78,10 @@ def main() -> None:
     mean, std = arrays["mean"], arrays["std"]
 
     def normalise(images: np.ndarray) -> np.ndarray:  # (N, C, H, W) uint8 -> (N, H, W, C) float, as visionflow
-        return ((images.astype(np.float32) / 255.0 - mean[:, None, None]) / std[:, None, None]).transpose(0, 2, 3, 1)
+        scaled = images.astype(np.float32) / 255.0
+        if args.model != "seed-rnn":  # the seed's RNN reads x / 255, as visionflow's seed-rnn does
+            scaled = (scaled - mean[:, None, None]) / std[:, None, None]
+        return scaled.transpose(0, 2, 3, 1)
 
     x_train, y_train = normalise(arrays["train_images"]), arrays["train_labels"]
     x_test, y_test = normalise(arrays["test_images"]), arrays["test_labels"]

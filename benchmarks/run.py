@@ -46,12 +46,14 @@ RESULTS = HERE / "results" / "latest.json"
 SHARED = ROOT.parent / "shared" / "datasets"
 TARGET_ACCURACY = 0.985
 
-# Time to 98.5%: each stack at its own settings. Keras keeps the seed's recipe (its per-step cost is low
-# relative to its arithmetic, so small batches are what it does best); visionflow takes larger batches with
-# a one-cycle schedule, which reaches the same accuracy in fewer, cheaper steps.
+# Time to 98.5%: each stack at its own best settings, found by a sweep on the MNIST split (2026-11-24; first
+# epoch at or above 98.5%): Keras at batch 32 / lr 1e-3 never got there in 12 epochs (best 98.45%), at 64 / 2e-3 in
+# epoch 5, at 32 / 2e-3 in epoch 7, at 128 / 3e-3 in epoch 2. visionflow with a one-cycle schedule sized to the
+# run: 128 / 3e-3 / 3 epochs reached 98.7% in epoch 3, 256 / 6e-3 / 3 epochs 98.6% in epoch 3, 128 / 4e-3 / 2
+# epochs 98.2% (not there).
 TIME_TO_TARGET = {
-    "visionflow": {"batch_size": 128, "lr": 3e-3, "schedule": "onecycle", "epochs": 8},
-    "keras": {"batch_size": 32, "lr": 1e-3, "epochs": 8},
+    "visionflow": {"batch_size": 128, "lr": 3e-3, "schedule": "onecycle", "epochs": 3},
+    "keras": {"batch_size": 128, "lr": 3e-3, "epochs": 6},
 }
 
 

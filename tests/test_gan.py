@@ -3,6 +3,7 @@ and --gan-augment. Everything runs on a few hundred built-in digits at 16x16 so 
 
 from __future__ import annotations
 
+import copy
 import gzip
 import shutil
 import struct
@@ -19,7 +20,7 @@ from visionflow.data.sources import builtin_digits
 from visionflow.errors import VisionflowError
 from visionflow.gan import api as gan_api
 from visionflow.gan import train as gan_train
-from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
+from visionflow.gan.dcgan import Discriminator, Generator, MinibatchStdDev, upsampling_plan
 from visionflow.gan.fid import feature_distance, frechet_distance
 from visionflow.gan.train import GanConfig, GanDiverged
 from visionflow.runs import RunDir
@@ -83,6 +84,19 @@ def test_conditional_generator_depends_on_the_label():
     assert not torch.allclose(images[0], images[1])
 
 
+def test_minibatch_stddev_channel_measures_the_spread_within_each_group():
+    layer = MinibatchStdDev(group=4)
+    copies = torch.randn(1, 3, 5, 5).expand(8, 3, 5, 5)
+    varied = torch.randn(8, 3, 5, 5)
+    assert layer(copies).shape == (8, 4, 5, 5)
+    assert torch.allclose(layer(copies)[:, :3], copies)  # the input passes through unchanged
+    assert layer(copies)[:, 3].max() < 1e-3  # a batch of copies has no spread
+    spread = layer(varied)[:, 3]
+    # images i and i + 2 share a group (8 images, 4 per group, strided); the unit-normal spread is about 0.8
+    assert torch.equal(spread[0], spread[2]) and 0.5 < float(spread.mean()) < 1.0
+    assert layer(varied[:3]).shape == (3, 4, 5, 5)  # a batch the group size does not divide: one group
+
+
 def test_image_sizes_the_generator_cannot_make_are_refused():
     assert upsampling_plan(28) == (7, 2)
     assert upsampling_plan(32) == (8, 2)
@@ -138,6 +152,36 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(one_epoch_
     assert run.load_checkpoint()["epoch"] == 1
     assert (run_path / "generator.safetensors").read_bytes() == weights_before
     assert len(run.read_metrics()) == 1
+
+
+def _within_class_spread(generator: Generator, labels: torch.Tensor) -> float:
+    generator.train()  # batch statistics, as in training
+    with torch.no_grad():
+        torch.manual_seed(1)
+        return gan_train.sample_diversity(generator(torch.randn(len(labels), generator.latent_dim), labels), labels)
+
+
+def test_mode_seeking_keeps_a_collapsing_conditional_generator_apart():
+    """A generator that has (nearly) stopped listening to its noise makes one image per class; twenty steps with
+    the mode-seeking term spread the images of each class apart, twenty steps without it do not."""
+    torch.manual_seed(0)
+    generator = Generator(1, SIZE, 10, latent_dim=8, width=8)
+    with torch.no_grad():
+        generator.project[0].weight[:, :8] *= 0.01  # the noise's columns: a collapsed start
+    discriminator = Discriminator(1, SIZE, 10, width=8)
+    real = torch.rand(32, 1, SIZE, SIZE) * 2 - 1
+    labels = torch.arange(32) % 10
+    spreads = {}
+    for weight in (0.0, 1.0):
+        g, d = copy.deepcopy(generator), copy.deepcopy(discriminator)
+        opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        torch.manual_seed(2)
+        for _ in range(20):
+            gan_train.gan_step(g, d, opt_g, opt_d, real, labels, torch.randn(32, 8), "ns", mode_seeking=weight)
+        spreads[weight] = _within_class_spread(g, labels)
+    before = _within_class_spread(copy.deepcopy(generator), labels)
+    assert spreads[1.0] > 2 * spreads[0.0] and spreads[1.0] > 2 * before
 
 
 def test_a_collapsing_sample_diversity_is_reported(one_epoch_run, tmp_path, monkeypatch, caplog):

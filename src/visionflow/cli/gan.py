@@ -17,7 +17,8 @@ def run_gan_train(args) -> int:
     else:
         cfg = GanConfig(data=args.data, out=args.out, epochs=20 if args.epochs is None else args.epochs,
                         conditional=args.conditional, image_size=args.image_size, channels=args.channels,
-                        loss=args.loss, spectral_norm=args.spectral_norm, batch_size=args.batch_size, lr=args.lr,
+                        loss=args.loss, spectral_norm=args.spectral_norm,
+                        minibatch_std=not args.no_minibatch_std, mode_seeking=args.mode_seeking, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, strict=args.strict, device=args.device)
         summary = api.train_gan(cfg, show_progress=not args.quiet)
     last = summary["rows"][-1] if summary["rows"] else {}
@@ -68,6 +69,10 @@ def register(commands) -> dict:
     p.add_argument("--channels", type=int, default=None, choices=(1, 3))
     p.add_argument("--loss", default="ns", choices=GAN_LOSSES, help="ns: non-saturating (default), hinge")
     p.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on the discriminator")
+    p.add_argument("--no-minibatch-std", action="store_true",
+                   help="leave out the discriminator's minibatch standard deviation channel (on by default)")
+    p.add_argument("--mode-seeking", type=float, default=1.0,
+                   help="weight of the mode-seeking term that keeps samples of one class apart (0 = off)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     add_run_options(p)

@@ -4,7 +4,9 @@ Generator: noise (plus a label embedding) -> a small base grid -> transposed 4x4
 with batch norm and ReLU, each doubling the side -> a 3x3 convolution and tanh, so images live in [-1, 1].
 Discriminator: strided 4x4 convolutions with leaky ReLU (no batch norm: it couples the real and fake
 halves of a step), then one logit; conditional discriminators add a projection term
-<embed(label), features> (Miyato & Koyama 2018), the label-aware part of the score.
+<embed(label), features> (Miyato & Koyama 2018), the label-aware part of the score. Before its last
+layer it sees the minibatch standard deviation (Karras et al. 2018), so a batch of near-copies looks
+unlike a batch of real images.
 
 A network knows tensors, not files: loading, sampling and training live in the rest of `gan/`.
 """
@@ -56,9 +58,25 @@ class Generator(nn.Module):
         return self.upsample(self.project(noise))
 
 
+class MinibatchStdDev(nn.Module):
+    """Appends one channel: the standard deviation of the features across groups of `group` images,
+    averaged over channels and positions (ProGAN's layer). Real and fake halves are scored in separate
+    calls, so a group never mixes them."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        group = self.group if n % self.group == 0 else n  # an odd last batch: one group of all of it
+        spread = x.view(group, -1, c, h, w).var(0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+        return torch.cat([x, spread.view(1, -1, 1, 1).expand(group, -1, h, w).reshape(n, 1, h, w)], dim=1)
+
+
 class Discriminator(nn.Module):
     def __init__(self, channels: int, image_size: int, num_classes: int = 0, width: int = 32,
-                 use_spectral_norm: bool = False):
+                 use_spectral_norm: bool = False, minibatch_std: bool = True):
         super().__init__()
         base, doublings = upsampling_plan(image_size)
         norm = spectral_norm if use_spectral_norm else (lambda layer: layer)
@@ -67,6 +85,9 @@ class Discriminator(nn.Module):
         for _ in range(doublings):
             layers += [norm(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1)), nn.LeakyReLU(0.2, inplace=True)]
             in_channels, out_channels = out_channels, out_channels * 2
+        if minibatch_std:
+            layers.append(MinibatchStdDev())
+            in_channels += 1
         # one more 3x3 layer at the base side: the last strided layer alone sees too little context
         layers += [norm(nn.Conv2d(in_channels, out_channels, 3, padding=1)), nn.LeakyReLU(0.2, inplace=True),
                    nn.Flatten()]

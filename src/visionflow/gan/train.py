@@ -49,6 +49,8 @@ class GanConfig(RunConfig):
     channels: int | None = None       # None: measured from the data
     loss: str = "ns"                  # "ns" (non-saturating) or "hinge"
     spectral_norm: bool = False       # on every discriminator layer
+    minibatch_std: bool = True        # the discriminator sees each batch's spread
+    mode_seeking: float = 1.0         # conditional only: weight of the mode-seeking term (MSGAN) against within-class collapse; 0 = off
     batch_size: int = 64
     lr: float = 2e-4                  # Adam, betas (0.5, 0.999), both networks (DCGAN's recipe)
     latent_dim: int = 64
@@ -67,6 +69,7 @@ class GanConfig(RunConfig):
             (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
             (self.latent_dim >= 1 and self.width >= 4, "latent_dim and width must be positive"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
+            (self.mode_seeking >= 0, f"--mode-seeking must be 0 (off) or a positive weight (got {self.mode_seeking})"),
         ]
         self.require(checks)
         if self.image_size is not None:
@@ -91,7 +94,7 @@ def build_pair(cfg: GanConfig, channels: int, image_size: int, num_classes: int)
     torch.manual_seed(cfg.seed)
     classes = num_classes if cfg.conditional else 0
     generator = Generator(channels, image_size, classes, cfg.latent_dim, cfg.width)
-    discriminator = Discriminator(channels, image_size, classes, cfg.width, cfg.spectral_norm)
+    discriminator = Discriminator(channels, image_size, classes, cfg.width, cfg.spectral_norm, cfg.minibatch_std)
     return GanPair(generator, discriminator, copy.deepcopy(generator))
 
 
@@ -219,7 +222,8 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resum
                     real = to_unit_range(part.images[index]).to(device)
                     labels = part.labels[index].to(device) if cfg.conditional else None
                     noise = torch.randn(len(index), cfg.latent_dim, generator=rng).to(device)
-                    stats = gan_step(generator, discriminator, optimizer_g, optimizer_d, real, labels, noise, cfg.loss)
+                    stats = gan_step(generator, discriminator, optimizer_g, optimizer_d, real, labels, noise, cfg.loss,
+                                     cfg.mode_seeking)
                     bad = next((k for k in ("d_loss", "g_loss") if not abs(stats[k]) < EXPLODING_LOSS), None)
                     if bad is not None:
                         raise GanDiverged(
@@ -267,20 +271,36 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resum
 
 def gan_step(generator: Generator, discriminator: Discriminator, optimizer_g: torch.optim.Optimizer,
              optimizer_d: torch.optim.Optimizer, real: torch.Tensor, labels: torch.Tensor | None,
-             noise: torch.Tensor, loss: str) -> dict:
-    """One discriminator update on (real, fake), then one generator update through the updated discriminator."""
-    fake = generator(noise, labels)
+             noise: torch.Tensor, loss: str, mode_seeking: float = 0.0) -> dict:
+    """One discriminator update on (real, fake), then one generator update through the updated discriminator.
+
+    With `mode_seeking` > 0 a conditional model's fakes come in two halves with the same labels and different
+    noise, and the generator is also pushed to keep those pairs apart: the mode-seeking term of Mao et al.
+    (MSGAN, 2019), 1 / (mean |G(z1, y) - G(z2, y)| / mean |z1 - z2|). A conditional generator that ignores its
+    noise and makes one image per class (measured here on MNIST before this term) pays for it directly.
+    Unconditional models skip it: there the noise is the only input, and on the MNIST split the term traded
+    realism for spread (domain FID 174.8 with it against 107.6 without).
+    """
+    half = len(noise) // 2
+    fake_labels = labels
+    if mode_seeking and labels is not None:
+        fake_labels = torch.cat([labels[:half], labels[:half], labels[2 * half:]])
+    fake = generator(noise, fake_labels)
     real_logits = discriminator(real, labels)
-    fake_logits = discriminator(fake.detach(), labels)
+    fake_logits = discriminator(fake.detach(), fake_labels)
     d_loss = discriminator_loss(real_logits, fake_logits, loss)
     optimizer_d.zero_grad(set_to_none=True)
     d_loss.backward()
     optimizer_d.step()
 
     discriminator.requires_grad_(False)  # the generator step needs gradients through D, not for D
-    g_loss = generator_loss(discriminator(fake, labels), loss)
+    g_loss = generator_loss(discriminator(fake, fake_labels), loss)
+    total_g_loss = g_loss
+    if mode_seeking and labels is not None:
+        spread = (fake[:half] - fake[half:2 * half]).abs().mean() / (noise[:half] - noise[half:2 * half]).abs().mean()
+        total_g_loss = g_loss + mode_seeking / (spread + 1e-5)
     optimizer_g.zero_grad(set_to_none=True)
-    g_loss.backward()
+    total_g_loss.backward()
     optimizer_g.step()
     discriminator.requires_grad_(True)
     return {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()),
