@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from visionflow import api
 from visionflow.cli import main
 from visionflow.config import TrainConfig
 from visionflow.data.transforms import Preprocess
 from visionflow.infer.export import export_model_onnx
+from visionflow.devices import cpu_has_native_bf16, resolve_precision
 from visionflow.infer.onnx_engine import OnnxRuntimeModel
 from visionflow.infer.predictor import Predictor
 from visionflow.models import create_model, list_models, model_entry
@@ -34,7 +36,8 @@ def _small_predictor(name: str) -> Predictor:
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, in_channels=channels, image_size=size).eval()
     preprocess = Preprocess(image_size=size, channels=channels, mean=[0.3] * channels, std=[0.2] * channels)
-    return Predictor(model, preprocess, [str(i) for i in range(5)], torch.device("cpu"), input_kind=kind, frames=4)
+    return Predictor(model, preprocess, [str(i) for i in range(5)], torch.device("cpu"), input_kind=kind, frames=4,
+                     precision="fp32")
 
 
 def _random_inputs(predictor: Predictor, n: int) -> torch.Tensor:
@@ -71,7 +74,7 @@ def test_export_cli_writes_a_file_that_records_the_preprocessing(digits_run, tmp
 
 
 def test_onnx_engine_evaluates_digits_like_torch(digits_run):
-    torch_metrics = api.evaluate(str(digits_run), "digits", engine="torch")
+    torch_metrics = api.evaluate(str(digits_run), "digits", engine="torch", precision="fp32")
     onnx_metrics = api.evaluate(str(digits_run), "digits", engine="onnx")
     assert (digits_run / "best.onnx").exists()  # exported on first use, beside the weights
     assert onnx_metrics["n"] == torch_metrics["n"]
@@ -84,7 +87,7 @@ def test_onnx_engine_predicts_the_same_rows(digits_run, tmp_path):
     images = torch.randint(0, 256, (3, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     for i, image in enumerate(images):
         Image.fromarray(image.numpy()).save(tmp_path / f"{i}.png")
-    torch_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3, engine="torch"))
+    torch_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3, engine="torch", precision="fp32"))
     onnx_rows = list(api.predict(str(digits_run), [str(tmp_path)], top_k=3, engine="onnx"))
     assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
     for a, b in zip(onnx_rows, torch_rows):
@@ -104,7 +107,7 @@ def test_onnx_parity_on_real_mnist_images(digits_run):
     from visionflow.data.sources import open_data
 
     source = open_data(str(DATASETS / "mnist")).train
-    torch_predictor = Predictor.from_run(str(digits_run))
+    torch_predictor = Predictor.from_run(str(digits_run), precision="fp32")
     part = decode_part(source.subset(range(500)), 1, torch_predictor.preprocess.image_size)
     onnx_predictor = Predictor.from_run(str(digits_run), engine="onnx")
     expected, got = torch_predictor.probabilities(part.images), onnx_predictor.probabilities(part.images)
@@ -112,11 +115,39 @@ def test_onnx_parity_on_real_mnist_images(digits_run):
     assert (got - expected).abs().max() < 1e-4
 
 
-def test_auto_engine_is_onnx_on_the_cpu_and_torch_when_asked(digits_run):
+def test_auto_engine_is_onnx_for_fp32_on_the_cpu_and_torch_for_bf16_or_when_asked(digits_run):
     from visionflow.infer.onnx_engine import OnnxRuntimeModel
 
-    assert isinstance(Predictor.from_run(str(digits_run), device="cpu", engine="auto").model, OnnxRuntimeModel)
+    fp32 = Predictor.from_run(str(digits_run), device="cpu", engine="auto", precision="fp32")
+    assert isinstance(fp32.model, OnnxRuntimeModel) and fp32.precision == "fp32"
+    bf16 = Predictor.from_run(str(digits_run), device="cpu", engine="auto", precision="bf16")
+    assert not isinstance(bf16.model, OnnxRuntimeModel) and bf16.precision == "bf16"
+    auto = Predictor.from_run(str(digits_run), device="cpu", engine="auto")
+    assert isinstance(auto.model, OnnxRuntimeModel) != cpu_has_native_bf16()
     assert not isinstance(Predictor.from_run(str(digits_run)).model, OnnxRuntimeModel)  # the nn.Module, for features
+
+
+def test_bf16_labels_digits_like_fp32(digits_run):
+    """bf16 autocast (the default where the CPU computes bf16) against fp32 on the same 1,797 digits: the
+    probabilities move by bf16's rounding, not enough to change more than a handful of top-1 labels."""
+    from visionflow.data.loading import decode_part
+    from visionflow.data.sources import open_data
+
+    fp32 = Predictor.from_run(str(digits_run), engine="torch", precision="fp32")
+    bf16 = Predictor.from_run(str(digits_run), engine="torch", precision="bf16")
+    part = decode_part(open_data("digits").train, 1, fp32.preprocess.image_size)
+    expected, got = fp32.probabilities(part.images), bf16.probabilities(part.images)
+    assert 0 < (got - expected).abs().max() < 0.05  # > 0: bf16 really ran
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.995
+
+
+def test_precision_auto_follows_the_hardware_and_bad_values_are_one_line_errors(digits_run, capsys):
+    cpu = torch.device("cpu")
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu, nn.Conv2d(1, 1, 3)) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", cpu, nn.GRU(4, 4)) == "fp32"  # recurrent layers stay fp32 on the CPU
+    assert main(["evaluate", str(digits_run), "digits", "--precision", "fp16"]) == 2
+    assert "--precision" in capsys.readouterr().err
 
 
 def test_auto_engine_falls_back_to_torch_when_the_export_cannot_be_written(digits_run, tmp_path, caplog):
@@ -131,7 +162,7 @@ def test_auto_engine_falls_back_to_torch_when_the_export_cannot_be_written(digit
         stale.unlink()
     (run / "best.onnx").mkdir()  # a folder where the export would go: it cannot be written
     with caplog.at_level(logging.WARNING, logger="visionflow"):
-        predictor = Predictor.from_run(str(run), engine="auto")
+        predictor = Predictor.from_run(str(run), engine="auto", precision="fp32")
     assert not isinstance(predictor.model, OnnxRuntimeModel)
     assert "ONNX engine is unavailable" in caplog.text
     assert main(["evaluate", str(run), "digits", "--engine", "onnx"]) == 2  # asked for explicitly: an error, not a fallback

@@ -12,6 +12,7 @@ from visionflow.errors import VisionflowError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 EVAL_AUGMENTS = ("none", "flip")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware computes it (devices.uses_bf16)
 
 
 class RunConfig:
@@ -63,6 +64,7 @@ class TrainConfig(RunConfig):
     frames: int = 16                  # clips only: frames sampled per clip
     lookahead: int = 0                # every N steps pull the weights to their running average (airbench); 0 = off
     augment_eval: str = "none"        # test-time augmentation recorded in the run: none, or flip (mean of both views)
+    precision: str = "auto"           # auto (bf16 where the hardware computes it), fp32 or bf16
     compile: bool = False             # torch.compile the model for training (falls back to eager when it cannot)
     preset: str | None = None         # the --preset the values came from (train/presets.py), for the record
 
@@ -80,6 +82,7 @@ class TrainConfig(RunConfig):
             (self.gan_ratio > 0, f"--gan-ratio must be positive (got {self.gan_ratio})"),
             (self.frames >= 1, f"--frames must be at least 1 (got {self.frames})"),
             (self.lookahead >= 0, f"--lookahead must be 0 (off) or a number of steps (got {self.lookahead})"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})"),
             (self.augment_eval in EVAL_AUGMENTS, f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {self.augment_eval})"),
         ]
         self.require(checks)

@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import nullcontext
 
-from visionflow.cli.options import add_run_options
+from visionflow.cli.options import add_engine_options, add_precision_option, add_run_options
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
 from visionflow.errors import VisionflowError
 from visionflow.train.presets import train_config
@@ -68,6 +68,7 @@ def add_train_parser(commands) -> None:
     p.add_argument("--lookahead", type=int, default=0, help="every N steps pull the weights to their running average (0 = off)")
     p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS, help="test-time augmentation: flip = mean of both views")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on long runs)")
+    add_precision_option(p)
     # Flags left out parse as None so that a --preset's value stands unless a flag is given; the defaults
     # written above are TrainConfig's own, which apply when neither sets a value.
     p.set_defaults(**{name: None for name in TRAIN_FLAGS})
@@ -77,7 +78,7 @@ def add_train_parser(commands) -> None:
 TRAIN_FLAGS = ("model", "val", "val_split", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
                "label_smoothing", "patience", "class_weights", "balanced_sampler", "image_size", "channels", "augment",
                "frames", "seed", "strict", "device", "lookahead", "augment_eval", "gan_augment", "gan_ratio",
-               "compile")
+               "compile", "precision")
 
 
 def run_train(args) -> int:
@@ -104,7 +105,7 @@ def run_evaluate(args) -> int:
     from visionflow import api
 
     metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, strict=args.strict,
-                           engine=args.engine)
+                           engine=args.engine, precision=args.precision)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -129,7 +130,7 @@ def run_predict(args) -> int:
     with out as stream, make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=total, status="")
         rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                           device=args.device, weights=args.weights, engine=args.engine,
+                           device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
                            on_batch=lambda n: progress.update(task, advance=n))
         count = write_rows(rows, stream, args.format)
     if args.output:
@@ -183,9 +184,7 @@ def register(commands) -> dict:
     p.add_argument("data")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--weights", default="best", choices=("best", "last"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
-                   help="auto: ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx), PyTorch on a GPU")
+    add_engine_options(p)
     p.add_argument("--strict", action="store_true")
 
     p = commands.add_parser("predict", help="label images: files, folders (recursive) or globs")
@@ -196,9 +195,7 @@ def register(commands) -> dict:
     p.add_argument("--output", default=None, help="write rows to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", default="best", choices=("best", "last"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
-                   help="auto: ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx), PyTorch on a GPU")
+    add_engine_options(p)
     p.add_argument("--quiet", action="store_true")
 
     commands.add_parser("models", help="list the registered models")

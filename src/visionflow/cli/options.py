@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from visionflow.config import PRECISIONS
+
 
 def add_run_options(parser) -> None:
     """--seed, --strict, --device, --resume and --quiet for a verb that trains into --out."""
@@ -10,3 +12,17 @@ def add_run_options(parser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_engine_options(parser) -> None:
+    """--device, --engine and --precision for a verb that labels images with a trained run."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
+                        help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX), "
+                             "else ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx)")
+    add_precision_option(parser)
+
+
+def add_precision_option(parser) -> None:
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast where the hardware computes bf16 (CUDA, AVX512-BF16, AMX), else fp32")

@@ -20,7 +20,8 @@ from torch import nn
 from visionflow.config import TrainConfig
 from visionflow.data.loading import DecodedPart
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
-from visionflow.devices import autocast, compiled_or_eager, fused_optimizer_available, memory_format, select_device
+from visionflow.devices import (autocast, compiled_or_eager, fused_optimizer_available, memory_format, resolve_precision,
+                                select_device)
 from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 from visionflow.runs import RunDir
@@ -118,7 +119,7 @@ class Lookahead:
 def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess, augment: Augment,
                     loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule, cfg: TrainConfig,
                     device: torch.device, generator: torch.Generator, on_step,
-                    lookahead: Lookahead | None = None, forward=None) -> dict:
+                    lookahead: Lookahead | None = None, forward=None, precision: str = "fp32") -> dict:
     """One pass over `part`. `forward` is what computes the logits: `model` itself or its compiled version."""
     forward = forward or model
     model.train()
@@ -135,7 +136,7 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
         x = preprocess(images, augment, generator)
         if x.ndim == 4:
             x = x.contiguous(memory_format=memory_format(device))
-        with autocast(device):
+        with autocast(device, precision):
             logits = forward(x)
             loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -161,6 +162,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
     """Train `model`, writing the run directory as it goes; returns the FitState summary as a dict."""
     device = select_device(cfg.device)
     model.to(device, memory_format=memory_format(device))
+    precision = resolve_precision(cfg.precision, device, model)  # "auto" -> fp32 or bf16 for this model here
     weight = class_weights(train_part.labels, len(train_part.classes)).to(device) if cfg.class_weights == "auto" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(cfg, model)
@@ -182,7 +184,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
     # Compiled for training only: validation runs the eager model (same parameters) under inference_mode.
     forward = compiled_or_eager(model, device, enabled=cfg.compile)
     validator = Predictor(model, preprocess, train_part.classes, device, input_kind=getattr(model, "input_kind", "image"),
-                          augment_eval=cfg.augment_eval)
+                          augment_eval=cfg.augment_eval, precision=precision)
     console = make_console()
 
     def save_checkpoint() -> None:
@@ -216,7 +218,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
                                                                f"acc {int(correct) / seen:.4f}  {rate:,.0f} img/s")
 
                 stats = train_one_epoch(model, train_part, preprocess, augment, loss_fn, optimizer, schedule, cfg,
-                                        device, generator, on_step, lookahead, forward)
+                                        device, generator, on_step, lookahead, forward, precision)
                 model.eval()
                 val_logits = validator.logits(val_part.images)
                 val_loss = float(nn.functional.cross_entropy(val_logits, val_part.labels))
