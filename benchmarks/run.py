@@ -6,17 +6,20 @@ What it measures (one table on stdout, everything in benchmarks/results/latest.j
 1. seed-cnn and seed-rnn on the MNIST split, 5 epochs, batch 32, Adam 1e-3 (constant), both stacks from the
    same kind of initial weights on the same arrays; runs alternate visionflow, Keras, visionflow, Keras so
    a change in the machine's load hits both. Training images/s is the median over epochs 2..5 (epoch 1
-   carries warm-up: allocator, kernel selection, compilation); prediction images/s is timed after a warm-up
-   batch, at batch 256 for both; accuracy is on the 2,000 test images after the last epoch.
+   carries warm-up: allocator, kernel selection, compilation); prediction images/s is the median of
+   PREDICT_PASSES passes over the 2,000 test images after a warm-up batch, at batch 256 for both (one pass
+   takes about 0.1 s: a single one is at the mercy of the scheduler); accuracy is on the 2,000 test images
+   after the last epoch.
 2. Time to 98.5% test accuracy, each stack at its own settings (TIME_TO_TARGET below): summed training
    seconds of the epochs up to the first one at or above the target, compilation included.
 3. The data pipeline on CIFAR-10 JPEGs: decoding into the uint8 cache and batched augmentation, images/s,
    beside the training throughput of seed-cnn on the same 32x32 colour images.
-4. The arithmetic limit: this CPU's measured fp32 matrix-multiply GFLOP/s and each model's FLOPs per image,
-   so every throughput is also a fraction of what the hardware can do.
+4. The arithmetic limit: this CPU's measured matrix-multiply GFLOP/s, in fp32 and (where the CPU computes
+   it natively) bf16, and each model's FLOPs per image, so every throughput is also a fraction of what the
+   hardware can do in the precision that stack ran in.
 
-Visionflow runs through its ordinary CLI (`visionflow train` / `evaluate`), so the numbers are what a user
-gets. Keras runs as a subprocess (benchmarks/keras_seed.py) inside benchmarks/.keras-venv, which this
+Visionflow runs through its ordinary CLI (`visionflow train` / `evaluate`) and its Predictor API, with their
+default precision and engine choices, so the numbers are what a user gets. Keras runs as a subprocess (benchmarks/keras_seed.py) inside benchmarks/.keras-venv, which this
 script creates and fills with tensorflow-cpu on first use.
 """
 
@@ -45,6 +48,7 @@ TENSORFLOW = "tensorflow-cpu==2.20.0"  # the newest release that installs for Py
 RESULTS = HERE / "results" / "latest.json"
 SHARED = ROOT.parent / "shared" / "datasets"
 TARGET_ACCURACY = 0.985
+PREDICT_PASSES = 7
 
 # Time to 98.5%: each stack at its own best settings, found by a sweep on the MNIST split (2026-11-24; first
 # epoch at or above 98.5%): Keras at batch 32 / lr 1e-3 never got there in 12 epochs (best 98.45%), at 64 / 2e-3 in
@@ -135,20 +139,36 @@ def visionflow_run(model: str, mnist: Path, workdir: Path, epochs: int, batch_si
               "epoch_seconds": [float(r["seconds"]) for r in rows],
               "epoch_accuracy": [float(r["val_accuracy"]) for r in rows]}
     if predict:
-        for engine in ("torch", "onnx"):
-            metrics = json.loads(run_quietly(cli + ["evaluate", str(out), str(mnist), "--json", "--weights", "last",
-                                                    "--engine", engine]))
-            result[f"predict_images_per_second_{engine}"] = metrics["images_per_second"]
-            result[f"accuracy_{engine}"] = metrics["accuracy"]
-        result["predict_images_per_second"] = max(result["predict_images_per_second_torch"],
-                                                  result["predict_images_per_second_onnx"])
+        metrics = json.loads(run_quietly(cli + ["evaluate", str(out), str(mnist), "--json", "--weights", "last"]))
+        result["accuracy"] = metrics["accuracy"]
+        for engine in ("auto", "torch", "onnx"):
+            result[f"predict_images_per_second_{engine}"] = predict_rate(out, mnist, engine)
+        result["predict_images_per_second"] = result["predict_images_per_second_auto"]  # what users get
     shutil.rmtree(out, ignore_errors=True)
     return result
 
 
+def predict_rate(run_dir: Path, mnist: Path, engine: str) -> float:
+    """Images/s of the Predictor (what `evaluate` and `predict` call) over the test images: median pass."""
+    from visionflow.data.loading import decode_part
+    from visionflow.data.sources import open_data
+    from visionflow.infer.predictor import Predictor
+
+    predictor = Predictor.from_run(str(run_dir), weights="last", engine=engine)
+    images = decode_part(open_data(str(mnist)).test, predictor.preprocess.channels, predictor.preprocess.image_size).images
+    predictor.logits(images[:256], 256)  # warm-up
+    seconds = []
+    for _ in range(PREDICT_PASSES):
+        start = time.perf_counter()
+        predictor.logits(images, 256)
+        seconds.append(time.perf_counter() - start)
+    return len(images) / statistics.median(seconds)
+
+
 def keras_run(python: Path, model: str, arrays: Path, epochs: int, batch_size: int, lr: float) -> dict:
     stdout = run_quietly([str(python), str(HERE / "keras_seed.py"), "--data", str(arrays), "--model", model,
-                          "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr)])
+                          "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr),
+                          "--predict-passes", str(PREDICT_PASSES)])
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -169,9 +189,9 @@ def time_to_target(run: dict) -> float | None:
 
 # --- the hardware limit and the data pipeline --------------------------------------------------------------
 
-def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """Best-of fp32 matrix-multiply rate with torch's threads: the arithmetic ceiling for these models."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of matrix-multiply rate with torch's threads: the arithmetic ceiling for these models."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -198,6 +218,7 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
     """Decode CIFAR-10 JPEGs into the training cache, then augment it into batches; seed-cnn trains on them."""
     from visionflow.config import TrainConfig
     from visionflow.data.loading import decode_part
+    from visionflow.devices import memory_format, resolve_precision
     from visionflow.data.sources import open_data
     from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
     from visionflow.models import create_model
@@ -220,17 +241,21 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
     cfg = TrainConfig(data=str(cifar), out="-", model="seed-cnn", batch_size=batch_size, lr=1e-3, augment="flip,crop=0.8",
                       schedule="constant", epochs=2)
     torch.manual_seed(0)
+    device = torch.device("cpu")
     model = create_model("seed-cnn", num_classes=len(part.classes), in_channels=3, image_size=32)
+    model.to(memory_format=memory_format(device))
+    precision = resolve_precision(cfg.precision, device, model)  # as `visionflow train` runs it
     optimizer = build_optimizer(cfg, model)
     schedule = build_schedule(cfg, optimizer, len(part) // batch_size + 1)
     loss_fn = torch.nn.CrossEntropyLoss()
-    rates = [train_one_epoch(model, part, preprocess, augment, loss_fn, optimizer, schedule, cfg, torch.device("cpu"),
-                             torch.Generator().manual_seed(epoch), lambda *progress: None)["images_per_second"]
+    rates = [train_one_epoch(model, part, preprocess, augment, loss_fn, optimizer, schedule, cfg, device,
+                             torch.Generator().manual_seed(epoch), lambda *progress: None,
+                             precision=precision)["images_per_second"]
              for epoch in range(2)]
     return {"images": len(part), "decode_images_per_second": len(part) / decode_seconds,
             "augment_images_per_second": len(part) / augment_seconds,
             "first_epoch_pipeline_images_per_second": len(part) / (decode_seconds + augment_seconds),
-            "seed_cnn_train_images_per_second": rates[-1]}
+            "seed_cnn_train_images_per_second": rates[-1], "seed_cnn_precision": precision}
 
 
 # --- the table ---------------------------------------------------------------------------------------------
@@ -310,7 +335,16 @@ def main() -> int:
                 target_runs["keras"] = keras_run(python, "seed-cnn", arrays, k["epochs"], k["batch_size"], k["lr"])
 
         print("matmul GFLOP/s and the data pipeline ...", flush=True)
-        gflops = matmul_gflops()
+        from visionflow.devices import cpu_has_native_bf16, resolve_precision
+        from visionflow.models import create_model
+
+        peaks = {"fp32": matmul_gflops()}
+        if cpu_has_native_bf16():
+            peaks["bf16"] = matmul_gflops(dtype=torch.bfloat16)
+        gflops = peaks["fp32"]
+        # The precision visionflow's default (--precision auto) trains and predicts each model in here.
+        precisions = {m: resolve_precision("auto", torch.device("cpu"), create_model(m, num_classes=10, in_channels=1,
+                                                                                     image_size=28)) for m in models}
         flops = {m: forward_flops(m, 1, 28) for m in models}
         cifar = cifar_folder(args.cifar, workdir)
         pipeline = data_pipeline(cifar, args.cifar_images) if cifar is not None else None
@@ -320,13 +354,16 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    def hardware_fraction(images_per_second: float | None, flops_per_image: int, training: bool) -> str:
+    def hardware_fraction(images_per_second: float | None, flops_per_image: int, training: bool,
+                          precision: str = "fp32") -> str:
         if not images_per_second:
             return "-"
-        return f"{images_per_second * flops_per_image * (3 if training else 1) / (gflops * 1e9):.1%}"
+        peak = peaks.get(precision, gflops)
+        return f"{images_per_second * flops_per_image * (3 if training else 1) / (peak * 1e9):.1%}"
 
+    peak_text = ", ".join(f"{p} matmul {g:.1f} GFLOP/s" for p, g in peaks.items())
     lines = [f"visionflow vs Keras/TensorFlow  ({args.epochs} epochs, batch 32, Adam 1e-3, {train_images:,} MNIST-split "
-             f"training images, {args.repeats} alternating pair(s); fp32 matmul {gflops:.1f} GFLOP/s)", ""]
+             f"training images, {args.repeats} alternating pair(s); {peak_text})", ""]
     header = f"{'model':<10}{'stack':<12}{'train img/s':>12}{'of peak':>9}{'predict img/s':>15}{'of peak':>9}{'accuracy':>10}"
     lines += [header, "-" * len(header)]
     summary: dict = {}
@@ -336,10 +373,12 @@ def main() -> int:
         for stack, s in (("visionflow", v), ("keras", k)):
             if s is None:
                 continue
+            precision = precisions[model] if stack == "visionflow" else "fp32"
             lines.append(f"{model:<10}{stack:<12}{fmt(s['train_images_per_second']):>12}"
-                         f"{hardware_fraction(s['train_images_per_second'], flops[model], True):>9}"
+                         f"{hardware_fraction(s['train_images_per_second'], flops[model], True, precision):>9}"
                          f"{fmt(s['predict_images_per_second']):>15}"
-                         f"{hardware_fraction(s['predict_images_per_second'], flops[model], False):>9}{s['accuracy']:>10.4f}")
+                         f"{hardware_fraction(s['predict_images_per_second'], flops[model], False, precision):>9}"
+                         f"{s['accuracy']:>10.4f}  {precision}")
         if v and k:
             summary[model]["train_ratio"] = v["train_images_per_second"] / k["train_images_per_second"]
             summary[model]["predict_ratio"] = v["predict_images_per_second"] / k["predict_images_per_second"]
@@ -347,7 +386,8 @@ def main() -> int:
             lines.append(f"{model:<10}{'ratio':<12}{ratio(v['train_images_per_second'], k['train_images_per_second']):>12}"
                          f"{'':>9}{ratio(v['predict_images_per_second'], k['predict_images_per_second']):>15}{'':>9}"
                          f"{(v['accuracy'] - k['accuracy']) * 100:>+9.2f}pt")
-        lines.append(f"{'':<10}(forward {flops[model] / 1e6:.2f} MFLOP/image; training counted as 3x forward)")
+        lines.append(f"{'':<10}(forward {flops[model] / 1e6:.2f} MFLOP/image; training counted as 3x forward; "
+                     f"'of peak' against the matmul peak of the precision it ran in)")
     lines.append("")
     times = {stack: time_to_target(run) for stack, run in target_runs.items()}
     for stack, run in target_runs.items():
@@ -363,7 +403,7 @@ def main() -> int:
                      f"augment {pipeline['augment_images_per_second']:,.0f} img/s, decode+augment "
                      f"{pipeline['first_epoch_pipeline_images_per_second']:,.0f} img/s  vs seed-cnn training "
                      f"{pipeline['seed_cnn_train_images_per_second']:,.0f} img/s "
-                     f"({hardware_fraction(pipeline['seed_cnn_train_images_per_second'], cifar_flops, True)} of peak): "
+                     f"({hardware_fraction(pipeline['seed_cnn_train_images_per_second'], cifar_flops, True, pipeline['seed_cnn_precision'])} of peak): "
                      f"{ratio(pipeline['first_epoch_pipeline_images_per_second'], pipeline['seed_cnn_train_images_per_second'])} "
                      f"(later epochs: augment only, "
                      f"{ratio(pipeline['augment_images_per_second'], pipeline['seed_cnn_train_images_per_second'])})")
@@ -373,7 +413,7 @@ def main() -> int:
 
     result = {"summary": summary, "runs": runs, "time_to_target": {"target": TARGET_ACCURACY, "seconds": times,
                                                                    "runs": target_runs, "settings": TIME_TO_TARGET},
-              "data_pipeline": pipeline, "matmul_gflops": gflops, "cifar_seed_cnn_forward_flops": cifar_flops,
+              "data_pipeline": pipeline, "matmul_gflops": peaks, "precisions": precisions, "cifar_seed_cnn_forward_flops": cifar_flops,
               "notes": notes, "torch": torch.__version__, "threads": torch.get_num_threads(), "table": lines}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

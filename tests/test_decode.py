@@ -118,3 +118,39 @@ def test_decompression_bomb_is_refused(tmp_path: Path):
     assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
     with pytest.raises(BrokenImage, match="decompression bomb"):
         decode_image(tmp_path / "bomb.png", channels=1)
+
+
+def _photo(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth colour gradients plus noise: what a JPEG encoder meets in photos."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode,subsampling,channels,size", [
+    ("RGB", 2, 3, None), ("RGB", 0, 3, None), ("RGB", 2, 3, 16), ("RGB", 2, 1, None),
+    ("L", -1, 1, None), ("L", -1, 3, 24),
+])
+def test_plain_jpegs_decode_exactly_as_pillow_does(tmp_path: Path, mode, subsampling, channels, size):
+    """The libjpeg-turbo fast path and Pillow give the same pixels, resized or not, for every channel choice."""
+    from visionflow.data.decode import decode_plain_jpeg, open_image, pil_to_tensor
+
+    for i, (height, width) in enumerate([(32, 32), (37, 53), (120, 90)]):
+        image = Image.fromarray(_photo(height, width, i)).convert(mode)
+        path = tmp_path / f"{mode}{subsampling}-{i}.jpg"
+        image.save(path, quality=75, **({"subsampling": subsampling} if subsampling >= 0 else {}))
+        expected = pil_to_tensor(open_image(path), channels, size)
+        assert torch.equal(decode_image(path, channels, size), expected), path.name
+        assert torch.equal(decode_image(path.read_bytes(), channels, size), expected), path.name
+        took_fast_path = decode_plain_jpeg(path.read_bytes(), channels, size) is not None
+        assert took_fast_path == (mode == "L" or channels == 3)  # colour to grey stays with Pillow's weights
+
+
+def test_truncated_jpeg_is_named_not_half_decoded(tmp_path: Path):
+    good = io.BytesIO()
+    Image.fromarray(_photo(64, 64, 0)).save(good, format="JPEG", quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    with pytest.raises(BrokenImage, match="cut.jpg"):
+        decode_image(path, channels=3)

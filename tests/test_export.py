@@ -127,6 +127,17 @@ def test_auto_engine_is_onnx_for_fp32_on_the_cpu_and_torch_for_bf16_or_when_aske
     assert not isinstance(Predictor.from_run(str(digits_run)).model, OnnxRuntimeModel)  # the nn.Module, for features
 
 
+def test_auto_engine_keeps_recurrent_models_on_torch(tmp_path):
+    """ONNX Runtime's RNN kernels labelled seed-rnn 4x slower than PyTorch: auto never picks them."""
+    from visionflow.infer.onnx_engine import OnnxRuntimeModel
+
+    out = tmp_path / "rnn"
+    api.train(TrainConfig(data="digits", out=str(out), model="seed-rnn", epochs=1, seed=0), show_progress=False)
+    predictor = Predictor.from_run(str(out), device="cpu", engine="auto", precision="fp32")
+    assert not isinstance(predictor.model, OnnxRuntimeModel) and predictor.precision == "fp32"
+    assert isinstance(Predictor.from_run(str(out), engine="onnx").model, OnnxRuntimeModel)  # still there when asked
+
+
 def test_bf16_labels_digits_like_fp32(digits_run):
     """bf16 autocast (the default where the CPU computes bf16) against fp32 on the same 1,797 digits: the
     probabilities move by bf16's rounding, not enough to change more than a handful of top-1 labels."""

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import write_class_folder
+from visionflow.data import loading
 from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import expand_inputs, open_data
 from visionflow.errors import VisionflowError
@@ -102,6 +104,26 @@ def test_broken_files_are_skipped_and_named(patterns: Path, caplog):
     assert "broken.png" in caplog.text and "empty.jpg" in caplog.text
     with pytest.raises(VisionflowError, match="broken.png|empty.jpg"):
         decode_part(open_data(patterns).train, channels=1, size=16, strict=True)
+
+
+def test_worker_processes_decode_what_threads_decode(tmp_path: Path, caplog):
+    """Collections of 1,000+ files decode in worker processes: same tensors, same order, broken files named."""
+    rng = np.random.default_rng(0)
+    for i in range(1200):
+        folder = tmp_path / f"class{i % 3}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    (tmp_path / "class1" / "0500-broken.png").write_bytes(b"\x89PNG not really")
+    source = open_data(tmp_path).train
+    assert loading._use_processes(source, len(source), workers=2)
+    in_processes = decode_part(source, channels=3, size=None, workers=2)
+    in_threads = decode_part(source, channels=3, size=None, workers=1)
+    assert len(in_processes) == 1200
+    assert [Path(p).name for p, _ in in_processes.skipped] == ["0500-broken.png"]
+    assert "0500-broken.png" in caplog.text
+    assert in_processes.origins == in_threads.origins
+    assert torch.equal(in_processes.images, in_threads.images)
+    assert torch.equal(in_processes.labels, in_threads.labels)
 
 
 def test_stratified_split_is_seeded_and_per_class():

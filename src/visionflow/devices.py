@@ -51,8 +51,11 @@ def resolve_precision(precision: str, device: torch.device, model: nn.Module | N
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    recurrent = model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() and not recurrent else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() and not is_recurrent(model) else "fp32"
+
+
+def is_recurrent(model: nn.Module | None) -> bool:
+    return model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
 
 
 def autocast(device: torch.device, precision: str = "auto"):

@@ -16,3 +16,7 @@ class BrokenImage(VisionflowError):
         super().__init__(f"{origin}: {reason}")
         self.origin = origin
         self.reason = reason
+
+    def __reduce__(self):
+        # Decoding workers send it back to the main process as a value; rebuild it from both fields.
+        return BrokenImage, (self.origin, self.reason)

@@ -37,6 +37,9 @@ class DataSource:
     kind: str = "image"  # "image" or "clip": which models can use it
     native_channels: int | None = None  # set when the data has one fixed channel count (arrays)
     name: str = ""
+    # Whether reading is slow enough, and mostly Python holding the GIL (opening and parsing small files),
+    # that worker processes beat threads. Arrays in memory read in microseconds: they stay in threads.
+    decode_in_processes: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,6 +65,7 @@ class Subset(DataSource):
         self.parent, self.indices = parent, indices
         self.classes, self.kind, self.name = parent.classes, parent.kind, parent.name
         self.native_channels = parent.native_channels
+        self.decode_in_processes = parent.decode_in_processes
         self.labels = parent.labels[indices]
 
     def origin(self, index: int) -> str:
@@ -83,6 +87,7 @@ class ImageFiles(DataSource):
     probe = staticmethod(probe_image)  # path -> (channels, (width, height)); clips bring their own
     probe_count = 32                   # files sampled to guess channels and size
     max_guessed_size = 224
+    decode_in_processes = True
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], name: str = ""):
         self.paths, self.classes, self.name = paths, classes, name

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from visionflow.data.transforms import Preprocess
-from visionflow.devices import autocast, memory_format, resolve_precision, select_device
+from visionflow.devices import autocast, is_recurrent, memory_format, resolve_precision, select_device
 from visionflow.errors import VisionflowError
 from visionflow.models import create_model
 from visionflow.runs import RunDir
@@ -63,10 +63,11 @@ class Predictor:
         """The run's model with its recorded preprocessing, run by PyTorch or by ONNX Runtime (CPU only).
 
         engine "auto": PyTorch where it runs bf16 (a GPU, or a CPU with native bf16: there channels-last bf16
-        labelled 37,100 img/s against ONNX Runtime's ~10,000 in fp32); otherwise ONNX Runtime for image models
-        on the CPU, where it labels 2-3x faster than eager fp32 PyTorch on AVX2 CPUs with the same top-1 and
-        probabilities within 1e-4 (tests/test_export.py); PyTorch for clips, or when the export or ONNX Runtime
-        is unavailable (with a warning saying why). `precision` applies to the PyTorch engine only: ONNX
+        labelled seed-cnn at 32,500 img/s against ONNX Runtime's 11,700 in fp32); otherwise ONNX Runtime for
+        convolutional image models on the CPU, where it labelled 2-3x faster than eager fp32 PyTorch on the AVX2
+        CPU it was measured on, with the same top-1 and probabilities within 1e-4 (tests/test_export.py).
+        PyTorch for recurrent models (seed-rnn: 356,000 img/s against ONNX Runtime's 85,000), for clips, and
+        when the export or ONNX Runtime is unavailable (with a warning saying why). `precision` applies to the PyTorch engine only: ONNX
         Runtime runs the exported fp32 graph. `evaluate`
         and `predict` ask for "auto"; the default stays "torch" for callers that need the nn.Module itself
         (features for FID, Grad-CAM).
@@ -78,7 +79,7 @@ class Predictor:
         model, fields = load_run_model(run, weights)
         target = select_device(device)
         # auto leaves clip models to PyTorch: their exported graph is fixed to the run's frames per clip.
-        onnx_first = (target.type == "cpu" and fields["input_kind"] == "image"
+        onnx_first = (target.type == "cpu" and fields["input_kind"] == "image" and not is_recurrent(model)
                       and resolve_precision(precision, target, model) == "fp32")
         if engine == "onnx" or (engine == "auto" and onnx_first):
             from visionflow.infer.onnx_engine import onnx_runtime_model
