@@ -57,12 +57,16 @@ def test_cli_preset_records_its_name_and_flags_win(tmp_path, capsys):
     assert train["preset"] == "cifar10-90"
     assert (train["epochs"], train["batch_size"], train["lr"]) == (1, 64, 0.2)            # the flags
     assert (train["optimizer"], train["lookahead"]) == ("sgd", PRESETS["cifar10-90"]["lookahead"])  # the preset
-    assert config["augment_eval"] == "flip"
-    # evaluate rebuilds the whitened net and the flip TTA from the run alone: same accuracy as training saw
+    assert config["augment_eval"] == "flip-translate"
+    # evaluate rebuilds the whitened net and the 6-view TTA from the run alone: the accuracy of report.json.
     report = json.loads((out / "report.json").read_text())
     capsys.readouterr()
     assert main(["evaluate", str(out), "digits", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(report["validation"]["accuracy"])
+    # Per-epoch validation used the two flip views; asked for the same, evaluate gives what training saw.
+    epoch_accuracy = float((out / "metrics.csv").read_text().splitlines()[1].split(",")[4])
+    assert main(["evaluate", str(out), "digits", "--json", "--augment-eval", "flip"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(epoch_accuracy, abs=1e-6)
 
 
 def test_whitening_decorrelates_training_patches():
@@ -89,6 +93,21 @@ def test_flip_tta_is_the_mean_of_the_two_views():
     mirrored = plain.logits(images.flip(-1))
     assert torch.allclose(tta.logits(images), (plain.logits(images) + mirrored) / 2, atol=1e-6)
     assert not torch.allclose(tta.logits(images), plain.logits(images), atol=1e-4)
+
+
+def test_flip_translate_tta_averages_six_views():
+    """airbench's level-2 TTA: half the flip mean of the image, half that of its two reflect-padded 1-pixel shifts."""
+    torch.manual_seed(0)
+    model = create_model("airbench", num_classes=4, in_channels=3, image_size=16, block1=8, block2=8, block3=8).eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    preprocess = Preprocess(image_size=16, channels=3, mean=[0.5] * 3, std=[0.25] * 3)
+    flip = Predictor(model, preprocess, list("abcd"), torch.device("cpu"), augment_eval="flip")
+    six = Predictor(model, preprocess, list("abcd"), torch.device("cpu"), augment_eval="flip-translate")
+    padded = F.pad(images.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)
+    up_left, down_right = padded[..., :16, :16], padded[..., 2:, 2:]
+    expected = (flip.logits(images) + (flip.logits(up_left) + flip.logits(down_right)) / 2) / 2
+    assert torch.allclose(six.logits(images), expected, atol=1e-5)
+    assert not torch.allclose(six.logits(images), flip.logits(images), atol=1e-4)
 
 
 def test_lookahead_keeps_the_expected_running_average():

@@ -215,9 +215,11 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
 
 
 def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best", batch_size: int = 256,
-             strict: bool = False, engine: str = "auto", precision: str = "auto") -> dict:
+             strict: bool = False, engine: str = "auto", precision: str = "auto", augment_eval: str | None = None) -> dict:
+    """Metrics of the run on DATA's evaluation part. `augment_eval`: test-time augmentation (None = the run's)."""
     run = RunDir(run_dir).require()
-    predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision)
+    predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision,
+                                   augment_eval=augment_eval)
     dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
     source = evaluation_part(run, dataset)
     if source.kind != predictor.input_kind:
@@ -238,11 +240,13 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
 
 
 def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
-            weights: str = "best", on_batch=None, engine: str = "auto", precision: str = "auto") -> Iterator[dict]:
+            weights: str = "best", on_batch=None, engine: str = "auto", precision: str = "auto",
+            augment_eval: str | None = None) -> Iterator[dict]:
     """Label files, folders (recursive) or globs; yields one row per image as batches finish."""
     if top_k < 1:
         raise VisionflowError(f"--top-k must be at least 1 (got {top_k})")
-    predictor = Predictor.from_run(run_dir, device=device, weights=weights, engine=engine, precision=precision)
+    predictor = Predictor.from_run(run_dir, device=device, weights=weights, engine=engine, precision=precision,
+                                   augment_eval=augment_eval)
     if predictor.input_kind == "clip":
         source = unlabelled_clips(inputs, predictor.frames)
     else:

@@ -11,7 +11,7 @@ from visionflow.errors import VisionflowError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
-EVAL_AUGMENTS = ("none", "flip")
+EVAL_AUGMENTS = ("none", "flip", "flip-translate")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware computes it (devices.uses_bf16)
 
 
@@ -63,7 +63,7 @@ class TrainConfig(RunConfig):
     device: str = "auto"
     frames: int = 16                  # clips only: frames sampled per clip
     lookahead: int = 0                # every N steps pull the weights to their running average (airbench); 0 = off
-    augment_eval: str = "none"        # test-time augmentation recorded in the run: none, or flip (mean of both views)
+    augment_eval: str = "none"        # test-time augmentation recorded in the run: none, flip, flip-translate (infer/predictor.py)
     precision: str = "auto"           # auto (bf16 where the hardware computes it), fp32 or bf16
     compile: bool = False             # torch.compile the model for training (falls back to eager when it cannot)
     preset: str | None = None         # the --preset the values came from (train/presets.py), for the record

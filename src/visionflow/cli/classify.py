@@ -66,7 +66,9 @@ def add_train_parser(commands) -> None:
     add_run_options(p)
     p.add_argument("--preset", default=None, help="a training recipe (e.g. cifar10-90, cifar10-94); flags given override it")
     p.add_argument("--lookahead", type=int, default=0, help="every N steps pull the weights to their running average (0 = off)")
-    p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS, help="test-time augmentation: flip = mean of both views")
+    p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS,
+                   help="test-time augmentation recorded in the run: flip = mean of the image and its mirror; "
+                        "flip-translate = airbench's 6 views (flips of the image and of two 1-pixel shifts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on long runs)")
     add_precision_option(p)
     # Flags left out parse as None so that a --preset's value stands unless a flag is given; the defaults
@@ -105,7 +107,7 @@ def run_evaluate(args) -> int:
     from visionflow import api
 
     metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, strict=args.strict,
-                           engine=args.engine, precision=args.precision)
+                           engine=args.engine, precision=args.precision, augment_eval=args.augment_eval)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -131,7 +133,7 @@ def run_predict(args) -> int:
         task = progress.add_task("labelling", total=total, status="")
         rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
-                           on_batch=lambda n: progress.update(task, advance=n))
+                           augment_eval=args.augment_eval, on_batch=lambda n: progress.update(task, advance=n))
         count = write_rows(rows, stream, args.format)
     if args.output:
         print(f"wrote {count} rows to {args.output}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visionflow.config import PRECISIONS
+from visionflow.config import EVAL_AUGMENTS, PRECISIONS
 
 
 def add_run_options(parser) -> None:
@@ -15,12 +15,14 @@ def add_run_options(parser) -> None:
 
 
 def add_engine_options(parser) -> None:
-    """--device, --engine and --precision for a verb that labels images with a trained run."""
+    """--device, --engine, --precision and --augment-eval for a verb that labels images with a trained run."""
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
-                        help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX), "
-                             "else ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx)")
+                        help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX) and for "
+                             "recurrent models, else ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx)")
     add_precision_option(parser)
+    parser.add_argument("--augment-eval", default=None, choices=EVAL_AUGMENTS,
+                        help="test-time augmentation instead of the one the run recorded")
 
 
 def add_precision_option(parser) -> None:

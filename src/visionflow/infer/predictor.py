@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from visionflow.config import EVAL_AUGMENTS
 from visionflow.data.transforms import Preprocess
 from visionflow.devices import autocast, is_recurrent, memory_format, resolve_precision, select_device
 from visionflow.errors import VisionflowError
@@ -59,7 +61,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | RunDir, device: str = "auto", weights: str = "best",
-                 engine: str = "torch", precision: str = "auto") -> "Predictor":
+                 engine: str = "torch", precision: str = "auto", augment_eval: str | None = None) -> "Predictor":
         """The run's model with its recorded preprocessing, run by PyTorch or by ONNX Runtime (CPU only).
 
         engine "auto": PyTorch where it runs bf16 (a GPU, or a CPU with native bf16: there channels-last bf16
@@ -68,7 +70,8 @@ class Predictor:
         CPU it was measured on, with the same top-1 and probabilities within 1e-4 (tests/test_export.py).
         PyTorch for recurrent models (seed-rnn: 356,000 img/s against ONNX Runtime's 85,000), for clips, and
         when the export or ONNX Runtime is unavailable (with a warning saying why). `precision` applies to the PyTorch engine only: ONNX
-        Runtime runs the exported fp32 graph. `evaluate`
+        Runtime runs the exported fp32 graph. `augment_eval` overrides the test-time augmentation the run
+        recorded (None keeps it). `evaluate`
         and `predict` ask for "auto"; the default stays "torch" for callers that need the nn.Module itself
         (features for FID, Grad-CAM).
         """
@@ -77,6 +80,10 @@ class Predictor:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         run.require()
         model, fields = load_run_model(run, weights)
+        if augment_eval is not None:
+            if augment_eval not in EVAL_AUGMENTS:
+                raise VisionflowError(f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {augment_eval})")
+            fields["augment_eval"] = augment_eval
         target = select_device(device)
         # auto leaves clip models to PyTorch: their exported graph is fixed to the run's frames per clip.
         onnx_first = (target.type == "cpu" and fields["input_kind"] == "image" and not is_recurrent(model)
@@ -98,19 +105,36 @@ class Predictor:
     def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 images (N, C, H, W) or clips (N, T, C, H, W) -> logits (N, classes), float32 on the CPU."""
         outputs = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(self.device, non_blocking=True)
-            x = self.preprocess(batch)
-            if x.ndim == 4:
-                x = x.contiguous(memory_format=memory_format(self.device))
-            with autocast(self.device, self.precision):
-                logits = self.model(x).float()
-                if self.augment_eval == "flip":
-                    logits = (logits + self.model(x.flip(-1)).float()) / 2
-                outputs.append(logits.cpu())
+        # One autocast region for all batches: its cache keeps the bf16 copies of the weights from one batch
+        # to the next instead of casting them again for each.
+        with autocast(self.device, self.precision):
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size].to(self.device, non_blocking=True)
+                x = self.preprocess(batch)
+                if x.ndim == 4:
+                    x = x.contiguous(memory_format=memory_format(self.device))
+                outputs.append(self._test_time_augmented(x).cpu())
         if not outputs:
             return torch.empty(0, len(self.classes))
         return torch.cat(outputs)
+
+    def _test_time_augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits averaged over the views `augment_eval` names. "flip": the image and its mirror.
+        "flip-translate" (airbench's level-2 TTA, 6 passes): half that, half the same for the image shifted one
+        pixel up-left and one pixel down-right with reflected borders."""
+        def flip_mean(view: torch.Tensor) -> torch.Tensor:
+            return (self.model(view).float() + self.model(view.flip(-1)).float()) / 2
+
+        if self.augment_eval == "none":
+            return self.model(x).float()
+        logits = flip_mean(x)
+        if self.augment_eval == "flip-translate":
+            height, width = x.shape[-2:]
+            padded = F.pad(x.flatten(0, -4), (1, 1, 1, 1), mode="reflect").view(*x.shape[:-2], height + 2, width + 2)
+            shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
+            logits = (logits + sum(flip_mean(view.contiguous(memory_format=memory_format(self.device))
+                                             if view.ndim == 4 else view) for view in shifted) / 2) / 2
+        return logits
 
     def probabilities(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         return torch.softmax(self.logits(images, batch_size), dim=1)
