@@ -54,9 +54,11 @@ PREDICT_PASSES = 7
 # epoch at or above 98.5%): Keras at batch 32 / lr 1e-3 never got there in 12 epochs (best 98.45%), at 64 / 2e-3 in
 # epoch 5, at 32 / 2e-3 in epoch 7, at 128 / 3e-3 in epoch 2. visionflow with a one-cycle schedule sized to the
 # run: 128 / 3e-3 / 3 epochs reached 98.7% in epoch 3, 256 / 6e-3 / 3 epochs 98.6% in epoch 3, 128 / 4e-3 / 2
-# epochs 98.2% (not there).
+# epochs 98.2% (not there). A second sweep (2026-11-24, session 5, seeds 0 and 1; one epoch never got there, best
+# 98.3%): 128 / 6e-3 / 3 epochs reached 98.6% in epoch 2 with seed 0 (98.25% then 99.0% in epoch 3 with seed 1);
+# 128 / 3e-3 / 3 epochs only in epoch 3 with both; Keras at 128 / 6e-3 never within 3 epochs (98.0%).
 TIME_TO_TARGET = {
-    "visionflow": {"batch_size": 128, "lr": 3e-3, "schedule": "onecycle", "epochs": 3},
+    "visionflow": {"batch_size": 128, "lr": 6e-3, "schedule": "onecycle", "epochs": 3},
     "keras": {"batch_size": 128, "lr": 3e-3, "epochs": 6},
 }
 
@@ -226,9 +228,14 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
 
     source = open_data(str(cifar)).train
     picked = source.subset(np.random.default_rng(0).permutation(len(source))[:images])
-    start = time.perf_counter()
-    part = decode_part(picked, 3, 32)
-    decode_seconds = time.perf_counter() - start
+    # Three passes: the first may read the files from disk (after a reboot, or once TensorFlow's libraries have
+    # pushed them out of the page cache); the median is the decoder's own rate. Both are reported.
+    passes = []
+    for _ in range(3):
+        start = time.perf_counter()
+        part = decode_part(picked, 3, 32)
+        passes.append(time.perf_counter() - start)
+    decode_seconds = statistics.median(passes)
     mean, std = channel_stats(part.images)
     preprocess = Preprocess(image_size=32, channels=3, mean=mean, std=std)
     augment = Augment(AugmentSpec.parse("flip,crop=0.8"))
@@ -253,6 +260,7 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
                              precision=precision)["images_per_second"]
              for epoch in range(2)]
     return {"images": len(part), "decode_images_per_second": len(part) / decode_seconds,
+            "first_decode_images_per_second": len(part) / passes[0],
             "augment_images_per_second": len(part) / augment_seconds,
             "first_epoch_pipeline_images_per_second": len(part) / (decode_seconds + augment_seconds),
             "seed_cnn_train_images_per_second": rates[-1], "seed_cnn_precision": precision}
@@ -399,7 +407,8 @@ def main() -> int:
     if times.get("visionflow") and times.get("keras"):
         lines.append(f"time to {TARGET_ACCURACY:.1%} ratio (keras / visionflow): {times['keras'] / times['visionflow']:.2f}x")
     if pipeline:
-        lines.append(f"data pipeline, CIFAR-10 JPEGs ({pipeline['images']:,} images): decode {pipeline['decode_images_per_second']:,.0f} img/s, "
+        lines.append(f"data pipeline, CIFAR-10 JPEGs ({pipeline['images']:,} images): decode {pipeline['decode_images_per_second']:,.0f} img/s "
+                     f"(first pass {pipeline['first_decode_images_per_second']:,.0f}), "
                      f"augment {pipeline['augment_images_per_second']:,.0f} img/s, decode+augment "
                      f"{pipeline['first_epoch_pipeline_images_per_second']:,.0f} img/s  vs seed-cnn training "
                      f"{pipeline['seed_cnn_train_images_per_second']:,.0f} img/s "

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from visionflow.devices import cpu_has_native_bf16
+
 from conftest import run_cli, write_class_folder
 from test_sources import write_mnist
 
@@ -43,6 +45,8 @@ def test_train_reports_skipped_files_and_learns(trained):
     assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.png", "empty.jpg"]
     assert report["validation"]["accuracy"] >= 0.9
     assert report["train_images_per_second"] > 0
+    # config.json keeps "auto"; the report says what it became on this machine (a CNN: bf16 where native)
+    assert report["device"] == "cpu" and report["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     config = json.loads((run / "config.json").read_text())
     assert config["classes"] == ["square", "stripes_h", "stripes_v"] and config["preprocess"]["channels"] == 1
 

@@ -178,7 +178,7 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
     """Final validation metrics with the best weights, report.json and the run's pictures."""
     model.load_state_dict(run.load_weights(run.best_weights_name()))
     predictor = Predictor(model, preprocess, data.train.classes, next(model.parameters()).device,
-                          augment_eval=cfg.augment_eval)
+                          augment_eval=cfg.augment_eval, precision=summary["precision"])
     logits = predictor.logits(data.val.images)
     metrics = classification_metrics(logits, data.val.labels, data.val.classes)
     skipped = data.train.skipped + data.val.skipped
@@ -186,6 +186,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
         "model": cfg.model, "parameters": count_parameters(model), "epochs": summary["epochs"],
         "best_epoch": summary["best_epoch"], "validation": metrics,
         "train_images_per_second": summary["train_images_per_second"],
+        # what config.json's "auto" resolved to on the machine that trained
+        "device": summary["device"], "precision": summary["precision"],
         "skipped_files": len(skipped), "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
     run.write_json("report.json", report)
