@@ -26,11 +26,13 @@ _AIRBENCH = {
 }
 
 PRESETS: dict[str, dict] = {
-    # The fast one: airbench94's network and recipe cut to 2 epochs, with a smaller batch for more steps.
-    "cifar10-90": {**_AIRBENCH, "epochs": 2, "batch_size": 256, "lr": 0.375},
-    # airbench94 itself: 10 epochs of batch 1024 (9.9 in the original). About 20 minutes on two CPU cores
-    # with bf16; the README has the accuracy it reaches on the JPEG copy of CIFAR-10.
-    "cifar10-94": {**_AIRBENCH, "epochs": 10, "batch_size": 1024, "lr": 1.5},
+    # airbench94 itself: 10 epochs of batch 1024 (9.9 in the original). On the JPEG copy of CIFAR-10 in
+    # ../shared/datasets it reached 90.63 / 90.53 / 90.52% over seeds 0-2 (6-view TTA), 23 minutes per run
+    # on two idle CPU cores with bf16 (README, "CIFAR-10 presets").
+    "cifar10-90": {**_AIRBENCH, "epochs": 10, "batch_size": 1024, "lr": 1.5},
+    # The same recipe trained twice as long: the attempt at 94%. It reached 91.51% (seed 0, 43 minutes), so
+    # the README reports 94% as not reached.
+    "cifar10-94": {**_AIRBENCH, "epochs": 20, "batch_size": 1024, "lr": 1.5},
 }
 
 _FIELDS = {f.name for f in fields(TrainConfig)}
