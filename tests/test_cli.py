@@ -81,6 +81,19 @@ def test_predict_formats_and_broken_rows(trained):
     assert len(table) == 20 and {r["label"] for r in table} <= {"square", "stripes_h", "stripes_v"}
 
 
+def test_a_decompression_bomb_is_named_once(trained, tmp_path: Path):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    Image.open(next((data / "square").glob("*.png"))).save(folder / "good.png")
+    Image.new("1", (9_500, 9_500)).save(folder / "huge.png")  # 90 Mpx in a tiny file: over Pillow's limit too
+    result = run_cli("predict", run, folder)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("huge.png") == 1 and "DecompressionBombWarning" not in result.stderr, result.stderr
+    rows = dict(line.split("\t")[:2] for line in result.stdout.splitlines())
+    assert rows[str(folder / "huge.png")] == "ERROR" and rows[str(folder / "good.png")] == "square"
+
+
 def test_models_lists_parameter_counts():
     result = run_cli("models")
     assert result.returncode == 0

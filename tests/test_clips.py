@@ -254,7 +254,10 @@ def test_cli_makes_clips_trains_evaluates_and_labels_one_row_per_clip(tmp_path: 
     assert config["train"]["model_options"] == {"cell": "gru", "hidden": 16, "temporal_pool": "mean"}
     assert config["clip_sampling"]["short_clips"] == "pad by repeating the last frame"
     held_out = json.loads((run / "split.json").read_text())["held_out"]
+    assert f"({len(held_out)} clips, best epoch 1," in trained.stdout and "train clips/s" in trained.stdout, trained.stdout
     assert api.evaluate(str(run), str(data))["n"] == len(held_out)  # the run's held-out clips
+    evaluated = run_cli("evaluate", run, data)
+    assert evaluated.returncode == 0 and " clips/s " in evaluated.stdout, evaluated.stderr
     predicted = run_cli("predict", run, data, "--format", "jsonl")
     assert predicted.returncode == 0, predicted.stderr
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
@@ -285,3 +288,10 @@ def test_preview_shows_one_clip_per_row(digit_clips, tmp_path: Path):
     path = api.preview(str(digit_clips["npy"]), "rotate=10", str(tmp_path / "preview.png"), count=3)
     width, height = Image.open(path).size
     assert (width, height) == (2 + 16 * 34, 2 + 3 * 34)  # 16 frames (the default --frames) of 32 px, 3 rows
+    # from the command line, folders of frames read as clips once --frames is given
+    result = run_cli("preview", digit_clips["frames"], "--augment", "flip", "--frames", "5", "--count", "2",
+                     "--out", tmp_path / "frames.png")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "frames.png").size == (2 + 5 * 34, 2 + 2 * 34)
+    refused = run_cli("preview", digit_clips["frames"], "--augment", "flip", "--frames", "0", "--out", tmp_path / "x.png")
+    assert refused.returncode == 2 and refused.stderr.strip() == "visionflow: error: --frames must be at least 1 (got 0)"

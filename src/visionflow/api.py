@@ -183,8 +183,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
     metrics = classification_metrics(logits, data.val.labels, data.val.classes)
     skipped = data.train.skipped + data.val.skipped
     report = {
-        "model": cfg.model, "parameters": count_parameters(model), "epochs": summary["epochs"],
-        "best_epoch": summary["best_epoch"], "validation": metrics,
+        "model": cfg.model, "input_kind": model_entry(cfg.model).input_kind, "parameters": count_parameters(model),
+        "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "validation": metrics,
         "train_images_per_second": summary["train_images_per_second"],
         # what config.json's "auto" resolved to on the machine that trained
         "device": summary["device"], "precision": summary["precision"],
@@ -236,7 +236,8 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     logits = predictor.logits(part.images, batch_size)
     seconds = time.perf_counter() - start
     metrics = classification_metrics(logits, part.labels, predictor.classes)
-    metrics["images_per_second"] = round(len(part) / max(seconds, 1e-9), 1)
+    metrics["images_per_second"] = round(len(part) / max(seconds, 1e-9), 1)  # clips per second for clip models
+    metrics["input_kind"] = predictor.input_kind
     metrics["skipped_files"] = len(part.skipped)
     return metrics
 
@@ -278,10 +279,15 @@ def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:
 # --- looking at data -------------------------------------------------------------------------------------
 
 def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, image_size: int | None = None,
-            channels: int | None = None) -> Path:
-    """A grid of augmented training samples, exactly as the training loop would see them (before normalising)."""
+            channels: int | None = None, frames: int | None = None) -> Path:
+    """A grid of augmented training samples, exactly as the training loop would see them (before normalising).
+
+    Clips take one row each, `frames` (default 16, as in training) frames wide; giving `frames` also reads
+    folders of frame folders as clips rather than as nested images."""
+    if frames is not None and frames < 1:
+        raise VisionflowError(f"--frames must be at least 1 (got {frames})")
     spec = AugmentSpec.parse(augment)
-    dataset = open_data(data)
+    dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train
     rng = np.random.default_rng(seed)
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
+
+from PIL import Image
 
 from visionflow.cli import classify, datasets, gan, repair, export
 from visionflow.errors import VisionflowError
@@ -35,6 +38,9 @@ def build_parser() -> tuple[ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    # The decoder refuses such files itself and names them (data/decode.py, MAX_PIXELS); Pillow's warning
+    # would say it a second time, with a line of its own source code.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     from visionflow.train.loop import TrainingInterrupted
 
     try:

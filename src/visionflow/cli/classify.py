@@ -96,11 +96,17 @@ def run_train(args) -> int:
         cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given)
         report = api.train(cfg, show_progress=not args.quiet)
     validation = report["validation"]
+    noun, rate = _units(report["input_kind"])
     print(f"{args.out}: validation accuracy {validation['accuracy']:.4f}  top-{validation['top_k']} "
           f"{validation['top_k_accuracy']:.4f}  macro-F1 {validation['macro_f1']:.4f}  "
-          f"({validation['n']} images, best epoch {report['best_epoch']}, "
-          f"{report['train_images_per_second']:,.0f} train img/s, {report['skipped_files']} skipped files)")
+          f"({validation['n']} {noun}, best epoch {report['best_epoch']}, "
+          f"{report['train_images_per_second']:,.0f} train {rate}, {report['skipped_files']} skipped files)")
     return 0
+
+
+def _units(input_kind: str) -> tuple[str, str]:
+    """What the printed counts and rates count: ("images", "img/s") or ("clips", "clips/s")."""
+    return ("clips", "clips/s") if input_kind == "clip" else ("images", "img/s")
 
 
 def run_evaluate(args) -> int:
@@ -112,7 +118,7 @@ def run_evaluate(args) -> int:
         print(json.dumps(metrics))
         return 0
     print(f"n {metrics['n']}  accuracy {metrics['accuracy']:.4f}  top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}  "
-          f"macro-F1 {metrics['macro_f1']:.4f}  {metrics['images_per_second']:,.0f} img/s  "
+          f"macro-F1 {metrics['macro_f1']:.4f}  {metrics['images_per_second']:,.0f} {_units(metrics['input_kind'])[1]}  "
           f"skipped {metrics['skipped_files']}")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():
@@ -153,7 +159,7 @@ def run_preview(args) -> int:
     from visionflow import api
 
     path = api.preview(args.data, args.augment, args.out, count=args.count, seed=args.seed,
-                       image_size=args.image_size, channels=args.channels)
+                       image_size=args.image_size, channels=args.channels, frames=args.frames)
     print(f"wrote {path}")
     return 0
 
@@ -210,6 +216,7 @@ def register(commands) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--channels", type=int, default=None, choices=(1, 3))
+    p.add_argument("--frames", type=int, default=None, help="clip data: frames per clip, one clip per row (default 16)")
 
     p = commands.add_parser("demo", help="train, evaluate and label on the built-in digits (offline, < 1 min)")
     p.add_argument("--out", default="runs/demo")

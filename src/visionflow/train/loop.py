@@ -185,7 +185,9 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
     forward = compiled_or_eager(model, device, enabled=cfg.compile)
     # Per-epoch validation keeps to at most the two flip views: the 6-view TTA triples its cost for a few
     # tenths of a point, which `evaluate` and `predict` still get.
-    validator = Predictor(model, preprocess, train_part.classes, device, input_kind=getattr(model, "input_kind", "image"),
+    input_kind = getattr(model, "input_kind", "image")
+    rate_unit = "clips/s" if input_kind == "clip" else "img/s"
+    validator = Predictor(model, preprocess, train_part.classes, device, input_kind=input_kind,
                           augment_eval="flip" if cfg.augment_eval == "flip-translate" else cfg.augment_eval,
                           precision=precision)
     console = make_console()
@@ -218,7 +220,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
                     seen = counter["seen"]
                     rate = seen / max(1e-9, time.perf_counter() - counter["start"])
                     progress.update(task, completed=seen, status=f"loss {float(loss_sum) / seen:.4f}  "
-                                                                  f"acc {int(correct) / seen:.4f}  {rate:,.0f} img/s")
+                                                                  f"acc {int(correct) / seen:.4f}  {rate:,.0f} {rate_unit}")
 
                 stats = train_one_epoch(model, train_part, preprocess, augment, loss_fn, optimizer, schedule, cfg,
                                         device, generator, on_step, lookahead, forward, precision)
@@ -235,7 +237,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
                                    "seconds": round(stats["seconds"], 3)})
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
                               f"acc {stats['train_accuracy']:.4f}  val_loss {val_loss:.4f}  val_acc {val_accuracy:.4f}  "
-                              f"{stats['images_per_second']:,.0f} img/s", highlight=False, soft_wrap=True)
+                              f"{stats['images_per_second']:,.0f} {rate_unit}", highlight=False, soft_wrap=True)
                 weights = model.state_dict()
                 if val_accuracy > state.best_accuracy:
                     state.best_accuracy, state.best_epoch, state.stale_epochs = val_accuracy, epoch + 1, 0
