@@ -11,6 +11,7 @@ from torch import nn
 from visionflow.config import TrainConfig
 from visionflow.devices import compiled_or_eager, cpp_compiler, fused_optimizer_available
 from visionflow.models import create_model
+from visionflow.models.layers import MaxPool2x2
 from visionflow.train.loop import build_optimizer
 
 
@@ -90,3 +91,31 @@ def test_a_compilation_that_fails_falls_back_to_eager(caplog):
     assert torch.equal(logits, model(x))
     assert "simulated compiler failure" in caplog.text
     assert torch.equal(forward(x), model(x))  # and stays eager afterwards
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", [26, 11])  # even, and odd (floor mode drops the last row and column)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_inference_max_pool_gives_the_library_values(dtype, side, layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, side, side, generator=g).to(dtype).contiguous(memory_format=layout)
+    x[0, 0, 0, 0] = float("nan")  # max-pool propagates NaN; so must the fast path
+    x[1, 1, :2, :2] = 0.5  # ties
+    with torch.inference_mode():
+        got = MaxPool2x2()(x)
+    expected = nn.functional.max_pool2d(x, 2)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and bool(got[0, 0, 0, 0].isnan())
+
+
+def test_max_pool_trains_and_exports_with_the_library_kernel(tmp_path):
+    # With gradients on, the layer is nn.MaxPool2d: its gradient goes to one element of a tied window,
+    # where the element-wise maxima of the inference path would split it.
+    x = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    MaxPool2x2()(x).sum().backward()
+    assert x.grad.sum() == 4 and int((x.grad == 1).sum()) == 4
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "pool.onnx"
+    with torch.no_grad():  # as an export from an inference context would run
+        torch.onnx.export(nn.Sequential(MaxPool2x2()).eval(), (torch.randn(1, 1, 4, 4),), str(path), dynamo=False)
+    assert [node.op_type for node in onnx.load(str(path)).graph.node] == ["MaxPool"]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visionflow.errors import VisionflowError
+from visionflow.models.layers import MaxPool2x2
 from visionflow.models.registry import register_model
 
 # airbench's BatchNorm biases learn 64x faster than the weights. Storing the bias as b = 8 * theta gives
@@ -49,7 +50,7 @@ class ConvGroup(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv1 = DiracConv(in_channels, out_channels)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.norm1 = ScaledBiasBatchNorm(out_channels)
         self.conv2 = DiracConv(out_channels, out_channels)
         self.norm2 = ScaledBiasBatchNorm(out_channels)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visionflow.models.layers import MaxPool2x2
 from visionflow.models.registry import register_model
 from visionflow.errors import VisionflowError
 
@@ -27,8 +28,8 @@ class SeedCNN(nn.Module):
         if side < 1:
             raise VisionflowError(f"seed-cnn needs images of at least 10x10 pixels (got {image_size})")
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), MaxPool2x2(),
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), MaxPool2x2(),
             nn.Flatten(),
             nn.Linear(64 * side * side, 64), nn.ReLU(inplace=True),
         )
