@@ -160,3 +160,12 @@ def test_demo_reaches_its_promise_and_replaces_only_its_own_folder(tmp_path: Pat
     (user_folder / "precious.txt").write_text("keep me")
     assert_user_error(run_cli("demo", "--out", user_folder), "not a demo run")
     assert (user_folder / "precious.txt").read_text() == "keep me"
+
+
+def test_threads_option_sets_the_cpu_threads_and_the_report_records_them(tmp_path):
+    data = write_class_folder(tmp_path / "patterns", per_class=10)
+    result = run_cli("--threads", "1", "train", data, "--out", tmp_path / "run", "--epochs", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["threads"] == 1
+    assert_user_error(run_cli("--threads", "0", "train", data, "--out", tmp_path / "other"), "--threads", "at least 1")
+    assert not (tmp_path / "other").exists()

@@ -187,7 +187,7 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
         "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "validation": metrics,
         "train_images_per_second": summary["train_images_per_second"],
         # what config.json's "auto" resolved to on the machine that trained
-        "device": summary["device"], "precision": summary["precision"],
+        "device": summary["device"], "precision": summary["precision"], "threads": torch.get_num_threads(),
         "skipped_files": len(skipped), "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
     run.write_json("report.json", report)

@@ -12,6 +12,7 @@ import logging
 import sys
 import warnings
 
+import torch
 from PIL import Image
 
 from visionflow.cli import classify, datasets, gan, repair, export
@@ -29,6 +30,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> tuple[ArgumentParser, dict]:
     parser = ArgumentParser(prog="visionflow", description="Deep learning on images: train, evaluate, label, generate.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch and ONNX Runtime (default: one per core). On a machine that "
+                             "other jobs share, fewer threads than cores avoids threads waiting on each other")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     handlers: dict = {}
     for module in VERB_MODULES:
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser, handlers = build_parser()
         args = parser.parse_args(argv)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise VisionflowError(f"--threads must be at least 1 (got {args.threads})")
+            torch.set_num_threads(args.threads)  # this process is the CLI's own: the setting ends with it
         return handlers[args.command](args)
     except TrainingInterrupted as exc:
         print(f"visionflow: {exc}", file=sys.stderr)
