@@ -119,3 +119,20 @@ def test_max_pool_trains_and_exports_with_the_library_kernel(tmp_path):
     with torch.no_grad():  # as an export from an inference context would run
         torch.onnx.export(nn.Sequential(MaxPool2x2()).eval(), (torch.randn(1, 1, 4, 4),), str(path), dynamo=False)
     assert [node.op_type for node in onnx.load(str(path)).graph.node] == ["MaxPool"]
+
+
+def test_seed_cnn_pooling_before_relu_is_the_seed_network_bit_for_bit():
+    model = _seed_cnn(28)
+    conv1, conv2, dense = model.features[0], model.features[3], model.features[7]
+    seed_order = nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2), conv2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                               dense, nn.ReLU(), model.head)  # the seed's Conv-ReLU-Pool, sharing the weights
+    x, y = _batch(28, 32)
+    x[:4] = 0.0  # all-zero images: every window ties
+    grads = []
+    for network in (model, seed_order):
+        network.zero_grad()
+        logits = network(x)
+        nn.functional.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
