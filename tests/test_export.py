@@ -81,6 +81,13 @@ def test_onnx_engine_evaluates_digits_like_torch(digits_run):
     assert onnx_metrics["accuracy"] == pytest.approx(torch_metrics["accuracy"], abs=1.0 / torch_metrics["n"])
 
 
+def test_onnx_sessions_follow_torch_threads_and_do_not_spin(digits_run):
+    model = Predictor.from_run(str(digits_run), engine="onnx").model  # exports best.onnx if it is not there
+    options = model.session.get_session_options()
+    assert options.intra_op_num_threads == torch.get_num_threads()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_onnx_engine_predicts_the_same_rows(digits_run, tmp_path):
     from PIL import Image
 
