@@ -103,7 +103,9 @@ def test_inference_max_pool_gives_the_library_values(dtype, side, layout):
     x[1, 1, :2, :2] = 0.5  # ties
     with torch.inference_mode():
         got = MaxPool2x2()(x)
+        unbatched = MaxPool2x2()(x[2])  # (C, H, W), which nn.MaxPool2d takes too
     expected = nn.functional.max_pool2d(x, 2)
+    assert torch.equal(unbatched, expected[2])
     assert got.dtype == dtype and got.shape == expected.shape
     assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and bool(got[0, 0, 0, 0].isnan())
 
@@ -128,11 +130,11 @@ def test_seed_cnn_pooling_before_relu_is_the_seed_network_bit_for_bit():
                                dense, nn.ReLU(), model.head)  # the seed's Conv-ReLU-Pool, sharing the weights
     x, y = _batch(28, 32)
     x[:4] = 0.0  # all-zero images: every window ties
-    grads = []
+    logits, grads = [], []
     for network in (model, seed_order):
         network.zero_grad()
-        logits = network(x)
-        nn.functional.cross_entropy(logits, y).backward()
-        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+        logits.append(network(x))
+        nn.functional.cross_entropy(logits[-1], y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
