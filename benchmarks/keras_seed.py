@@ -46,6 +46,25 @@ def seed_rnn(shape: tuple[int, int, int], classes: int) -> keras.Model:
 MODELS = {"seed-cnn": seed_cnn, "seed-rnn": seed_rnn}
 
 
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """visionflow's `--schedule onecycle` (train/loop.py build_schedule), step for step: a linear warm-up from
+    1/25 of the peak over 30% of the steps, then a cosine down to zero."""
+
+    def __init__(self, peak: float, total_steps: int):
+        self.peak, self.total = peak, max(1, total_steps)
+        self.warmup = max(1, int(0.3 * self.total))
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        rising = 0.04 + 0.96 * step / self.warmup
+        falling = 0.5 * (1.0 + tf.cos(3.141592653589793 * tf.minimum(step - self.warmup, self.total - self.warmup)
+                                      / max(1, self.total - self.warmup)))
+        return self.peak * tf.where(step < self.warmup, rising, falling)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total}
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Training seconds per epoch and test accuracy after it (evaluation left out of the timing)."""
 
@@ -71,6 +90,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", choices=("constant", "onecycle"), default="constant")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--predict-batch-size", type=int, default=256)
     parser.add_argument("--predict-passes", type=int, default=7, help="prediction is the median pass")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,10 +111,16 @@ def main() -> None:
     classes = int(max(y_train.max(), y_test.max())) + 1
     keras.utils.set_random_seed(args.seed)
     model = MODELS[args.model](x_train.shape[1:], classes)
-    model.compile(optimizer=keras.optimizers.Adam(args.lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    steps = args.epochs * -(-len(x_train) // args.batch_size)
+    lr = OneCycle(args.lr, steps) if args.schedule == "onecycle" else args.lr
+    if args.label_smoothing:  # Keras smooths only one-hot targets
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=args.label_smoothing)
+        targets = keras.utils.to_categorical(y_train, classes)
+    else:
+        loss, targets = keras.losses.SparseCategoricalCrossentropy(from_logits=True), y_train
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
     timer = EpochTimer(x_test, y_test)
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0,
+    model.fit(x_train, targets, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0,
               callbacks=[timer])
 
     model.predict(x_test[:args.predict_batch_size], batch_size=args.predict_batch_size, verbose=0)  # warm-up
@@ -105,7 +132,7 @@ def main() -> None:
     predict_seconds = statistics.median(passes)
     print(json.dumps({
         "stack": "keras", "tensorflow": tf.__version__, "model": args.model, "batch_size": args.batch_size,
-        "lr": args.lr, "train_images": len(x_train), "epoch_seconds": timer.seconds,
+        "lr": args.lr, "schedule": args.schedule, "label_smoothing": args.label_smoothing, "train_images": len(x_train), "epoch_seconds": timer.seconds,
         "epoch_accuracy": timer.accuracy, "predict_images_per_second": len(x_test) / predict_seconds,
     }))
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from visionflow.train.loop import Lookahead
 from visionflow.train.presets import PRESETS, train_config
 
 TINY = "block1=8,block2=16,block3=16"
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -67,6 +71,19 @@ def test_cli_preset_records_its_name_and_flags_win(tmp_path, capsys):
     epoch_accuracy = float((out / "metrics.csv").read_text().splitlines()[1].split(",")[4])
     assert main(["evaluate", str(out), "digits", "--json", "--augment-eval", "flip"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(epoch_accuracy, abs=1e-6)
+
+
+@pytest.mark.skipif(not (DATASETS / "make-mnist-split").is_file(), reason="the shared MNIST data is not on this machine")
+def test_mnist_1epoch_preset_reaches_98_5_percent_in_one_epoch(tmp_path):
+    """The time-to-target recipe of `make bench`, through the CLI, on the real MNIST split (seed 0 reached
+    98.65% in bf16 and 98.75% in fp32; the seed's own recipe is at about 97% after one epoch)."""
+    split = tmp_path / "mnist"
+    subprocess.run([sys.executable, str(DATASETS / "make-mnist-split"), str(split)], check=True, capture_output=True)
+    out = tmp_path / "run"
+    assert main(["train", str(split), "--preset", "mnist-1epoch", "--seed", "0", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 1
+    assert report["validation"]["accuracy"] >= 0.985
 
 
 def test_whitening_decorrelates_training_patches():

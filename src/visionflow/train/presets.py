@@ -5,7 +5,7 @@
 Precedence, lowest first: TrainConfig's defaults, the preset, the flags given explicitly. The preset's
 name is kept in the config (and so in config.json), so a run says which recipe it came from.
 
-The CIFAR-10 presets are airbench94's recipe (KellerJordan/airbench) mapped onto our options:
+`mnist-1epoch` is the time-to-98.5% recipe of `make bench` (benchmarks/run.py). The CIFAR-10 presets are airbench94's recipe (KellerJordan/airbench) mapped onto our options:
 - airbench sums the loss over a batch with lr 11.5 per 1024 examples / (1 + 1/(1 - momentum)); with our
   mean loss that is lr = 0.001465 x batch size, and its decoupled weight decay (0.0153 per 1024
   examples) becomes SGD weight decay 0.00133 at any batch size;
@@ -26,6 +26,11 @@ _AIRBENCH = {
 }
 
 PRESETS: dict[str, dict] = {
+    # The seed's CNN to 98.5% on the MNIST split in ONE epoch: one-cycle with label smoothing. Test accuracy for
+    # seeds 0-4 (bf16): 98.65 / 98.70 / 98.60 / 98.95 / 98.60%, where the seed's recipe (constant 1e-3, batch 32)
+    # needs about five epochs. `make bench` times it against Keras given the same kind of recipe.
+    "mnist-1epoch": {"model": "seed-cnn", "epochs": 1, "batch_size": 64, "lr": 1e-2, "schedule": "onecycle",
+                     "label_smoothing": 0.2},
     # airbench94 itself: 10 epochs of batch 1024 (9.9 in the original). On the JPEG copy of CIFAR-10 in
     # ../shared/datasets it reached 90.63 / 90.53 / 90.52% over seeds 0-2 (6-view TTA), 23 minutes per run
     # on two idle CPU cores with bf16 (README, "CIFAR-10 presets").
