@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from visionflow.cli.options import add_engine_options, add_precision_option, add_run_options
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
 from visionflow.errors import VisionflowError
-from visionflow.train.presets import train_config
+from visionflow.train.presets import PRESETS, train_config
 
 
 def _model_options(text: str | None) -> dict:
@@ -64,7 +64,8 @@ def add_train_parser(commands) -> None:
     p.add_argument("--temporal-pool", default=None, choices=("rnn", "mean"),
                    help="cnn-rnn: mean = average frame features, no recurrence (the order-blind control)")
     add_run_options(p)
-    p.add_argument("--preset", default=None, help="a training recipe (e.g. cifar10-90, cifar10-94); flags given override it")
+    p.add_argument("--preset", default=None,
+                   help=f"a training recipe ({', '.join(sorted(PRESETS))}); flags given override it")
     p.add_argument("--lookahead", type=int, default=0, help="every N steps pull the weights to their running average (0 = off)")
     p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS,
                    help="test-time augmentation recorded in the run: flip = mean of the image and its mirror; "
