@@ -18,6 +18,8 @@ from visionflow.runs import RunDir
 from visionflow.train.loop import class_weights, epoch_order
 from visionflow.train.metrics import classification_metrics
 
+from conftest import write_class_folder
+
 
 def test_seed_cnn_learns_digits(tmp_path: Path):
     report = api.train(TrainConfig(data="digits", out=str(tmp_path / "run"), epochs=3, lr=2e-3), show_progress=False)
@@ -31,6 +33,18 @@ def test_seed_cnn_learns_digits(tmp_path: Path):
     # evaluate on the same data scores exactly the recorded held-out part, with the same result
     metrics = api.evaluate(str(tmp_path / "run"), "digits")
     assert metrics["n"] == 179 and metrics["accuracy"] == report["validation"]["accuracy"]
+    assert report["validation_data"] == "10% of the training part, held out (split.json)"
+
+
+def test_report_says_when_the_best_epoch_was_chosen_on_the_test_part(tmp_path: Path):
+    data = tmp_path / "data"
+    write_class_folder(data / "train", per_class=12)
+    write_class_folder(data / "test", per_class=4, seed=1)
+    report = api.train(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1), show_progress=False)
+    assert report["validation"]["n"] == 12 and report["validation_data"] == "the data's test part"
+    separate = api.train(TrainConfig(data=str(data / "train"), val=str(data / "test"), out=str(tmp_path / "run2"),
+                                     epochs=1), show_progress=False)
+    assert separate["validation"]["n"] == 12 and separate["validation_data"] == f"--val {data / 'test'}"
 
 
 def test_run_files_hold_no_code(tmp_path: Path):

@@ -45,6 +45,7 @@ class TrainingData:
     train: DecodedPart
     val: DecodedPart
     held_out: list[str] | None  # origins split off the training data, recorded in split.json
+    val_from: str               # where validation (and so the choice of best.safetensors) comes from, for report.json
 
 
 def _check_kind(model_name: str, source: DataSource) -> None:
@@ -54,17 +55,21 @@ def _check_kind(model_name: str, source: DataSource) -> None:
                               f"(models for {source.kind}s: {', '.join(m for m in list_models() if model_entry(m).input_kind == source.kind)})")
 
 
-def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None]:
-    """(train source, validation source, held-out origins or None when the validation data is separate)."""
+def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None, str]:
+    """(train source, validation source, held-out origins or None when the validation data is separate, where the
+    validation data comes from in words)."""
     if cfg.val is not None:
         val_set = open_data(cfg.val, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
         val = val_set.test or val_set.train
-        return dataset.train, _aligned(val, dataset.train.classes), None
+        return dataset.train, _aligned(val, dataset.train.classes), None, f"--val {cfg.val}"
     if dataset.test is not None:
-        return dataset.train, dataset.test, None
+        # As Keras's validation_data=(x_test, y_test): the best epoch is then chosen on the test part, which
+        # report.json says; --val or a data set without a test part keep the two apart.
+        return dataset.train, dataset.test, None, "the data's test part"
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
     val = dataset.train.subset(val_idx)
-    return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))]
+    return (dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))],
+            f"{cfg.val_split:.0%} of the training part, held out (split.json)")
 
 
 def _aligned(source: DataSource, classes: list[str]) -> DataSource:
@@ -86,12 +91,12 @@ def open_training_data(cfg: TrainConfig) -> DataSet:
 
 def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: DataSet | None = None) -> TrainingData:
     dataset = dataset or open_training_data(cfg)
-    train_source, val_source, held_out = _validation_source(cfg, dataset)
+    train_source, val_source, held_out, val_from = _validation_source(cfg, dataset)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     if cfg.gan_augment is not None:
         train = with_gan_samples(train, cfg, channels, size)
     val = decode_part(val_source, channels, size, strict=cfg.strict)
-    return TrainingData(train, val, held_out)
+    return TrainingData(train, val, held_out, val_from)
 
 
 def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: int) -> DecodedPart:
@@ -185,6 +190,7 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
     report = {
         "model": cfg.model, "input_kind": model_entry(cfg.model).input_kind, "parameters": count_parameters(model),
         "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "validation": metrics,
+        "validation_data": data.val_from,
         "train_images_per_second": summary["train_images_per_second"],
         # what config.json's "auto" resolved to on the machine that trained
         "device": summary["device"], "precision": summary["precision"], "threads": torch.get_num_threads(),
