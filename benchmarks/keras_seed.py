@@ -132,7 +132,8 @@ def main() -> None:
     predict_seconds = statistics.median(passes)
     print(json.dumps({
         "stack": "keras", "tensorflow": tf.__version__, "model": args.model, "batch_size": args.batch_size,
-        "lr": args.lr, "schedule": args.schedule, "label_smoothing": args.label_smoothing, "train_images": len(x_train), "epoch_seconds": timer.seconds,
+        "lr": args.lr, "schedule": args.schedule, "label_smoothing": args.label_smoothing,
+        "train_images": len(x_train), "epoch_seconds": timer.seconds,
         "epoch_accuracy": timer.accuracy, "predict_images_per_second": len(x_test) / predict_seconds,
     }))
 

@@ -56,7 +56,6 @@ TARGET_ACCURACY = 0.985
 PREDICT_PASSES = 7
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     """How a stack trains in one benchmark run; both stacks understand every field (keras_seed.py mirrors
@@ -75,6 +74,7 @@ SEED_RECIPE = Recipe(batch_size=32, lr=1e-3, epochs=5)  # the seed's own: the th
 def preset_recipe(name: str) -> Recipe:
     """A visionflow `--preset` as a Recipe: what a user running that preset gets is what is timed."""
     return Recipe(**{f.name: PRESETS[name][f.name] for f in fields(Recipe) if f.name in PRESETS[name]})
+
 
 # Time to 98.5%: each stack at its own best settings, from sweeps on the MNIST split; first epoch at or above 98.5%.
 # - Sessions 1-5, constant rate (Keras) and one-cycle (visionflow), no label smoothing: Keras at 128 / 3e-3 in epoch
