@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The real data sets beside the checkout (../shared/datasets); absent on users' machines, so tests that read
+# them skip.
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def pattern_image(kind: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:

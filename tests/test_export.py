@@ -19,7 +19,8 @@ from visionflow.infer.onnx_engine import OnnxRuntimeModel
 from visionflow.infer.predictor import Predictor
 from visionflow.models import create_model, list_models, model_entry
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from conftest import SHARED_DATASETS
+
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +108,13 @@ def test_unknown_engine_and_format_are_one_line_errors(digits_run, capsys):
     assert "tflite" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (DATASETS / "mnist").is_dir(), reason="the shared MNIST data is not on this machine")
+@pytest.mark.skipif(not (SHARED_DATASETS / "mnist").is_dir(), reason="the shared MNIST data is not on this machine")
 def test_onnx_parity_on_real_mnist_images(digits_run):
     """The acceptance check in small: real MNIST digits through both engines."""
     from visionflow.data.loading import decode_part
     from visionflow.data.sources import open_data
 
-    source = open_data(str(DATASETS / "mnist")).train
+    source = open_data(str(SHARED_DATASETS / "mnist")).train
     torch_predictor = Predictor.from_run(str(digits_run), precision="fp32")
     part = decode_part(source.subset(range(500)), 1, torch_predictor.preprocess.image_size)
     onnx_predictor = Predictor.from_run(str(digits_run), engine="onnx")

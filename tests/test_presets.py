@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,9 @@ from visionflow.models import create_model
 from visionflow.train.loop import Lookahead
 from visionflow.train.presets import PRESETS, train_config
 
+from conftest import SHARED_DATASETS
+
 TINY = "block1=8,block2=16,block3=16"
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -73,12 +73,12 @@ def test_cli_preset_records_its_name_and_flags_win(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(epoch_accuracy, abs=1e-6)
 
 
-@pytest.mark.skipif(not (DATASETS / "make-mnist-split").is_file(), reason="the shared MNIST data is not on this machine")
+@pytest.mark.skipif(not (SHARED_DATASETS / "make-mnist-split").is_file(), reason="the shared MNIST data is not on this machine")
 def test_mnist_1epoch_preset_reaches_98_5_percent_in_one_epoch(tmp_path):
     """The time-to-target recipe of `make bench`, through the CLI, on the real MNIST split (seed 0 reached
     98.65% in bf16 and 98.75% in fp32; the seed's own recipe is at about 97% after one epoch)."""
     split = tmp_path / "mnist"
-    subprocess.run([sys.executable, str(DATASETS / "make-mnist-split"), str(split)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(SHARED_DATASETS / "make-mnist-split"), str(split)], check=True, capture_output=True)
     out = tmp_path / "run"
     assert main(["train", str(split), "--preset", "mnist-1epoch", "--seed", "0", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
