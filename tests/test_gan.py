@@ -18,7 +18,7 @@ from visionflow.cli import main
 from visionflow.config import TrainConfig
 from visionflow.data.sources import builtin_digits
 from visionflow.errors import VisionflowError
-from visionflow.gan import api as gan_api
+from visionflow.api import gan as gan_api
 from visionflow.gan import train as gan_train
 from visionflow.gan.dcgan import Discriminator, Generator, MinibatchStdDev, upsampling_plan
 from visionflow.gan.fid import feature_distance, frechet_distance

@@ -13,7 +13,7 @@ from visionflow.cli import main
 from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
                                   random_stroke_masks)
 from visionflow.gan.repair import RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
-from visionflow.gan.repair_api import mean_scores
+from visionflow.api.repair import mean_scores
 
 
 # --- masks -------------------------------------------------------------------------------------------------

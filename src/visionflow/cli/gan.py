@@ -9,7 +9,7 @@ from visionflow.gan.losses import GAN_LOSSES
 
 
 def run_gan_train(args) -> int:
-    from visionflow.gan import api
+    from visionflow.api import gan as api
     from visionflow.gan.train import GanConfig
 
     if args.resume:
@@ -29,7 +29,7 @@ def run_gan_train(args) -> int:
 
 
 def run_gan_sample(args) -> int:
-    from visionflow.gan import api
+    from visionflow.api import gan as api
 
     written = api.sample(args.run_dir, args.n, args.out, label=args.label, seed=args.seed, device=args.device)
     print(f"wrote {args.out}" if len(written) == 1 and args.out.lower().endswith(".png")
@@ -38,7 +38,7 @@ def run_gan_sample(args) -> int:
 
 
 def run_gan_evaluate(args) -> int:
-    from visionflow.gan import api
+    from visionflow.api import gan as api
 
     result = api.evaluate_gan(args.run_dir, args.data, classifier=args.classifier, count=args.n, seed=args.seed,
                               show_progress=not args.quiet)

@@ -59,7 +59,7 @@ def add_repair_parsers(commands) -> None:
 
 
 def run_repair(args) -> int:
-    from visionflow.gan import repair_api
+    from visionflow.api import repair as repair_api
     from visionflow.gan.repair import RepairConfig
 
     if args.repair_command == "train":

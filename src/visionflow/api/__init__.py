@@ -1,4 +1,5 @@
-"""The Python API: what the CLI (and later the server and batch engines) call.
+"""The Python API: what the CLI (and later the server and batch engines) call. Classification is here; the
+GAN's verbs are in `visionflow.api.gan` and the repair verbs in `visionflow.api.repair`.
 
     from visionflow import api
     api.train(TrainConfig(data="digits", out="runs/digits"))

@@ -1,6 +1,6 @@
 """The GAN's Python API: train_gan, resume_gan, sample, evaluate_gan (what `visionflow gan ...` calls).
 
-    from visionflow.gan import api as gan
+    from visionflow.api import gan
     gan.train_gan(GanConfig(data="digits", out="runs/gan", conditional=True))
     gan.sample("runs/gan", 64, "grid.png", label="3")
     gan.evaluate_gan("runs/gan", "digits")   # {"fid", "fid_real_floor", "fid_untrained", "label_accuracy", "n"}
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visionflow import api as classify_api
+from visionflow.api import train as train_classifier
 from visionflow.config import TrainConfig
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import open_data
@@ -126,9 +126,9 @@ def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifi
         own = RunDir(run / "classifier")
         if not own.exists("config.json"):
             log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
-            classify_api.train(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
-                                           image_size=gan.image_size, seed=gan.config.seed),
-                               show_progress=show_progress)
+            train_classifier(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
+                                         image_size=gan.image_size, seed=gan.config.seed),
+                             show_progress=show_progress)
         elif own.read_json("config.json").get("data_spec") != spec:
             raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
         classifier = str(own.path)

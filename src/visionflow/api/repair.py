@@ -1,8 +1,8 @@
 """The repair verbs' Python API: train / resume a repair run, repair image files, evaluate against biharmonic.
 
-    from visionflow.gan import repair_api
-    repair_api.train(RepairConfig(data="digits", out="runs/repair"))
-    repair_api.evaluate("runs/repair", "digits", mask="center")   # model vs biharmonic, PSNR and SSIM
+    from visionflow.api import repair
+    repair.train(RepairConfig(data="digits", out="runs/repair"))
+    repair.evaluate("runs/repair", "digits", mask="center")   # model vs biharmonic, PSNR and SSIM
 """
 
 from __future__ import annotations
