@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,27 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, trained):
     (tmp_path / "hollow" / "b").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "hollow" / "a" / "a.png")
     assert_user_error(run_cli("train", tmp_path / "hollow", "--out", tmp_path / "x"), "holds no images")
+
+
+def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path: Path, trained):
+    run, data = trained
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    weights = (damaged / "best.safetensors").read_bytes()
+    (damaged / "best.safetensors").write_bytes(weights[: len(weights) // 2])  # a copy cut short
+    assert_user_error(run_cli("predict", damaged, data), "best.safetensors", "unreadable weights")
+    (damaged / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:4096])
+    assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt", "unreadable")
+    marker = tmp_path / "code-ran"
+    # A checkpoint that would run code when unpickled: refused, and the code never runs.
+    script = ("import os, sys, torch\n"
+              "class Payload:\n"
+              "    def __reduce__(self):\n"
+              "        return (os.mkdir, (sys.argv[2],))\n"
+              "torch.save({'model': Payload()}, sys.argv[1])\n")
+    subprocess.run([sys.executable, "-c", script, damaged / "checkpoint.pt", marker], check=True)
+    assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt", "refused")
+    assert not marker.exists()
 
 
 def test_channel_mismatch_is_refused(tmp_path: Path):

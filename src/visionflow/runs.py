@@ -19,11 +19,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from visionflow.errors import VisionflowError
@@ -85,7 +87,10 @@ class RunDir:
     def load_weights(self, name: str) -> dict[str, torch.Tensor]:
         if not self.exists(name):
             raise VisionflowError(f"{self.path}: missing {name}")
-        return load_file(str(self.path / name))
+        try:
+            return load_file(str(self.path / name))
+        except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file
+            raise VisionflowError(f"{self.path / name}: unreadable weights ({exc})") from None
 
     def best_weights_name(self) -> str:
         return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"
@@ -97,8 +102,15 @@ class RunDir:
     def load_checkpoint(self) -> dict[str, Any]:
         if not self.exists("checkpoint.pt"):
             raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt)")
-        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-        return torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
+        path = self.path / "checkpoint.pt"
+        try:
+            # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise VisionflowError(f"{path}: refused: it holds objects other than tensors and plain values, "
+                                  f"which visionflow never writes and will not unpickle") from None
+        except (RuntimeError, EOFError, OSError) as exc:  # truncated, or not a checkpoint at all
+            raise VisionflowError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
 
     # --- metrics.csv ---
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:

@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     })
     if data.held_out is not None:
         run.write_json("split.json", {"held_out": data.held_out})
-    summary = fit(model, cfg, data.train, data.val, preprocess, run, resume=False, show_progress=show_progress)
+    summary = fit(model, cfg, data.train, data.val, preprocess, run, show_progress=show_progress)
     return write_report(run, model, cfg, data, preprocess, summary)
 
 
@@ -167,6 +167,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) 
     if epochs is not None:
         cfg.epochs = epochs
     cfg.validate()
+    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     preprocess = Preprocess(**config["preprocess"])
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size)
     if data.train.classes != config["classes"]:
@@ -175,7 +176,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) 
                          image_size=preprocess.image_size, **cfg.model_options)
     config["train"] = cfg.to_dict()
     run.write_json("config.json", config)
-    summary = fit(model, cfg, data.train, data.val, preprocess, run, resume=True, show_progress=show_progress)
+    summary = fit(model, cfg, data.train, data.val, preprocess, run, checkpoint=checkpoint, show_progress=show_progress)
     return write_report(run, model, cfg, data, preprocess, summary)
 
 

@@ -58,7 +58,7 @@ def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", {"version": 1, "kind": "gan", "gan": cfg.to_dict(), "classes": part.classes,
                                    "channels": channels, "image_size": size, "data_spec": spec})
-    summary = fit_gan(pair, cfg, part, run, resume=False, show_progress=show_progress)
+    summary = fit_gan(pair, cfg, part, run, show_progress=show_progress)
     return {**summary, "skipped_files": len(part.skipped)}
 
 
@@ -74,13 +74,14 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     if epochs is not None:
         cfg.epochs = epochs
     cfg.validate()
+    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     part, _ = _decode_training_images(cfg, config["channels"], config["image_size"])
     if part.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")
     pair = build_pair(cfg, config["channels"], config["image_size"], len(part.classes))
     config["gan"] = cfg.to_dict()
     run.write_json("config.json", config)
-    summary = fit_gan(pair, cfg, part, run, resume=True, show_progress=show_progress)
+    summary = fit_gan(pair, cfg, part, run, checkpoint=checkpoint, show_progress=show_progress)
     return {**summary, "skipped_files": len(part.skipped)}
 
 

@@ -85,13 +85,14 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) 
     if epochs is not None:
         cfg.epochs = epochs
     cfg.validate()
+    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     train_source, val_source = _training_sources(cfg)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
     generator, discriminator = _networks(config["channels"], cfg.width)
     config["train"] = cfg.to_dict()
     run.write_json("config.json", config)
-    summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run, resume=True,
+    summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run, checkpoint=checkpoint,
                          show_progress=show_progress)
     return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
 

@@ -278,7 +278,7 @@ def steps_per_epoch(count: int, batch_size: int) -> int:
 
 
 def fit_repair(generator: RepairGenerator, discriminator: PatchDiscriminator, cfg: RepairConfig,
-               train_images: torch.Tensor, val_images: torch.Tensor, run: RunDir, resume: bool = False,
+               train_images: torch.Tensor, val_images: torch.Tensor, run: RunDir, checkpoint: dict | None = None,
                show_progress: bool = True) -> dict:
     """Train both networks, writing the run directory as it goes (same files and resume rules as `fit`)."""
     device = select_device(cfg.device)
@@ -289,8 +289,7 @@ def fit_repair(generator: RepairGenerator, discriminator: PatchDiscriminator, cf
     d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     per_epoch = steps_per_epoch(len(train_images), cfg.batch_size)
     state, rows = RepairState(), []
-    if resume:
-        checkpoint = run.load_checkpoint()
+    if checkpoint is not None:
         generator.load_state_dict(checkpoint["generator"])
         discriminator.load_state_dict(checkpoint["discriminator"])
         g_optimizer.load_state_dict(checkpoint["g_optimizer"])

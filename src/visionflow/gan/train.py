@@ -175,7 +175,7 @@ def grid_columns(cfg: GanConfig, num_classes: int) -> int:
     return num_classes if cfg.conditional else 8
 
 
-def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resume: bool = False,
+def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, checkpoint: dict | None = None,
             show_progress: bool = True) -> dict:
     """Train `pair` on the decoded `part`, writing the run directory as it goes; returns a summary."""
     device = select_device(cfg.device)
@@ -184,8 +184,7 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, resum
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     num_classes = len(part.classes)
     epoch, step, rows = 0, 0, []
-    if resume:
-        checkpoint = run.load_checkpoint()
+    if checkpoint is not None:
         generator.load_state_dict(checkpoint["generator"])
         discriminator.load_state_dict(checkpoint["discriminator"])
         ema.load_state_dict(checkpoint["ema"])

@@ -158,8 +158,9 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
 
 
 def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: DecodedPart, preprocess: Preprocess,
-        run: RunDir, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train `model`, writing the run directory as it goes; returns the FitState summary as a dict."""
+        run: RunDir, checkpoint: dict | None = None, show_progress: bool = True) -> dict:
+    """Train `model`, writing the run directory as it goes; returns the FitState summary as a dict.
+    `checkpoint`: the run's checkpoint.pt (RunDir.load_checkpoint) to continue from."""
     device = select_device(cfg.device)
     model.to(device, memory_format=memory_format(device))
     precision = resolve_precision(cfg.precision, device, model)  # "auto" -> fp32 or bf16 for this model here
@@ -170,15 +171,14 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
                           if len(train_part) - first >= 2 or len(train_part) == 1)
     schedule = build_schedule(cfg, optimizer, steps_per_epoch)
     state = FitState()
-    if resume:
-        checkpoint = run.load_checkpoint()
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         state = FitState(**checkpoint["state"])
         state.rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
     lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
-    if resume and lookahead is not None and "lookahead" in checkpoint:
+    if checkpoint is not None and lookahead is not None and "lookahead" in checkpoint:
         lookahead.average = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
     augment = Augment(AugmentSpec.parse(cfg.augment))
     # Compiled for training only: validation runs the eager model (same parameters) under inference_mode.
