@@ -77,6 +77,7 @@ def test_predict_formats_and_broken_rows(trained):
     good = [r for r in rows if not r["error"]]
     assert sum(r["label"] == "square" for r in good) >= 27
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["score"] >= r["top_k"][1]["score"] for r in good)
+    assert_user_error(run_cli("predict", run, data / "square", "--strict"), "broken.png", "--strict")
     out = run.parent / "predictions.csv"
     result = run_cli("predict", run, str(data / "stripes_*" / "00*.png"), "--format", "csv", "--output", out)
     assert result.returncode == 0, result.stderr
@@ -127,6 +128,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, trained):
     assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--model", "vgg99"), "unknown model 'vgg99'")
     assert_user_error(run_cli("train", tmp_path / "missing", "--out", tmp_path / "x"), "no such file")
     assert_user_error(run_cli("predict", tmp_path / "not-a-run", data), "no such run directory")
+    assert_user_error(run_cli("predict", run, data, "--batch-size", "0"), "--batch-size")
+    assert_user_error(run_cli("preview", data, "--augment", "flip", "--out", tmp_path / "p.png", "--count", "0"), "--count")
     assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--augment", "sparkle"), "unknown operation")
     assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--epochs", "-1"), "--epochs")
     assert_user_error(run_cli("train", data, "--out", run), "already holds a run")

@@ -252,10 +252,13 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
 
 def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
             weights: str = "best", on_batch=None, engine: str = "auto", precision: str = "auto",
-            augment_eval: str | None = None) -> Iterator[dict]:
-    """Label files, folders (recursive) or globs; yields one row per image as batches finish."""
+            augment_eval: str | None = None, strict: bool = False) -> Iterator[dict]:
+    """Label files, folders (recursive) or globs; yields one row per image as batches finish. An unreadable
+    file is a row with its error, or with `strict` an error that stops the labelling."""
     if top_k < 1:
         raise VisionflowError(f"--top-k must be at least 1 (got {top_k})")
+    if batch_size < 1:
+        raise VisionflowError(f"--batch-size must be at least 1 (got {batch_size})")
     predictor = Predictor.from_run(run_dir, device=device, weights=weights, engine=engine, precision=precision,
                                    augment_eval=augment_eval)
     if predictor.input_kind == "clip":
@@ -263,7 +266,7 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     else:
         _refuse_clips(inputs)
         source = unlabelled_files(inputs)
-    return predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch)
+    return predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
 
 
 def _refuse_clips(inputs: Sequence[str]) -> None:
@@ -292,6 +295,8 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
 
     Clips take one row each, `frames` (default 16, as in training) frames wide; giving `frames` also reads
     folders of frame folders as clips rather than as nested images."""
+    if count < 1:
+        raise VisionflowError(f"--count must be at least 1 (got {count})")
     if frames is not None and frames < 1:
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
     spec = AugmentSpec.parse(augment)

@@ -140,7 +140,8 @@ def run_predict(args) -> int:
         task = progress.add_task("labelling", total=total, status="")
         rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
-                           augment_eval=args.augment_eval, on_batch=lambda n: progress.update(task, advance=n))
+                           augment_eval=args.augment_eval, strict=args.strict,
+                           on_batch=lambda n: progress.update(task, advance=n))
         count = write_rows(rows, stream, args.format)
     if args.output:
         print(f"wrote {count} rows to {args.output}", file=sys.stderr)
@@ -205,6 +206,7 @@ def register(commands) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", default="best", choices=("best", "last"))
     add_engine_options(p)
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of writing an error row")
     p.add_argument("--quiet", action="store_true")
 
     commands.add_parser("models", help="list the registered models")

@@ -148,13 +148,13 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
                        source.classes, skipped)
 
 
-def stream_batches(source: DataSource, channels: int, size: int | None, batch_size: int,
+def stream_batches(source: DataSource, channels: int, size: int | None, batch_size: int, strict: bool = False,
                    workers: int | None = None) -> Iterator[tuple[list[str], torch.Tensor | None, list[BrokenImage]]]:
     """Decode `source` batch by batch for labelling: (origins, uint8 batch or None, broken items).
 
-    Memory holds one batch at a time, whatever the size of the collection.
+    Memory holds one batch at a time, whatever the size of the collection. `strict`: a broken item raises.
     """
-    for kept, tensors, broken in _decode_chunks(source, range(len(source)), channels, size, strict=False,
+    for kept, tensors, broken in _decode_chunks(source, range(len(source)), channels, size, strict=strict,
                                                 chunk=batch_size, workers=workers or default_workers()):
         yield [source.origin(i) for i in kept], (torch.stack(tensors) if tensors else None), broken
 

@@ -18,10 +18,11 @@ FORMATS = ("table", "csv", "jsonl")
 
 
 def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch_size: int = 64,
-                 on_batch=None) -> Iterator[dict]:
-    """One row per item: path, label, score, top_k [{label, score}], error (None unless unreadable)."""
+                 on_batch=None, strict: bool = False) -> Iterator[dict]:
+    """One row per item: path, label, score, top_k [{label, score}], error (None unless unreadable; with
+    `strict` an unreadable item stops the labelling instead)."""
     size = predictor.preprocess.image_size
-    for origins, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size):
+    for origins, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size, strict=strict):
         for item in broken:
             yield {"path": item.origin, "label": None, "score": None, "top_k": [], "error": item.reason}
         if images is not None:
