@@ -64,6 +64,8 @@ def test_evaluate_json(trained):
     assert set(metrics["per_class"]) == {"square", "stripes_h", "stripes_v"}
     assert sum(map(sum, metrics["confusion"])) == 18 and metrics["images_per_second"] > 0
     assert metrics["top_k"] == 2  # fewer than 5 classes: k = classes - 1
+    small = json.loads(run_cli("evaluate", run, data, "--json", "--batch-size", "5").stdout)  # 18 = 3 x 5 + 3
+    assert small["n"] == 18 and small["confusion"] == metrics["confusion"]
 
 
 def test_predict_formats_and_broken_rows(trained):
@@ -129,6 +131,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, trained):
     assert_user_error(run_cli("train", tmp_path / "missing", "--out", tmp_path / "x"), "no such file")
     assert_user_error(run_cli("predict", tmp_path / "not-a-run", data), "no such run directory")
     assert_user_error(run_cli("predict", run, data, "--batch-size", "0"), "--batch-size")
+    assert_user_error(run_cli("evaluate", run, data, "--batch-size", "0"), "--batch-size")
     assert_user_error(run_cli("preview", data, "--augment", "flip", "--out", tmp_path / "p.png", "--count", "0"), "--count")
     assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--augment", "sparkle"), "unknown operation")
     assert_user_error(run_cli("train", data, "--out", tmp_path / "x", "--epochs", "-1"), "--epochs")

@@ -227,6 +227,8 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
 def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best", batch_size: int = 256,
              strict: bool = False, engine: str = "auto", precision: str = "auto", augment_eval: str | None = None) -> dict:
     """Metrics of the run on DATA's evaluation part. `augment_eval`: test-time augmentation (None = the run's)."""
+    if batch_size < 1:
+        raise VisionflowError(f"--batch-size must be at least 1 (got {batch_size})")
     run = RunDir(run_dir).require()
     predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision,
                                    augment_eval=augment_eval)

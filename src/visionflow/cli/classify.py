@@ -113,8 +113,8 @@ def _units(input_kind: str) -> tuple[str, str]:
 def run_evaluate(args) -> int:
     from visionflow import api
 
-    metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, strict=args.strict,
-                           engine=args.engine, precision=args.precision, augment_eval=args.augment_eval)
+    metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, batch_size=args.batch_size,
+                           strict=args.strict, engine=args.engine, precision=args.precision, augment_eval=args.augment_eval)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -193,6 +193,7 @@ def register(commands) -> dict:
     p.add_argument("run_dir")
     p.add_argument("data")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--weights", default="best", choices=("best", "last"))
     add_engine_options(p)
     p.add_argument("--strict", action="store_true")
