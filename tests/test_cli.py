@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from visionflow.devices import cpu_has_native_bf16
@@ -155,13 +155,12 @@ def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path
     (damaged / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:4096])
     assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt", "unreadable")
     marker = tmp_path / "code-ran"
-    # A checkpoint that would run code when unpickled: refused, and the code never runs.
-    script = ("import os, sys, torch\n"
-              "class Payload:\n"
-              "    def __reduce__(self):\n"
-              "        return (os.mkdir, (sys.argv[2],))\n"
-              "torch.save({'model': Payload()}, sys.argv[1])\n")
-    subprocess.run([sys.executable, "-c", script, damaged / "checkpoint.pt", marker], check=True)
+
+    class Payload:  # a checkpoint that would create `marker` when unpickled: refused, and the code never runs
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    torch.save({"model": Payload()}, damaged / "checkpoint.pt")
     assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt", "refused")
     assert not marker.exists()
 

@@ -85,12 +85,13 @@ class RunDir:
         atomic_write(self.path / name, lambda tmp: save_file(tensors, tmp))
 
     def load_weights(self, name: str) -> dict[str, torch.Tensor]:
-        if not self.exists(name):
+        path = self.path / name
+        if not path.exists():
             raise VisionflowError(f"{self.path}: missing {name}")
         try:
-            return load_file(str(self.path / name))
+            return load_file(str(path))
         except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file
-            raise VisionflowError(f"{self.path / name}: unreadable weights ({exc})") from None
+            raise VisionflowError(f"{path}: unreadable weights ({exc})") from None
 
     def best_weights_name(self) -> str:
         return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"
@@ -100,9 +101,9 @@ class RunDir:
         atomic_write(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> dict[str, Any]:
-        if not self.exists("checkpoint.pt"):
-            raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt)")
         path = self.path / "checkpoint.pt"
+        if not path.exists():
+            raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt)")
         try:
             # weights_only: tensors and plain containers only, never arbitrary pickled objects.
             return torch.load(path, map_location="cpu", weights_only=True)
