@@ -22,9 +22,10 @@ from visionflow.models import create_model
 from visionflow.train.loop import build_optimizer
 
 
-def training_variant(fused: bool, channels_last: bool, compiled: bool):
+def training_variant(fused: bool, channels_last: bool, compiled: bool, native_kernel: bool = False):
     torch.manual_seed(0)
     model = create_model("seed-cnn", num_classes=10, in_channels=1, image_size=28)
+    model.native_kernel = native_kernel
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     optimizer = build_optimizer(TrainConfig(data="-", out="-"), model, fused=fused)
@@ -58,9 +59,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(50)]
     variants = {
-        "eager, Adam foreach (torch and visionflow default)": dict(fused=False, channels_last=False, compiled=False),
+        "eager, Adam foreach (plain torch)": dict(fused=False, channels_last=False, compiled=False),
         "+ fused Adam": dict(fused=True, channels_last=False, compiled=False),
         "+ channels-last": dict(fused=False, channels_last=True, compiled=False),
+        "+ conv/pool/ReLU kernel (models/conv_pool.c)": dict(fused=False, channels_last=False, compiled=False,
+                                                           native_kernel=True),
+        "all three (visionflow's default, in fp32)": dict(fused=True, channels_last=True, compiled=False,
+                                                        native_kernel=True),
     }
     if args.compile:
         variants["+ torch.compile (--compile)"] = dict(fused=False, channels_last=False, compiled=True)

@@ -67,6 +67,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
     assert whole.returncode == 0, whole.stderr
     # The same run, interrupted with Ctrl-C (SIGINT) once its first epoch is saved. On a crowded machine this
     # process may be scheduled so late that the run has already finished (exit 0): then try again, afresh.
+    attempts = []  # (epochs saved when the signal went out, whether the run had already ended, exit code)
     for attempt in range(3):
         cut = tmp_path / f"cut{attempt}"
         process = subprocess.Popen(train_command("digits", cut, epochs), stdout=subprocess.PIPE,
@@ -74,11 +75,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
         deadline = time.time() + 120
         while not (cut / "metrics.csv").exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.01)
+        saved = len(RunDir(cut).read_metrics()) if (cut / "metrics.csv").exists() else 0
+        ended = process.poll() is not None
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
+        attempts.append((saved, ended, process.returncode))
         if process.returncode != 0:
             break
-    assert process.returncode == 130, stderr
+    assert process.returncode == 130, (attempts, stderr)
     assert "--resume" in stderr and "Traceback" not in stderr
     finished = len(RunDir(cut).read_metrics())
     assert 1 <= finished < epochs

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visionflow.models.conv_pool import conv_pool_relu
 from visionflow.models.layers import MaxPool2x2
 from visionflow.models.registry import register_model
 from visionflow.errors import VisionflowError
@@ -37,10 +38,18 @@ class SeedCNN(nn.Module):
         )
         self.head = nn.Linear(64, num_classes)
         self.num_features = 64
+        self.native_kernel = True  # False: the first block through PyTorch's layers even where the kernel applies
         glorot_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        # The first convolution, its pool and ReLU run as one pass where the C kernel applies (conv_pool.py);
+        # the layers stay in `features` as they were, so weights, export and every other path are unchanged.
+        if not self.native_kernel:
+            return self.features(x)
+        x = conv_pool_relu(x, self.features[0], self.features[1], self.features[2])
+        for layer in self.features[3:]:
+            x = layer(x)
+        return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

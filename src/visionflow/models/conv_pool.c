@@ -1,0 +1,204 @@
+/* A 3x3 convolution ('valid', stride 1), a 2x2 max-pool (stride 2, floor) and a ReLU, in one pass.
+
+   Why: in seed-cnn's first block the convolution's output (26x26x32 per MNIST image) is written to memory,
+   read back by the max-pool, and in training zero-filled again for the pool's gradient. That traffic, not
+   arithmetic, was about half of a training step (torch.profiler, batch 64). Here each pooled pixel's four
+   convolution outputs live in registers, and only the result (fp32 or bf16) and which of the four won are
+   stored: one byte per output, 0..3 for the offset, row-major in the window, the first maximum winning ties
+   as in ATen's max_pool2d, and 4 where the ReLU cut the value to zero (no gradient flows there).
+
+   Layouts (all contiguous): x is N x H x W x C (channels-last), wt is C x 3 x 3 x O (the Conv2d weight,
+   transposed so the O outputs of one tap are adjacent), out, grad and idx are N x PH x PW x O. O is a multiple
+   of 16. Built by visionflow/models/conv_pool.py with the system C compiler. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 64
+
+typedef float vfloat __attribute__((vector_size(64)));  /* 16 lanes: one AVX-512 register, or two AVX ones */
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vhalf __attribute__((vector_size(32)));
+typedef uint8_t vbyte __attribute__((vector_size(16)));
+#define LANES 16
+
+typedef struct {
+    const float *x, *wt, *b, *grad;
+    const uint8_t *idx_in;
+    void *out;
+    float *gw, *gb;
+    uint8_t *idx;
+    long n0, n1;
+    int h, w, c, o, out_bf16;
+} Job;
+
+static inline vfloat load(const float *p) { vfloat v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+/* fp32 to bf16, rounding to nearest even as torch does; NaN stays a (quiet) NaN. */
+static inline vhalf to_bf16(vfloat v) {
+    const vuint u = (vuint)v;
+    const vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vuint nan = (vuint)(v != v);
+    return __builtin_convertvector((nan & 0x7fc0u) | (~nan & rounded), vhalf);
+}
+
+static inline vfloat pick(vint mask, vfloat yes, vfloat no) { return (vfloat)((mask & (vint)yes) | (~mask & (vint)no)); }
+
+/* One block of LANES outputs (starting at k) for this job's images. Its 9 x C filter taps stay in registers
+   over all pixels; each pooled pixel gets four accumulators, one per offset in its 2x2 window. Inlined with a
+   constant C, so that for one or three input channels the loops over taps unroll completely. */
+static inline __attribute__((always_inline)) void forward_block(const Job *j, int k, const int c) {
+    const int h = j->h, w = j->w, o = j->o, ph = (h - 2) / 2, pw = (w - 2) / 2;
+    vfloat taps[9 * c];
+    for (int t = 0; t < 9 * c; t++) taps[t] = load(j->wt + t * o + k);
+    const vfloat bias = load(j->b + k);
+    for (long n = j->n0; n < j->n1; n++) {
+        const float *xn = j->x + n * (long)h * w * c;
+        for (int py = 0; py < ph; py++) {
+            for (int px = 0; px < pw; px++) {
+                vfloat acc[4] = {bias, bias, bias, bias};
+                for (int ky = 0; ky < 3; ky++)
+                    for (int kx = 0; kx < 3; kx++)
+                        for (int ci = 0; ci < c; ci++) {
+                            const vfloat tap = taps[ci * 9 + ky * 3 + kx];  /* wt is C x 3 x 3 x O */
+                            const float *xp = xn + ((long)(2 * py + ky) * w + (2 * px + kx)) * c + ci;
+                            acc[0] += xp[0] * tap;
+                            acc[1] += xp[c] * tap;
+                            acc[2] += xp[(long)w * c] * tap;
+                            acc[3] += xp[(long)w * c + c] * tap;
+                        }
+                vfloat m = acc[0];
+                vint best = {0};
+                for (int q = 1; q < 4; q++) {
+                    const vint better = (acc[q] > m) | (acc[q] != acc[q]); /* NaN wins, as in ATen */
+                    m = pick(better, acc[q], m);
+                    best = (better & q) | (~better & best);
+                }
+                const vint positive = (m > 0) | (m != m); /* the ReLU; NaN passes, as torch.relu lets it */
+                m = pick(positive, m, (vfloat){0});
+                best = (positive & best) | (~positive & 4);
+                const long at = ((n * ph + py) * (long)pw + px) * o + k;
+                if (j->out_bf16) {
+                    const vhalf half = to_bf16(m);
+                    memcpy((uint16_t *)j->out + at, &half, sizeof half);
+                } else {
+                    store((float *)j->out + at, m);
+                }
+                if (j->idx) {
+                    const vbyte bytes = __builtin_convertvector(best, vbyte);
+                    memcpy(j->idx + at, &bytes, sizeof bytes);
+                }
+            }
+        }
+    }
+}
+
+/* Weight and bias gradients of one block of LANES outputs over this job's images, summed in registers and then
+   written to the job's own j->gw (C x 3 x 3 x O) and j->gb (O). Each pooled gradient goes to the one convolution
+   output that won; masking it per offset keeps every lane busy. */
+static inline __attribute__((always_inline)) void backward_block(const Job *j, int k, const int c) {
+    const int h = j->h, w = j->w, o = j->o, ph = (h - 2) / 2, pw = (w - 2) / 2;
+    const vfloat zero = {0};
+    vfloat sums[9 * c], bias_sum = zero;
+    for (int t = 0; t < 9 * c; t++) sums[t] = zero;
+    for (long n = j->n0; n < j->n1; n++) {
+        const float *xn = j->x + n * (long)h * w * c;
+        for (int py = 0; py < ph; py++) {
+            for (int px = 0; px < pw; px++) {
+                const long at = ((n * ph + py) * (long)pw + px) * o + k;
+                const vfloat g = load(j->grad + at);
+                vbyte bytes;
+                memcpy(&bytes, j->idx_in + at, sizeof bytes);
+                const vint winner = __builtin_convertvector(bytes, vint);
+                const vfloat g0 = pick(winner == 0, g, zero), g1 = pick(winner == 1, g, zero);
+                const vfloat g2 = pick(winner == 2, g, zero), g3 = pick(winner == 3, g, zero);
+                bias_sum += g0 + g1 + g2 + g3; /* zero where the ReLU cut */
+                for (int ky = 0; ky < 3; ky++)
+                    for (int kx = 0; kx < 3; kx++)
+                        for (int ci = 0; ci < c; ci++) {
+                            const float *xp = xn + ((long)(2 * py + ky) * w + (2 * px + kx)) * c + ci;
+                            sums[ci * 9 + ky * 3 + kx] += xp[0] * g0 + xp[c] * g1 + xp[(long)w * c] * g2
+                                                            + xp[(long)w * c + c] * g3;
+                        }
+            }
+        }
+    }
+    for (int t = 0; t < 9 * c; t++) store(j->gw + t * o + k, sums[t]);
+    store(j->gb + k, bias_sum);
+}
+
+static void *forward_job(void *arg) {
+    const Job *j = arg;
+    for (int k = 0; k < j->o; k += LANES) {
+        if (j->c == 1) forward_block(j, k, 1);
+        else if (j->c == 3) forward_block(j, k, 3);
+        else forward_block(j, k, j->c);
+    }
+    return NULL;
+}
+
+static void *backward_job(void *arg) {
+    const Job *j = arg;
+    for (int k = 0; k < j->o; k += LANES) {
+        if (j->c == 1) backward_block(j, k, 1);
+        else if (j->c == 3) backward_block(j, k, 3);
+        else backward_block(j, k, j->c);
+    }
+    return NULL;
+}
+
+/* Copies `base` into one job per slice of the batch; returns how many slices there are. */
+static int split(Job *jobs, const Job *base, long n, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > n) threads = (int)(n > 0 ? n : 1);
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = *base;
+        jobs[t].n0 = n * t / threads;
+        jobs[t].n1 = n * (t + 1) / threads;
+    }
+    return threads;
+}
+
+/* Runs `fn` on each job in OpenMP threads. In a process with torch, libgomp.so.1 is torch's own, already
+   loaded, so these are torch's intra-op threads: with a separate pool, torch's threads would still be spinning
+   on the cores after their last op (measured: the kernel ran 3x slower inside the model than alone). */
+static void run(void *(*fn)(void *), Job *jobs, int count) {
+#pragma omp parallel for num_threads(count) schedule(static, 1)
+    for (int t = 0; t < count; t++) fn(&jobs[t]);
+}
+
+/* out is fp32, or bf16 when out_bf16; idx may be NULL (no gradient wanted). */
+void conv_pool_relu_forward(const float *x, const float *wt, const float *b, void *out, int out_bf16, uint8_t *idx,
+                            long n, int h, int w, int c, int o, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.x = x, .wt = wt, .b = b, .out = out, .out_bf16 = out_bf16, .idx = idx,
+                      .h = h, .w = w, .c = c, .o = o};
+    run(forward_job, jobs, split(jobs, &base, n, threads));
+}
+
+/* gw (C x 3 x 3 x O) and gb (O) are overwritten. Returns 0, or -1 when scratch memory ran out. */
+int conv_pool_relu_backward(const float *x, const float *grad, const uint8_t *idx, float *gw, float *gb,
+                            long n, int h, int w, int c, int o, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.x = x, .grad = grad, .idx_in = idx, .h = h, .w = w, .c = c, .o = o};
+    const int count = split(jobs, &base, n, threads);
+    const size_t nw = (size_t)c * 9 * o, per = nw + o;
+    float *scratch = malloc((size_t)count * per * sizeof(float));
+    if (!scratch) return -1;
+    for (int t = 0; t < count; t++) {  /* each slice sums into its own buffers; they are added at the end */
+        jobs[t].gw = scratch + t * per;
+        jobs[t].gb = scratch + t * per + nw;
+    }
+    run(backward_job, jobs, count);
+    memcpy(gw, jobs[0].gw, sizeof(float) * nw);
+    memcpy(gb, jobs[0].gb, sizeof(float) * o);
+    for (int t = 1; t < count; t++) {
+        for (size_t i = 0; i < nw; i++) gw[i] += jobs[t].gw[i];
+        for (int k = 0; k < o; k++) gb[k] += jobs[t].gb[k];
+    }
+    free(scratch);
+    return 0;
+}

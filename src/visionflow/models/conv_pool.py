@@ -1,0 +1,150 @@
+"""A 3x3 convolution, a 2x2 max-pool and a ReLU as one CPU pass (conv_pool.c), with PyTorch's layers as fallback.
+
+seed-cnn's first block is bound by memory, not arithmetic: its convolution writes 26x26x32 values per MNIST
+image that the max-pool reads back, and training zero-fills as many again for the pool's gradient. The C kernel
+keeps each pooled pixel's four convolution outputs in registers (benchmarks/README.md has the figures).
+
+The kernel is compiled on first use with the system C compiler (`cc`, or $CC) into the user's cache folder,
+written atomically, and loaded with ctypes: no build step at install time, about a second to compile. It is
+linked with -fopenmp, and in a process with torch its libgomp is torch's own, so it runs on torch's threads. Where
+there is no compiler, compilation fails, or VISIONFLOW_NATIVE_KERNELS=0, `conv_pool_relu` runs the same layers
+through PyTorch; so does everything the kernel does not cover (GPUs, tracing for ONNX export, torch.compile,
+inputs that need a gradient, other dtypes and shapes, more than 4 input channels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("visionflow")
+
+SOURCE = Path(__file__).with_name("conv_pool.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
+
+
+def kernel_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visionflow" / "kernels"
+
+
+def build_kernel(source: Path, cache_dir: Path, compiler: str) -> Path:
+    """The shared library for `source`, compiled once per source, compiler, flags and CPU, then reused.
+    Raises OSError or CalledProcessError when it cannot be built."""
+    try:
+        with open("/proc/cpuinfo") as f:  # -march=native: a library built on another CPU must not be reused
+            cpu = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        cpu = ""
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, *FLAGS, cpu]).encode()).hexdigest()[:16]
+    library = cache_dir / f"{source.stem}-{key}.so"
+    if library.exists():
+        return library
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(source), "-o", partial], check=True, capture_output=True, text=True)
+        os.replace(partial, library)  # atomic: a concurrent process sees no library or a whole one
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled conv_pool.c, or None (with the reason logged once) where it cannot be had."""
+    if os.environ.get("VISIONFLOW_NATIVE_KERNELS", "1") == "0":
+        return None
+    if not sys.platform.startswith("linux"):
+        log.info("fused conv+pool kernel: only built on Linux; using PyTorch's layers")
+        return None
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        log.info("fused conv+pool kernel: no C compiler (cc) on PATH; using PyTorch's layers")
+        return None
+    try:
+        library = ctypes.CDLL(str(build_kernel(SOURCE, kernel_cache_dir(), compiler)))
+    except subprocess.CalledProcessError as exc:
+        last = (exc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        log.warning("fused conv+pool kernel did not compile (%s); using PyTorch's layers", last[0][:200])
+        return None
+    except OSError as exc:
+        log.warning("fused conv+pool kernel unavailable (%s); using PyTorch's layers", exc)
+        return None
+    c_long, c_int, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+    library.conv_pool_relu_forward.argtypes = [ptr] * 4 + [c_int, ptr, c_long] + [c_int] * 5
+    library.conv_pool_relu_forward.restype = None
+    library.conv_pool_relu_backward.argtypes = [ptr] * 5 + [c_long] + [c_int] * 5
+    library.conv_pool_relu_backward.restype = c_int
+    return library
+
+
+class _ConvPoolReLU(torch.autograd.Function):
+    """Forward: relu(max_pool2d(conv2d(x, weight, bias), 2)), in bf16 under bf16 autocast (as PyTorch's layers
+    would give it) and fp32 otherwise; the sums are fp32 either way. Backward: the weight and bias gradients; x
+    needs none (`kernel_applies` sends inputs that need a gradient to PyTorch)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, library: ctypes.CDLL) -> torch.Tensor:
+        n, c, h, w = x.shape
+        o = weight.shape[0]
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch (or one channel)
+        taps = weight.detach().permute(1, 2, 3, 0).contiguous()
+        # N x O x PH x PW, channels-last in memory like PyTorch's own result (the kernel writes NHWC)
+        out = torch.empty((n, o, (h - 2) // 2, (w - 2) // 2), dtype=torch.bfloat16 if bf16 else torch.float32,
+                          memory_format=torch.channels_last)
+        winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[1] else None
+        library.conv_pool_relu_forward(
+            x_last.data_ptr(), taps.data_ptr(), bias.detach().contiguous().data_ptr(), out.data_ptr(), int(bf16),
+            winners.data_ptr() if winners is not None else None, n, h, w, c, o, torch.get_num_threads())
+        if winners is not None:
+            ctx.save_for_backward(x_last, winners)
+        ctx.library = library
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_last, winners = ctx.saved_tensors
+        n, h, w, c = x_last.shape
+        o = winners.shape[1]
+        grad_last = grad.float().contiguous(memory_format=torch.channels_last)
+        grad_taps = torch.empty((c, 3, 3, o), dtype=torch.float32)
+        grad_bias = torch.empty(o, dtype=torch.float32)
+        status = ctx.library.conv_pool_relu_backward(
+            x_last.data_ptr(), grad_last.data_ptr(), winners.data_ptr(), grad_taps.data_ptr(), grad_bias.data_ptr(),
+            n, h, w, c, o, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("fused conv+pool backward: out of memory for its per-thread sums")
+        return None, grad_taps.permute(3, 0, 1, 2).contiguous(), grad_bias, None
+
+
+def kernel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """True where conv_pool.c computes the block (see the module docstring for what it does not cover)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad
+            and x.shape[-2] >= 4 and x.shape[-1] >= 4 and conv.out_channels % 16 == 0
+            and conv.in_channels <= 4  # a first layer on images: its filter taps are held in registers
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
+            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and load_kernel() is not None)
+
+
+def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn.Module) -> torch.Tensor:
+    """`relu(pool(conv(x)))` for a 3x3 'valid' convolution and a 2x2 max-pool: one C pass where it applies."""
+    if kernel_applies(x, conv):
+        return _ConvPoolReLU.apply(x, conv.weight, conv.bias, load_kernel())
+    return relu(pool(conv(x)))

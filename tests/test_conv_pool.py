@@ -1,0 +1,138 @@
+"""The fused conv + max-pool + ReLU kernel (models/conv_pool.c) against PyTorch's own layers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from visionflow.models import conv_pool, create_model
+from visionflow.models.conv_pool import build_kernel, conv_pool_relu, kernel_applies, load_kernel
+
+needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="no C compiler to build the fused kernel here")
+
+
+def block(in_channels: int, seed: int = 0) -> tuple[nn.Conv2d, nn.MaxPool2d, nn.ReLU]:
+    torch.manual_seed(seed)
+    return nn.Conv2d(in_channels, 32, 3), nn.MaxPool2d(2), nn.ReLU()
+
+
+def batch(in_channels: int, height: int, width: int, n: int = 9) -> torch.Tensor:
+    return torch.randn(n, in_channels, height, width).contiguous(memory_format=torch.channels_last)
+
+
+def grads(conv: nn.Conv2d, out: torch.Tensor, weight_of_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    conv.zero_grad()
+    (out.float() * weight_of_output).sum().backward()
+    return conv.weight.grad.clone(), conv.bias.grad.clone()
+
+
+def assert_same_gradients(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn.Module, tolerance: float):
+    """The kernel's weight and bias gradients equal those through PyTorch's layers, for a random upstream."""
+    upstream = torch.randn_like(relu(pool(conv(x))))
+    expected = grads(conv, relu(pool(conv(x))), upstream)
+    got = grads(conv, conv_pool_relu(x, conv, pool, relu), upstream)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=tolerance, atol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_channels,height,width", [(1, 28, 28), (3, 32, 32), (2, 11, 9)])
+def test_values_and_gradients_match_pytorch(in_channels, height, width):
+    conv, pool, relu = block(in_channels)
+    x = batch(in_channels, height, width)
+    assert kernel_applies(x, conv)
+    expected = relu(pool(conv(x)))
+    got = conv_pool_relu(x, conv, pool, relu)
+    assert got.shape == expected.shape  # odd sizes: the pool drops the last row/column, as PyTorch's does
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert (expected == 0).float().mean() > 0.02  # the ReLU cut some values, so its mask is tested too
+    assert_same_gradients(x, conv, pool, relu, tolerance=1e-4)
+
+
+@needs_kernel
+def test_ties_send_the_gradient_to_the_first_maximum_like_pytorch():
+    conv, pool, relu = block(1)
+    with torch.no_grad():  # only the centre tap: two outputs tie where their centre pixels are equal
+        centre = conv.weight[:, :, 1, 1].clone()
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = centre
+        conv.bias.fill_(5.0)  # positive everywhere, so the ReLU keeps every value
+    x = torch.randn(2, 1, 12, 12)
+    x[..., 2::2] = x[..., 1:-1:2]  # each pool window's two columns tie; their other taps see different pixels
+    assert_same_gradients(x, conv, pool, relu, tolerance=1e-5)
+
+
+@needs_kernel
+def test_bf16_autocast_gives_bf16_like_pytorch():
+    conv, pool, relu = block(1)
+    x = batch(1, 28, 28)
+    exact = relu(pool(conv(x)))  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv_pool_relu(x, conv, pool, relu)
+        library = relu(pool(conv(x)))
+    assert got.dtype == library.dtype == torch.bfloat16
+    # The kernel sums in fp32 and rounds once, so it is within half a bf16 step of the exact value.
+    assert ((got.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    assert torch.allclose(got.float(), library.float(), rtol=2 ** -6, atol=1e-2)
+
+
+@needs_kernel
+def test_seed_cnn_gives_the_same_logits_with_and_without_the_kernel():
+    model = create_model("seed-cnn", num_classes=10, in_channels=1, image_size=28).eval()
+    x = batch(1, 28, 28, n=5)
+    with torch.inference_mode():
+        fused = model(x)
+        model.native_kernel = False
+        plain = model(x)
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_that_need_a_gradient_go_through_pytorch():
+    conv, pool, relu = block(1)
+    x = batch(1, 12, 12).requires_grad_()
+    assert not kernel_applies(x, conv)
+    conv_pool_relu(x, conv, pool, relu).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not kernel_applies(batch(1, 12, 12).double(), conv.double())
+    assert not kernel_applies(batch(1, 12, 12), nn.Conv2d(1, 32, 3, padding=1))
+    assert not kernel_applies(batch(1, 12, 12), nn.Conv2d(1, 24, 3))  # outputs in blocks of 16 only
+    assert not kernel_applies(batch(8, 12, 12), nn.Conv2d(8, 32, 3))  # a first layer: up to 4 channels
+
+
+def test_the_kernel_is_built_once_and_reused(tmp_path):
+    compiler = os.environ.get("CC") or "cc"
+    if load_kernel() is None:
+        pytest.skip("no C compiler here")
+    first = build_kernel(conv_pool.SOURCE, tmp_path, compiler)
+    stamp = first.stat().st_mtime_ns
+    assert build_kernel(conv_pool.SOURCE, tmp_path, compiler) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left behind
+
+
+def test_without_a_working_compiler_the_model_falls_back(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: broken on purpose' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    load_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="visionflow"):
+            assert load_kernel() is None
+        assert "did not compile (cc: fatal error: broken on purpose)" in caplog.text
+        conv, pool, relu = block(1)
+        x = batch(1, 12, 12)
+        assert not kernel_applies(x, conv)
+        assert torch.equal(conv_pool_relu(x, conv, pool, relu), relu(pool(conv(x))))
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.setenv("VISIONFLOW_NATIVE_KERNELS", "0")
+        load_kernel.cache_clear()
+        assert load_kernel() is None
+    finally:
+        load_kernel.cache_clear()
