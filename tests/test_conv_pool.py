@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from visionflow.models import conv_pool, create_model
-from visionflow.models.conv_pool import build_kernel, conv_pool_relu, kernel_applies, load_kernel
+from visionflow.models.conv_pool import (build_kernel, conv_pool_relu, kernel_applies, load_kernel, pool_kernel_applies,
+                                         pool_relu)
 
 needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="no C compiler to build the fused kernel here")
 
@@ -79,6 +80,25 @@ def test_bf16_autocast_gives_bf16_like_pytorch():
     # The kernel sums in fp32 and rounds once, so it is within half a bf16 step of the exact value.
     assert ((got.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
     assert torch.allclose(got.float(), library.float(), rtol=2 ** -6, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("height,width", [(11, 11), (10, 12), (7, 9)])
+def test_pool_and_relu_give_pytorchs_values_and_input_gradient_exactly(dtype, height, width):
+    pool, relu = nn.MaxPool2d(2), nn.ReLU()
+    torch.manual_seed(0)
+    x = torch.randn(5, 64, height, width).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, :, :4, :4] = 0.5  # whole windows of equal values: the first one must take the gradient
+    assert pool_kernel_applies(x)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, expected = pool_relu(ours, pool, relu), relu(pool(theirs))
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)
+    upstream = torch.randn_like(expected)
+    got.backward(upstream)
+    expected.backward(upstream)
+    assert torch.equal(ours.grad, theirs.grad)  # zero on the losers, the ReLU's cuts and an odd last row/column
 
 
 @needs_kernel

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visionflow.models.conv_pool import conv_pool_relu
+from visionflow.models.conv_pool import conv_pool_relu, pool_relu
 from visionflow.models.layers import MaxPool2x2
 from visionflow.models.registry import register_model
 from visionflow.errors import VisionflowError
@@ -42,12 +42,14 @@ class SeedCNN(nn.Module):
         glorot_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # The first convolution, its pool and ReLU run as one pass where the C kernel applies (conv_pool.py);
-        # the layers stay in `features` as they were, so weights, export and every other path are unchanged.
+        # The first convolution, its pool and ReLU run as one pass where the C kernel applies, and so do the
+        # second pool and ReLU (conv_pool.py); the layers stay in `features` as they were, so weights, export and
+        # every other path are unchanged.
         if not self.native_kernel:
             return self.features(x)
         x = conv_pool_relu(x, self.features[0], self.features[1], self.features[2])
-        for layer in self.features[3:]:
+        x = pool_relu(self.features[3](x), self.features[4], self.features[5])
+        for layer in self.features[6:]:
             x = layer(x)
         return x
 

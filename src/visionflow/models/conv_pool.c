@@ -27,11 +27,12 @@ typedef uint8_t vbyte __attribute__((vector_size(16)));
 typedef struct {
     const float *x, *wt, *b, *grad;
     const uint8_t *idx_in;
+    const void *in;  /* pool_relu: its input (forward) or the gradient of its output (backward) */
     void *out;
     float *gw, *gb;
     uint8_t *idx;
     long n0, n1;
-    int h, w, c, o, out_bf16;
+    int h, w, c, o, in_bf16, out_bf16;
 } Job;
 
 static inline vfloat load(const float *p) { vfloat v; memcpy(&v, p, sizeof v); return v; }
@@ -44,7 +45,49 @@ static inline vhalf to_bf16(vfloat v) {
     return __builtin_convertvector((nan & 0x7fc0u) | (~nan & rounded), vhalf);
 }
 
+/* LANES values at element `at` of an fp32 or bf16 array, as fp32; and back. */
+static inline vfloat load_any(const void *p, long at, int bf16) {
+    if (!bf16) return load((const float *)p + at);
+    vhalf half;
+    memcpy(&half, (const uint16_t *)p + at, sizeof half);
+    return (vfloat)(__builtin_convertvector(half, vuint) << 16);
+}
+
+static inline void store_any(void *p, long at, vfloat v, int bf16) {
+    if (!bf16) {
+        store((float *)p + at, v);
+        return;
+    }
+    const vhalf half = to_bf16(v);
+    memcpy((uint16_t *)p + at, &half, sizeof half);
+}
+
 static inline vfloat pick(vint mask, vfloat yes, vfloat no) { return (vfloat)((mask & (vint)yes) | (~mask & (vint)no)); }
+
+/* The maximum of a 2x2 window's four values (row-major) and which one it was: the first maximum wins ties and
+   NaN wins, as in ATen's max_pool2d. */
+static inline vfloat window_max(const vfloat v[4], vint *which) {
+    vfloat m = v[0];
+    vint best = {0};
+    for (int q = 1; q < 4; q++) {
+        const vint better = (v[q] > m) | (v[q] != v[q]);
+        m = pick(better, v[q], m);
+        best = (better & q) | (~better & best);
+    }
+    *which = best;
+    return m;
+}
+
+/* The ReLU (NaN passes, as torch.relu lets it), then the value into j->out and the winner into j->idx, 4 where
+   the ReLU cut the value (no gradient flows there). */
+static inline void relu_and_store(const Job *j, long at, vfloat m, vint best) {
+    const vint positive = (m > 0) | (m != m);
+    store_any(j->out, at, pick(positive, m, (vfloat){0}), j->out_bf16);
+    if (j->idx) {
+        const vbyte bytes = __builtin_convertvector((positive & best) | (~positive & 4), vbyte);
+        memcpy(j->idx + at, &bytes, sizeof bytes);
+    }
+}
 
 /* One block of LANES outputs (starting at k) for this job's images. Its 9 x C filter taps stay in registers
    over all pixels; each pooled pixel gets four accumulators, one per offset in its 2x2 window. Inlined with a
@@ -69,27 +112,10 @@ static inline __attribute__((always_inline)) void forward_block(const Job *j, in
                             acc[2] += xp[(long)w * c] * tap;
                             acc[3] += xp[(long)w * c + c] * tap;
                         }
-                vfloat m = acc[0];
-                vint best = {0};
-                for (int q = 1; q < 4; q++) {
-                    const vint better = (acc[q] > m) | (acc[q] != acc[q]); /* NaN wins, as in ATen */
-                    m = pick(better, acc[q], m);
-                    best = (better & q) | (~better & best);
-                }
-                const vint positive = (m > 0) | (m != m); /* the ReLU; NaN passes, as torch.relu lets it */
-                m = pick(positive, m, (vfloat){0});
-                best = (positive & best) | (~positive & 4);
+                vint best;
+                const vfloat m = window_max(acc, &best);
                 const long at = ((n * ph + py) * (long)pw + px) * o + k;
-                if (j->out_bf16) {
-                    const vhalf half = to_bf16(m);
-                    memcpy((uint16_t *)j->out + at, &half, sizeof half);
-                } else {
-                    store((float *)j->out + at, m);
-                }
-                if (j->idx) {
-                    const vbyte bytes = __builtin_convertvector(best, vbyte);
-                    memcpy(j->idx + at, &bytes, sizeof bytes);
-                }
+                relu_and_store(j, at, m, best);
             }
         }
     }
@@ -149,6 +175,54 @@ static void *backward_job(void *arg) {
     return NULL;
 }
 
+/* 2x2 max-pool and ReLU on its own (seed-cnn's second block, after a convolution PyTorch runs): input N x H x W x C
+   in j->in, output N x H/2 x W/2 x C in j->out, fp32 or bf16 alike. */
+static void *pool_forward_job(void *arg) {
+    const Job *j = arg;
+    const int h = j->h, w = j->w, c = j->c, ph = h / 2, pw = w / 2;
+    for (long n = j->n0; n < j->n1; n++)
+        for (int py = 0; py < ph; py++)
+            for (int px = 0; px < pw; px++)
+                for (int k = 0; k < c; k += LANES) {
+                    const long corner = ((n * h + 2 * py) * (long)w + 2 * px) * c + k, row = (long)w * c;
+                    const vfloat v[4] = {load_any(j->in, corner, j->in_bf16), load_any(j->in, corner + c, j->in_bf16),
+                                         load_any(j->in, corner + row, j->in_bf16),
+                                         load_any(j->in, corner + row + c, j->in_bf16)};
+                    vint best;
+                    const vfloat m = window_max(v, &best);
+                    relu_and_store(j, ((n * ph + py) * (long)pw + px) * c + k, m, best);
+                }
+    return NULL;
+}
+
+/* Its input gradient, N x H x W x C into j->out: each window's winner gets the output's gradient (j->in), the
+   other three, a last odd row or column, and values the ReLU cut get zero. */
+static void *pool_backward_job(void *arg) {
+    const Job *j = arg;
+    const int h = j->h, w = j->w, c = j->c, ph = h / 2, pw = w / 2, size = j->in_bf16 ? 2 : 4;
+    const vfloat zero = {0};
+    for (long n = j->n0; n < j->n1; n++) {
+        char *image = (char *)j->out + n * (long)h * w * c * size;
+        if (h & 1) memset(image + (long)(h - 1) * w * c * size, 0, (size_t)w * c * size);
+        for (int y = 0; (w & 1) && y < 2 * ph; y++) memset(image + ((long)y * w + w - 1) * c * size, 0, (size_t)c * size);
+        for (int py = 0; py < ph; py++)
+            for (int px = 0; px < pw; px++)
+                for (int k = 0; k < c; k += LANES) {
+                    const long at = ((n * ph + py) * (long)pw + px) * c + k;
+                    const vfloat g = load_any(j->in, at, j->in_bf16);
+                    vbyte bytes;
+                    memcpy(&bytes, j->idx_in + at, sizeof bytes);
+                    const vint winner = __builtin_convertvector(bytes, vint);
+                    const long corner = ((n * h + 2 * py) * (long)w + 2 * px) * c + k, row = (long)w * c;
+                    store_any(j->out, corner, pick(winner == 0, g, zero), j->in_bf16);
+                    store_any(j->out, corner + c, pick(winner == 1, g, zero), j->in_bf16);
+                    store_any(j->out, corner + row, pick(winner == 2, g, zero), j->in_bf16);
+                    store_any(j->out, corner + row + c, pick(winner == 3, g, zero), j->in_bf16);
+                }
+    }
+    return NULL;
+}
+
 /* Copies `base` into one job per slice of the batch; returns how many slices there are. */
 static int split(Job *jobs, const Job *base, long n, int threads) {
     if (threads < 1) threads = 1;
@@ -201,4 +275,19 @@ int conv_pool_relu_backward(const float *x, const float *grad, const uint8_t *id
     }
     free(scratch);
     return 0;
+}
+
+/* x and out are fp32, or both bf16 when bf16; idx may be NULL (no gradient wanted). */
+void pool_relu_forward(const void *x, void *out, int bf16, uint8_t *idx, long n, int h, int w, int c, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.in = x, .in_bf16 = bf16, .out = out, .out_bf16 = bf16, .idx = idx, .h = h, .w = w, .c = c};
+    run(pool_forward_job, jobs, split(jobs, &base, n, threads));
+}
+
+/* grad (N x H/2 x W/2 x C) and grad_x (N x H x W x C) are fp32, or both bf16 when bf16. */
+void pool_relu_backward(const void *grad, const uint8_t *idx, void *grad_x, int bf16, long n, int h, int w, int c,
+                        int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.in = grad, .in_bf16 = bf16, .idx_in = idx, .out = grad_x, .h = h, .w = w, .c = c};
+    run(pool_backward_job, jobs, split(jobs, &base, n, threads));
 }

@@ -88,6 +88,10 @@ def load_kernel() -> ctypes.CDLL | None:
     library.conv_pool_relu_forward.restype = None
     library.conv_pool_relu_backward.argtypes = [ptr] * 5 + [c_long] + [c_int] * 5
     library.conv_pool_relu_backward.restype = c_int
+    library.pool_relu_forward.argtypes = [ptr, ptr, c_int, ptr, c_long] + [c_int] * 4
+    library.pool_relu_forward.restype = None
+    library.pool_relu_backward.argtypes = [ptr, ptr, ptr, c_int, c_long] + [c_int] * 4
+    library.pool_relu_backward.restype = None
     return library
 
 
@@ -148,3 +152,47 @@ def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn.M
     if kernel_applies(x, conv):
         return _ConvPoolReLU.apply(x, conv.weight, conv.bias, load_kernel())
     return relu(pool(conv(x)))
+
+
+class _PoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(x, 2)) for a channels-last fp32 or bf16 batch, and its input gradient, in one pass each:
+    PyTorch's layers take four (pool, ReLU; and backward a zero fill, the scatter, the ReLU's mask)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, library: ctypes.CDLL) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
+        out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+        winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[0] else None
+        library.pool_relu_forward(x_last.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
+                                  winners.data_ptr() if winners is not None else None, n, h, w, c,
+                                  torch.get_num_threads())
+        if winners is not None:
+            ctx.save_for_backward(winners)
+        ctx.library, ctx.input_shape = library, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (winners,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        grad_last = grad.contiguous(memory_format=torch.channels_last)  # autograd gives it the output's dtype
+        grad_x = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=torch.channels_last)
+        ctx.library.pool_relu_backward(grad_last.data_ptr(), winners.data_ptr(), grad_x.data_ptr(),
+                                       int(grad.dtype == torch.bfloat16), n, h, w, c, torch.get_num_threads())
+        return grad_x, None
+
+
+def pool_kernel_applies(x: torch.Tensor) -> bool:
+    """True where conv_pool.c computes relu(max_pool2d(x, 2)): a CPU batch of fp32 or bf16 with channels in
+    blocks of 16, outside tracing and torch.compile."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+            and x.shape[1] % 16 == 0 and x.shape[-2] >= 2 and x.shape[-1] >= 2
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and load_kernel() is not None)
+
+
+def pool_relu(x: torch.Tensor, pool: nn.Module, relu: nn.Module) -> torch.Tensor:
+    """`relu(pool(x))` for a 2x2 max-pool: one C pass each way where it applies."""
+    if pool_kernel_applies(x):
+        return _PoolReLU.apply(x, load_kernel())
+    return relu(pool(x))
