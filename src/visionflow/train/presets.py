@@ -27,8 +27,9 @@ _AIRBENCH = {
 
 PRESETS: dict[str, dict] = {
     # The seed's CNN to 98.5% on the MNIST split in ONE epoch: one-cycle with label smoothing. Test accuracy for
-    # seeds 0-4 (bf16): 98.65 / 98.70 / 98.60 / 98.95 / 98.60%, where the seed's recipe (constant 1e-3, batch 32)
-    # needs about five epochs. `make bench` times it against Keras given the same kind of recipe.
+    # seeds 0-4 (bf16, the first block in C): 98.85 / 98.75 / 98.60 / 98.65 / 98.80%, where the seed's recipe
+    # (constant 1e-3, batch 32) needs about five epochs. `make bench` times it against Keras given the same kind
+    # of recipe.
     "mnist-1epoch": {"model": "seed-cnn", "epochs": 1, "batch_size": 64, "lr": 1e-2, "schedule": "onecycle",
                      "label_smoothing": 0.2},
     # airbench94 itself: 10 epochs of batch 1024 (9.9 in the original). On the JPEG copy of CIFAR-10 in
