@@ -80,6 +80,13 @@ def test_bf16_autocast_gives_bf16_like_pytorch():
     # The kernel sums in fp32 and rounds once, so it is within half a bf16 step of the exact value.
     assert ((got.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
     assert torch.allclose(got.float(), library.float(), rtol=2 ** -6, atol=1e-2)
+    # The backward pass takes the bf16 gradient as it comes: the same sums as fp32 with that gradient.
+    upstream = torch.randn_like(exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_grads = grads(conv, conv_pool_relu(x, conv, pool, relu), upstream)
+    expected_grads = grads(conv, relu(pool(conv(x))), upstream.bfloat16().float())
+    for a, b in zip(got_grads, expected_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel

@@ -25,9 +25,9 @@ typedef uint8_t vbyte __attribute__((vector_size(16)));
 #define LANES 16
 
 typedef struct {
-    const float *x, *wt, *b, *grad;
+    const float *x, *wt, *b;
     const uint8_t *idx_in;
-    const void *in;  /* pool_relu: its input (forward) or the gradient of its output (backward) */
+    const void *in;  /* pool_relu's input; in the backward passes, the gradient of the output */
     void *out;
     float *gw, *gb;
     uint8_t *idx;
@@ -134,7 +134,7 @@ static inline __attribute__((always_inline)) void backward_block(const Job *j, i
         for (int py = 0; py < ph; py++) {
             for (int px = 0; px < pw; px++) {
                 const long at = ((n * ph + py) * (long)pw + px) * o + k;
-                const vfloat g = load(j->grad + at);
+                const vfloat g = load_any(j->in, at, j->in_bf16);
                 vbyte bytes;
                 memcpy(&bytes, j->idx_in + at, sizeof bytes);
                 const vint winner = __builtin_convertvector(bytes, vint);
@@ -253,11 +253,12 @@ void conv_pool_relu_forward(const float *x, const float *wt, const float *b, voi
     run(forward_job, jobs, split(jobs, &base, n, threads));
 }
 
-/* gw (C x 3 x 3 x O) and gb (O) are overwritten. Returns 0, or -1 when scratch memory ran out. */
-int conv_pool_relu_backward(const float *x, const float *grad, const uint8_t *idx, float *gw, float *gb,
-                            long n, int h, int w, int c, int o, int threads) {
+/* grad (the output's gradient) is fp32, or bf16 when grad_bf16; gw (C x 3 x 3 x O) and gb (O) are overwritten.
+   Returns 0, or -1 when scratch memory ran out. */
+int conv_pool_relu_backward(const float *x, const void *grad, int grad_bf16, const uint8_t *idx, float *gw,
+                            float *gb, long n, int h, int w, int c, int o, int threads) {
     Job jobs[MAX_THREADS];
-    const Job base = {.x = x, .grad = grad, .idx_in = idx, .h = h, .w = w, .c = c, .o = o};
+    const Job base = {.x = x, .in = grad, .in_bf16 = grad_bf16, .idx_in = idx, .h = h, .w = w, .c = c, .o = o};
     const int count = split(jobs, &base, n, threads);
     const size_t nw = (size_t)c * 9 * o, per = nw + o;
     float *scratch = malloc((size_t)count * per * sizeof(float));

@@ -86,7 +86,7 @@ def load_kernel() -> ctypes.CDLL | None:
     c_long, c_int, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     library.conv_pool_relu_forward.argtypes = [ptr] * 4 + [c_int, ptr, c_long] + [c_int] * 5
     library.conv_pool_relu_forward.restype = None
-    library.conv_pool_relu_backward.argtypes = [ptr] * 5 + [c_long] + [c_int] * 5
+    library.conv_pool_relu_backward.argtypes = [ptr, ptr, c_int, ptr, ptr, ptr, c_long] + [c_int] * 5
     library.conv_pool_relu_backward.restype = c_int
     library.pool_relu_forward.argtypes = [ptr, ptr, c_int, ptr, c_long] + [c_int] * 4
     library.pool_relu_forward.restype = None
@@ -124,11 +124,12 @@ class _ConvPoolReLU(torch.autograd.Function):
         x_last, winners = ctx.saved_tensors
         n, h, w, c = x_last.shape
         o = winners.shape[1]
-        grad_last = grad.float().contiguous(memory_format=torch.channels_last)
+        grad_last = grad.contiguous(memory_format=torch.channels_last)  # fp32 or bf16, as the output was
         grad_taps = torch.empty((c, 3, 3, o), dtype=torch.float32)
         grad_bias = torch.empty(o, dtype=torch.float32)
         status = ctx.library.conv_pool_relu_backward(
-            x_last.data_ptr(), grad_last.data_ptr(), winners.data_ptr(), grad_taps.data_ptr(), grad_bias.data_ptr(),
+            x_last.data_ptr(), grad_last.data_ptr(), int(grad.dtype == torch.bfloat16), winners.data_ptr(),
+            grad_taps.data_ptr(), grad_bias.data_ptr(),
             n, h, w, c, o, torch.get_num_threads())
         if status != 0:
             raise MemoryError("fused conv+pool backward: out of memory for its per-thread sums")
