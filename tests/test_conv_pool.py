@@ -158,6 +158,15 @@ def test_without_a_working_compiler_the_model_falls_back(monkeypatch, tmp_path, 
         assert not kernel_applies(x, conv)
         assert torch.equal(conv_pool_relu(x, conv, pool, relu), relu(pool(conv(x))))
         monkeypatch.setenv("CC", "cc")
+        blocked = tmp_path / "not-a-folder"
+        blocked.write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # the cache cannot be created: same fallback
+        load_kernel.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="visionflow"):
+            assert load_kernel() is None
+        assert "fused conv+pool kernel unavailable" in caplog.text
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         monkeypatch.setenv("VISIONFLOW_NATIVE_KERNELS", "0")
         load_kernel.cache_clear()
         assert load_kernel() is None
