@@ -26,11 +26,10 @@ typedef uint8_t vbyte __attribute__((vector_size(16)));
 
 typedef struct {
     const float *x, *wt, *b;
-    const uint8_t *idx_in;
     const void *in;  /* pool_relu's input; in the backward passes, the gradient of the output */
     void *out;
     float *gw, *gb;
-    uint8_t *idx;
+    uint8_t *idx;    /* written by the forward passes (unless NULL), read by the backward ones */
     long n0, n1;
     int h, w, c, o, in_bf16, out_bf16;
 } Job;
@@ -136,7 +135,7 @@ static inline __attribute__((always_inline)) void backward_block(const Job *j, i
                 const long at = ((n * ph + py) * (long)pw + px) * o + k;
                 const vfloat g = load_any(j->in, at, j->in_bf16);
                 vbyte bytes;
-                memcpy(&bytes, j->idx_in + at, sizeof bytes);
+                memcpy(&bytes, j->idx + at, sizeof bytes);
                 const vint winner = __builtin_convertvector(bytes, vint);
                 const vfloat g0 = pick(winner == 0, g, zero), g1 = pick(winner == 1, g, zero);
                 const vfloat g2 = pick(winner == 2, g, zero), g3 = pick(winner == 3, g, zero);
@@ -211,7 +210,7 @@ static void *pool_backward_job(void *arg) {
                     const long at = ((n * ph + py) * (long)pw + px) * c + k;
                     const vfloat g = load_any(j->in, at, j->in_bf16);
                     vbyte bytes;
-                    memcpy(&bytes, j->idx_in + at, sizeof bytes);
+                    memcpy(&bytes, j->idx + at, sizeof bytes);
                     const vint winner = __builtin_convertvector(bytes, vint);
                     const long corner = ((n * h + 2 * py) * (long)w + 2 * px) * c + k, row = (long)w * c;
                     store_any(j->out, corner, pick(winner == 0, g, zero), j->in_bf16);
@@ -258,7 +257,7 @@ void conv_pool_relu_forward(const float *x, const float *wt, const float *b, voi
 int conv_pool_relu_backward(const float *x, const void *grad, int grad_bf16, const uint8_t *idx, float *gw,
                             float *gb, long n, int h, int w, int c, int o, int threads) {
     Job jobs[MAX_THREADS];
-    const Job base = {.x = x, .in = grad, .in_bf16 = grad_bf16, .idx_in = idx, .h = h, .w = w, .c = c, .o = o};
+    const Job base = {.x = x, .in = grad, .in_bf16 = grad_bf16, .idx = (uint8_t *)idx, .h = h, .w = w, .c = c, .o = o};
     const int count = split(jobs, &base, n, threads);
     const size_t nw = (size_t)c * 9 * o, per = nw + o;
     float *scratch = malloc((size_t)count * per * sizeof(float));
@@ -289,6 +288,6 @@ void pool_relu_forward(const void *x, void *out, int bf16, uint8_t *idx, long n,
 void pool_relu_backward(const void *grad, const uint8_t *idx, void *grad_x, int bf16, long n, int h, int w, int c,
                         int threads) {
     Job jobs[MAX_THREADS];
-    const Job base = {.in = grad, .in_bf16 = bf16, .idx_in = idx, .out = grad_x, .h = h, .w = w, .c = c};
+    const Job base = {.in = grad, .in_bf16 = bf16, .idx = (uint8_t *)idx, .out = grad_x, .h = h, .w = w, .c = c};
     run(pool_backward_job, jobs, split(jobs, &base, n, threads));
 }

@@ -101,7 +101,7 @@ class _ConvPoolReLU(torch.autograd.Function):
     needs none (`kernel_applies` sends inputs that need a gradient to PyTorch)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, library: ctypes.CDLL) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         o = weight.shape[0]
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -111,12 +111,11 @@ class _ConvPoolReLU(torch.autograd.Function):
         out = torch.empty((n, o, (h - 2) // 2, (w - 2) // 2), dtype=torch.bfloat16 if bf16 else torch.float32,
                           memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[1] else None
-        library.conv_pool_relu_forward(
+        load_kernel().conv_pool_relu_forward(
             x_last.data_ptr(), taps.data_ptr(), bias.detach().contiguous().data_ptr(), out.data_ptr(), int(bf16),
             winners.data_ptr() if winners is not None else None, n, h, w, c, o, torch.get_num_threads())
         if winners is not None:
             ctx.save_for_backward(x_last, winners)
-        ctx.library = library
         return out
 
     @staticmethod
@@ -127,31 +126,37 @@ class _ConvPoolReLU(torch.autograd.Function):
         grad_last = grad.contiguous(memory_format=torch.channels_last)  # fp32 or bf16, as the output was
         grad_taps = torch.empty((c, 3, 3, o), dtype=torch.float32)
         grad_bias = torch.empty(o, dtype=torch.float32)
-        status = ctx.library.conv_pool_relu_backward(
+        status = load_kernel().conv_pool_relu_backward(
             x_last.data_ptr(), grad_last.data_ptr(), int(grad.dtype == torch.bfloat16), winners.data_ptr(),
             grad_taps.data_ptr(), grad_bias.data_ptr(),
             n, h, w, c, o, torch.get_num_threads())
         if status != 0:
             raise MemoryError("fused conv+pool backward: out of memory for its per-thread sums")
-        return None, grad_taps.permute(3, 0, 1, 2).contiguous(), grad_bias, None
+        return None, grad_taps.permute(3, 0, 1, 2).contiguous(), grad_bias
+
+
+def kernel_runs_here(x: torch.Tensor) -> bool:
+    """The conditions both kernels share: a CPU tensor, outside tracing (ONNX export) and torch.compile, and a
+    compiled library. Checked last in each caller, as loading the library may compile it."""
+    return (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and load_kernel() is not None)
 
 
 def kernel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """True where conv_pool.c computes the block (see the module docstring for what it does not cover)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad
+    return (x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad
             and x.shape[-2] >= 4 and x.shape[-1] >= 4 and conv.out_channels % 16 == 0
             and conv.in_channels <= 4  # a first layer on images: its filter taps are held in registers
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
             and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and load_kernel() is not None)
+            and kernel_runs_here(x))
 
 
 def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn.Module) -> torch.Tensor:
     """`relu(pool(conv(x)))` for a 3x3 'valid' convolution and a 2x2 max-pool: one C pass where it applies."""
     if kernel_applies(x, conv):
-        return _ConvPoolReLU.apply(x, conv.weight, conv.bias, load_kernel())
+        return _ConvPoolReLU.apply(x, conv.weight, conv.bias)
     return relu(pool(conv(x)))
 
 
@@ -160,17 +165,17 @@ class _PoolReLU(torch.autograd.Function):
     PyTorch's layers take four (pool, ReLU; and backward a zero fill, the scatter, the ReLU's mask)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, library: ctypes.CDLL) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
         out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[0] else None
-        library.pool_relu_forward(x_last.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
-                                  winners.data_ptr() if winners is not None else None, n, h, w, c,
-                                  torch.get_num_threads())
+        load_kernel().pool_relu_forward(x_last.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
+                                        winners.data_ptr() if winners is not None else None, n, h, w, c,
+                                        torch.get_num_threads())
         if winners is not None:
             ctx.save_for_backward(winners)
-        ctx.library, ctx.input_shape = library, x.shape
+        ctx.input_shape = x.shape
         return out
 
     @staticmethod
@@ -179,21 +184,20 @@ class _PoolReLU(torch.autograd.Function):
         n, c, h, w = ctx.input_shape
         grad_last = grad.contiguous(memory_format=torch.channels_last)  # autograd gives it the output's dtype
         grad_x = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=torch.channels_last)
-        ctx.library.pool_relu_backward(grad_last.data_ptr(), winners.data_ptr(), grad_x.data_ptr(),
-                                       int(grad.dtype == torch.bfloat16), n, h, w, c, torch.get_num_threads())
-        return grad_x, None
+        load_kernel().pool_relu_backward(grad_last.data_ptr(), winners.data_ptr(), grad_x.data_ptr(),
+                                         int(grad.dtype == torch.bfloat16), n, h, w, c, torch.get_num_threads())
+        return grad_x
 
 
 def pool_kernel_applies(x: torch.Tensor) -> bool:
-    """True where conv_pool.c computes relu(max_pool2d(x, 2)): a CPU batch of fp32 or bf16 with channels in
-    blocks of 16, outside tracing and torch.compile."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
-            and x.shape[1] % 16 == 0 and x.shape[-2] >= 2 and x.shape[-1] >= 2
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and load_kernel() is not None)
+    """True where conv_pool.c computes relu(max_pool2d(x, 2)): a batch of fp32 or bf16 with channels in blocks
+    of 16, where `kernel_runs_here`."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+            and x.shape[1] % 16 == 0 and x.shape[-2] >= 2 and x.shape[-1] >= 2 and kernel_runs_here(x))
 
 
 def pool_relu(x: torch.Tensor, pool: nn.Module, relu: nn.Module) -> torch.Tensor:
     """`relu(pool(x))` for a 2x2 max-pool: one C pass each way where it applies."""
     if pool_kernel_applies(x):
-        return _PoolReLU.apply(x, load_kernel())
+        return _PoolReLU.apply(x)
     return relu(pool(x))
