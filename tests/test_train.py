@@ -70,8 +70,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
     attempts = []  # (epochs saved when the signal went out, whether the run had already ended, exit code)
     for attempt in range(3):
         cut = tmp_path / f"cut{attempt}"
+        # A shell without job control starts background commands with SIGINT ignored, and a child inherits that
+        # (Python then installs no KeyboardInterrupt handler): reset it, as a terminal's Ctrl-C would find it.
         process = subprocess.Popen(train_command("digits", cut, epochs), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+                                   stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not (cut / "metrics.csv").exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.01)
