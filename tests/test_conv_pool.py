@@ -119,6 +119,33 @@ def test_seed_cnn_gives_the_same_logits_with_and_without_the_kernel():
     assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 29)])
+def test_seed_cnn_crops_only_pixels_that_never_reach_the_output(channels, size):
+    # In float64 neither kernel applies: this is PyTorch's layers on the cropped image against the whole one.
+    torch.manual_seed(0)
+    model = create_model("seed-cnn", num_classes=10, in_channels=channels, image_size=size).double()
+    x = torch.randn(6, channels, size, size, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 10, dtype=torch.float64)
+    results = []
+    for whole_image in (True, False):
+        model.native_kernel = not whole_image
+        model.zero_grad()
+        x.grad = None
+        logits = model(x)
+        (logits * upstream).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()], x.grad.clone()))
+    (whole, whole_grads, whole_x_grad), (cropped, cropped_grads, cropped_x_grad) = results
+    used = model.used_size
+    assert used < size
+    # the premise: on the whole image, no output depends on a pixel past `used` (its gradient is exactly zero)
+    assert whole_x_grad[..., used:, :].abs().max() == 0 and whole_x_grad[..., :, used:].abs().max() == 0
+    assert whole_x_grad[..., used - 1, :].abs().max() > 0  # and `used` is not smaller than it must be
+    assert torch.allclose(cropped, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(cropped_grads, whole_grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(cropped_x_grad, whole_x_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_inputs_that_need_a_gradient_go_through_pytorch():
     conv, pool, relu = block(1)
     x = batch(1, 12, 12).requires_grad_()

@@ -29,6 +29,11 @@ class SeedCNN(nn.Module):
         side = ((image_size - 2) // 2 - 2) // 2
         if side < 1:
             raise VisionflowError(f"seed-cnn needs images of at least 10x10 pixels (got {image_size})")
+        # The pixels that reach the output. Each 'valid' max-pool drops an odd last row and column, and with them
+        # everything that fed only those: on 28x28 MNIST the second pool drops row 10 of conv2's 11, so conv2
+        # needs 12 of the first pool's 13 rows, conv1 24 of its 26, and the image 26 of its 28 rows. Cropping to
+        # that leaves every output and gradient as it was and skips 17% of conv2's work (15% of conv1's).
+        self.image_size, self.used_size = image_size, 4 * side + 6
         self.features = nn.Sequential(
             # Pool before ReLU (they commute): ReLU on a quarter of the elements, a batch-32 step 8.6% faster.
             nn.Conv2d(in_channels, 32, 3), MaxPool2x2(), nn.ReLU(inplace=True),
@@ -38,7 +43,7 @@ class SeedCNN(nn.Module):
         )
         self.head = nn.Linear(64, num_classes)
         self.num_features = 64
-        self.native_kernel = True  # False: the first block through PyTorch's layers even where the kernel applies
+        self.native_kernel = True  # False: PyTorch's layers over the whole image, exactly as Keras runs them
         glorot_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,8 @@ class SeedCNN(nn.Module):
         # every other path are unchanged.
         if not self.native_kernel:
             return self.features(x)
+        if x.shape[-2:] == (self.image_size, self.image_size):  # another size fails in the dense layer, as before
+            x = x[..., :self.used_size, :self.used_size]
         x = conv_pool_relu(x, self.features[0], self.features[1], self.features[2])
         x = pool_relu(self.features[3](x), self.features[4], self.features[5])
         for layer in self.features[6:]:
