@@ -114,13 +114,17 @@ def test_worker_processes_decode_what_threads_decode(tmp_path: Path, caplog):
         folder.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
     (tmp_path / "class1" / "0500-broken.png").write_bytes(b"\x89PNG not really")
+    # decoded at its own size (size=None), unlike the rest: it cannot join the cache
+    Image.fromarray(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)).save(tmp_path / "class2" / "0900-bigger.png")
     source = open_data(tmp_path).train
     assert loading._use_processes(source, len(source), workers=2)
     in_processes = decode_part(source, channels=3, size=None, workers=2)
     in_threads = decode_part(source, channels=3, size=None, workers=1)
     assert len(in_processes) == 1200
-    assert [Path(p).name for p, _ in in_processes.skipped] == ["0500-broken.png"]
-    assert "0500-broken.png" in caplog.text
+    assert [Path(p).name for p, _ in in_processes.skipped] == ["0500-broken.png", "0900-bigger.png"]
+    assert "0500-broken.png" in caplog.text and "decoded to (3, 7, 7), where the others are (3, 6, 6)" in caplog.text
+    with pytest.raises(VisionflowError, match="0500-broken.png"):  # the first broken file, in the collection's order
+        decode_part(source, channels=3, size=None, workers=2, strict=True)
     assert in_processes.origins == in_threads.origins
     assert torch.equal(in_processes.images, in_threads.images)
     assert torch.equal(in_processes.labels, in_threads.labels)

@@ -1,12 +1,14 @@
 """Decoding a source into batches: once into a uint8 cache for training, or streamed for labelling.
 
-Decoding runs in a thread pool (Pillow releases the GIL while it decodes), and is the only place that
+Big file collections decode in forked worker processes (threads elsewhere): the training cache is written in
+place, in memory the workers share, and labelling gets its batches back in order. This is the only place that
 decides what happens to a broken item: skipped with a warning naming it, or refused under `strict`.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +61,7 @@ def _read_task(source: DataSource, channels: int, size: int | None, task: list[i
 
 
 class _ReadTasks(torch.utils.data.Dataset):
-    """What a decoding process runs: a task (list of indices) -> numpy arrays (cheap to send back, where
+    """A task (list of indices) -> its items as numpy arrays (cheap to send back from a worker process, where
     tensors would each cost a shared-memory file) or BrokenImage values."""
 
     def __init__(self, source: DataSource, channels: int, size: int | None):
@@ -71,6 +73,30 @@ class _ReadTasks(torch.utils.data.Dataset):
     def __getitem__(self, task: list[int]) -> list:
         return [r if isinstance(r, BrokenImage) else r.numpy()
                 for r in _read_task(self.source, self.channels, self.size, task)]
+
+
+class _DecodeInto(torch.utils.data.Dataset):
+    """A task (list of indices) -> each item decoded straight into its row of `out`, which worker processes
+    share with the main process; returns only the broken items, as (index, BrokenImage). Nothing decoded
+    crosses a pipe, and there is no stacking at the end."""
+
+    def __init__(self, source: DataSource, channels: int, size: int | None, out: torch.Tensor):
+        self.source, self.channels, self.size, self.out = source, channels, size, out
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, task: list[int]) -> list[tuple[int, BrokenImage]]:
+        broken = []
+        for index, result in zip(task, _read_task(self.source, self.channels, self.size, task)):
+            if not isinstance(result, BrokenImage) and result.shape != self.out.shape[1:]:
+                result = BrokenImage(self.source.origin(index), f"decoded to {tuple(result.shape)}, where the others are "
+                                                                f"{tuple(self.out.shape[1:])}")
+            if isinstance(result, BrokenImage):
+                broken.append((index, result))
+            else:
+                self.out[index] = result
+        return broken
 
 
 def _as_is(task_results: list) -> list:
@@ -85,18 +111,22 @@ def _use_processes(source: DataSource, items: int, workers: int) -> bool:
             and sys.platform == "linux")
 
 
-def _task_results(source: DataSource, tasks: list[list[int]], channels: int, size: int | None,
-                  workers: int) -> Iterator[list]:
-    """Each task's results in task order, decoded by worker processes or threads."""
-    if _use_processes(source, sum(len(t) for t in tasks), workers):
-        loader = torch.utils.data.DataLoader(
-            _ReadTasks(source, channels, size), batch_size=None, sampler=tasks, collate_fn=_as_is,
-            num_workers=min(workers, os.cpu_count() or 1), multiprocessing_context="fork", prefetch_factor=4)
-        for results in loader:
-            yield [r if isinstance(r, BrokenImage) else torch.from_numpy(r) for r in results]
+def _run_tasks(runner: torch.utils.data.Dataset, tasks: list[list[int]], processes: bool,
+               workers: int) -> Iterator[list]:
+    """runner[task] for each task, in task order, in forked worker processes or in threads."""
+    if processes:
+        yield from torch.utils.data.DataLoader(
+            runner, batch_size=None, sampler=tasks, collate_fn=_as_is, num_workers=min(workers, os.cpu_count() or 1),
+            multiprocessing_context="fork", prefetch_factor=4)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(lambda task: _read_task(source, channels, size, task), tasks)
+        yield from pool.map(runner.__getitem__, tasks)
+
+
+def _skip_or_refuse(broken: BrokenImage, strict: bool) -> None:
+    if strict:
+        raise VisionflowError(f"broken file (refused by --strict): {broken}")
+    log.warning("skipped %s", broken)
 
 
 def _decode_chunks(source: DataSource, indices: range | list[int], channels: int, size: int | None,
@@ -110,19 +140,18 @@ def _decode_chunks(source: DataSource, indices: range | list[int], channels: int
         for i in range(0, len(batch_indices), per_task):
             tasks.append(batch_indices[i:i + per_task])
             task_chunk.append(number)
-    results_of = _task_results(source, tasks, channels, size, workers)
+    processes = _use_processes(source, len(indices), workers)
+    results_of = _run_tasks(_ReadTasks(source, channels, size), tasks, processes, workers)
     task = 0
     for number, batch_indices in enumerate(chunks):
         results = []
         while task < len(tasks) and task_chunk[task] == number:
-            results += next(results_of)
+            results += [r if isinstance(r, BrokenImage) else torch.from_numpy(r) for r in next(results_of)]
             task += 1
         kept, tensors, broken = [], [], []
         for index, result in zip(batch_indices, results):
             if isinstance(result, BrokenImage):
-                if strict:
-                    raise VisionflowError(f"broken file (refused by --strict): {result}")
-                log.warning("skipped %s", result)
+                _skip_or_refuse(result, strict)
                 broken.append(result)
             else:
                 kept.append(index)
@@ -132,20 +161,49 @@ def _decode_chunks(source: DataSource, indices: range | list[int], channels: int
 
 def decode_part(source: DataSource, channels: int, size: int | None, strict: bool = False,
                 workers: int | None = None) -> DecodedPart:
-    """Decode every item of `source` once into one uint8 tensor (the training cache)."""
-    kept_all: list[int] = []
-    tensors_all: list[torch.Tensor] = []
-    skipped: list[tuple[str, str]] = []
-    for kept, tensors, broken in _decode_chunks(source, range(len(source)), channels, size, strict,
-                                                chunk=1024, workers=workers or default_workers()):
-        kept_all += kept
-        tensors_all += tensors
-        skipped += [(b.origin, b.reason) for b in broken]
-    if not tensors_all:
+    """Decode every item of `source` once into one uint8 tensor (the training cache).
+
+    The first readable item, decoded here, gives the shape of all; the rest are decoded by worker processes (or
+    threads) straight into a tensor they share with this process. An item of another shape is broken like an
+    unreadable one: skipped with a warning naming it, or refused under `strict`.
+    """
+    workers = workers or default_workers()
+    first, first_item, broken = 0, None, []
+    while first < len(source) and first_item is None:
+        try:
+            first_item = source.read(first, channels, size)
+        except BrokenImage as exc:
+            broken.append((first, exc))
+        first += 1
+    if first_item is None:
+        for _, exc in broken:
+            _skip_or_refuse(exc, strict)
         raise VisionflowError(f"{source.name or 'data'}: none of its {len(source)} items could be read")
-    labels = torch.as_tensor(source.labels[np.asarray(kept_all, dtype=np.int64)], dtype=torch.int64)
-    return DecodedPart(torch.stack(tensors_all), labels, [source.origin(i) for i in kept_all],
-                       source.classes, skipped)
+    rest = list(range(first, len(source)))
+    processes = _use_processes(source, len(rest), workers)
+    out = _shared_uint8((len(source), *first_item.shape)) if processes else torch.empty(
+        (len(source), *first_item.shape), dtype=torch.uint8)
+    out[first - 1] = first_item
+    per_task = max(1, min(_ITEMS_PER_TASK, -(-len(rest) // workers)))
+    tasks = [rest[start:start + per_task] for start in range(0, len(rest), per_task)]
+    for task_broken in _run_tasks(_DecodeInto(source, channels, size, out), tasks, processes, workers):
+        broken += task_broken
+    for _, exc in broken:  # in the collection's order: the first broken item is the one --strict names
+        _skip_or_refuse(exc, strict)
+    gone = {index for index, _ in broken}
+    kept = [i for i in range(len(source)) if i not in gone]
+    images = out[kept] if gone else out
+    labels = torch.as_tensor(source.labels[np.asarray(kept, dtype=np.int64)], dtype=torch.int64)
+    return DecodedPart(images, labels, [source.origin(i) for i in kept], source.classes,
+                       [(exc.origin, exc.reason) for _, exc in broken])
+
+
+def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor in anonymous shared memory (mmap MAP_SHARED): forked workers write into the very pages this
+    process reads. Unlike /dev/shm files, it is not capped by the size of /dev/shm."""
+    size = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(1, size))  # shared and anonymous; the tensor keeps the mapping alive
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=size).view(shape)
 
 
 def stream_batches(source: DataSource, channels: int, size: int | None, batch_size: int, strict: bool = False,
