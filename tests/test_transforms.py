@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
+from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, affine_grid, channel_stats
 from visionflow.errors import VisionflowError
 
 
@@ -18,6 +19,13 @@ def test_spec_round_trip_and_errors():
         AugmentSpec.parse("blur=3")
     with pytest.raises(VisionflowError, match="needs a number"):
         AugmentSpec.parse("rotate=lots")
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])
+def test_affine_grid_is_torchs(h, w):
+    theta = torch.randn(7, 2, 3, generator=torch.Generator().manual_seed(h))
+    expected = F.affine_grid(theta, [7, 3, h, w], align_corners=False)
+    assert torch.allclose(affine_grid(theta, h, w), expected, rtol=0, atol=1e-6)
 
 
 def test_no_augmentation_is_identity():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +71,17 @@ class AugmentSpec:
         return self != AugmentSpec()
 
 
+def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """F.affine_grid(theta, (N, C, h, w), align_corners=False): for each output pixel centre (x, y) in [-1, 1],
+    where to sample, theta @ (x, y, 1). Two broadcast sums here; the library's batched matrix product with an
+    inner size of 3 took 140 us per batch of 32 CIFAR images, more than grid_sample itself."""
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta[:, :, :, None, None]  # N x 2 x 3 x 1 x 1
+    grid = t[:, :, 0] * xs + t[:, :, 1] * ys[:, None] + t[:, :, 2]  # N x 2 x h x w
+    return grid.permute(0, 2, 3, 1)
+
+
 class Augment:
     """The random part of training-time preprocessing, applied to a float batch in [0, 1]."""
 
@@ -89,7 +101,7 @@ class Augment:
             pixels = int(self.spec.translate)
             steps = torch.randint(-pixels, pixels + 1, (n, 2), generator=generator).float()
             theta[:, :, 2] += steps * torch.tensor([2.0 / w, 2.0 / h])
-        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        grid = affine_grid(theta.to(x.device, x.dtype), h, w)
         if self.spec.elastic > 0:
             grid = grid + self._elastic_field(n, h, w, generator).to(x.device, x.dtype)
         # translate mirrors the edges it uncovers (as airbench's reflect padding); everything else fills black
@@ -98,31 +110,28 @@ class Augment:
         return out.view(clip_shape) if clip_shape is not None else out
 
     def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """Per-sample 2x3 matrices mapping output coordinates to input coordinates (normalised [-1, 1])."""
+        """Per-sample 2x3 matrices mapping output coordinates to input coordinates (normalised [-1, 1]).
+        One draw from the generator for all of it, and the arithmetic on 32 or so numbers in numpy: as some
+        thirty torch ops it took 0.18 ms per batch, 43% of augmenting a batch of 32 CIFAR images."""
         s = self.spec
-
-        def uniform(lo: float, hi: float) -> torch.Tensor:
-            return torch.rand(n, generator=g) * (hi - lo) + lo
-
-        angle = uniform(-s.rotate, s.rotate) * (math.pi / 180.0)
+        # columns: angle, crop area, log aspect ratio, crop window x and y, shift x and y, flip x and y
+        u = torch.rand(n, 9, generator=g, dtype=torch.float64).numpy()
+        angle = np.radians((2 * u[:, 0] - 1) * s.rotate)
         # Random-resized crop: keep `area` of the image with aspect ratio in [3/4, 4/3] (torchvision's range).
-        area = uniform(s.crop, 1.0)
-        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3)) if s.crop < 1.0 else torch.zeros(n)
-        ratio = torch.exp(log_ratio)
-        scale_x = torch.sqrt(area * ratio).clamp(max=1.0)
-        scale_y = torch.sqrt(area / ratio).clamp(max=1.0)
+        area = s.crop + (1 - s.crop) * u[:, 1]
+        ratio = np.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 2]) if s.crop < 1.0 else np.ones(n)
+        scale_x = np.minimum(np.sqrt(area * ratio), 1.0)
+        scale_y = np.minimum(np.sqrt(area / ratio), 1.0)
         # The crop window may sit anywhere inside the image; `shift` moves it further.
-        tx = uniform(-1.0, 1.0) * (1.0 - scale_x) + uniform(-s.shift, s.shift) * 2.0
-        ty = uniform(-1.0, 1.0) * (1.0 - scale_y) + uniform(-s.shift, s.shift) * 2.0
-        flip_x = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if s.flip else torch.ones(n)
-        flip_y = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if s.vflip else torch.ones(n)
+        tx = (2 * u[:, 3] - 1) * (1 - scale_x) + (2 * u[:, 5] - 1) * s.shift * 2
+        ty = (2 * u[:, 4] - 1) * (1 - scale_y) + (2 * u[:, 6] - 1) * s.shift * 2
+        flip_x = np.where(u[:, 7] < 0.5, -1.0, 1.0) if s.flip else 1.0
+        flip_y = np.where(u[:, 8] < 0.5, -1.0, 1.0) if s.vflip else 1.0
         # theta = [R(angle) @ diag(scale_x * flip_x, scale_y * flip_y) | t]
-        cos, sin = torch.cos(angle), torch.sin(angle)
+        cos, sin = np.cos(angle), np.sin(angle)
         sx, sy = scale_x * flip_x, scale_y * flip_y
-        return torch.stack([
-            torch.stack([cos * sx, -sin * sy, tx], dim=1),
-            torch.stack([sin * sx, cos * sy, ty], dim=1),
-        ], dim=1)
+        theta = np.stack([cos * sx, -sin * sy, tx, sin * sx, cos * sy, ty], axis=1).reshape(n, 2, 3)
+        return torch.from_numpy(theta.astype(np.float32))
 
     def _elastic_field(self, n: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
         """A smooth random displacement field (Simard et al. 2003): coarse noise, upsampled bicubically."""
