@@ -244,8 +244,8 @@ def forward_flops(model_name: str, channels: int, size: int) -> int:
     from visionflow.models import create_model
 
     model = create_model(model_name, num_classes=10, in_channels=channels, image_size=size).eval()
-    if hasattr(model, "native_kernel"):
-        model.native_kernel = False  # the counter sees PyTorch's layers only; the C kernel does the same arithmetic
+    if hasattr(model, "fast_path"):
+        model.fast_path = False  # the counter sees PyTorch's layers only; the C kernel does the same arithmetic
     # seed-cnn: only the pixels its output depends on (models/cnn.py), so the work both stacks must do; Keras
     # also computes the border its pools drop (5.06 against 4.22 MFLOP an MNIST image).
     used = getattr(model, "used_size", size)

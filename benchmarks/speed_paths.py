@@ -22,10 +22,10 @@ from visionflow.models import create_model
 from visionflow.train.loop import build_optimizer
 
 
-def training_variant(fused: bool, channels_last: bool, compiled: bool, native_kernel: bool = False):
+def training_variant(fused: bool, channels_last: bool, compiled: bool, fast_path: bool = False):
     torch.manual_seed(0)
     model = create_model("seed-cnn", num_classes=10, in_channels=1, image_size=28)
-    model.native_kernel = native_kernel
+    model.fast_path = fast_path
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     optimizer = build_optimizer(TrainConfig(data="-", out="-"), model, fused=fused)
@@ -63,9 +63,9 @@ def main() -> None:
         "+ fused Adam": dict(fused=True, channels_last=False, compiled=False),
         "+ channels-last": dict(fused=False, channels_last=True, compiled=False),
         "+ conv/pool/ReLU kernel (models/conv_pool.c)": dict(fused=False, channels_last=False, compiled=False,
-                                                           native_kernel=True),
+                                                           fast_path=True),
         "all three (visionflow's default, in fp32)": dict(fused=True, channels_last=True, compiled=False,
-                                                        native_kernel=True),
+                                                        fast_path=True),
     }
     if args.compile:
         variants["+ torch.compile (--compile)"] = dict(fused=False, channels_last=False, compiled=True)

@@ -114,7 +114,7 @@ def test_seed_cnn_gives_the_same_logits_with_and_without_the_kernel():
     x = batch(1, 28, 28, n=5)
     with torch.inference_mode():
         fused = model(x)
-        model.native_kernel = False
+        model.fast_path = False
         plain = model(x)
     assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-5)
 
@@ -128,7 +128,7 @@ def test_seed_cnn_crops_only_pixels_that_never_reach_the_output(channels, size):
     upstream = torch.randn(6, 10, dtype=torch.float64)
     results = []
     for whole_image in (True, False):
-        model.native_kernel = not whole_image
+        model.fast_path = not whole_image
         model.zero_grad()
         x.grad = None
         logits = model(x)

@@ -125,7 +125,7 @@ def test_max_pool_trains_and_exports_with_the_library_kernel(tmp_path):
 
 def test_seed_cnn_pooling_before_relu_is_the_seed_network_bit_for_bit():
     model = _seed_cnn(28)
-    model.native_kernel = False  # PyTorch's layers in both orders (test_conv_pool.py checks the kernel against them)
+    model.fast_path = False  # PyTorch's layers in both orders (test_conv_pool.py checks the kernel against them)
     conv1, conv2, dense = model.features[0], model.features[3], model.features[7]
     seed_order = nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2), conv2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                dense, nn.ReLU(), model.head)  # the seed's Conv-ReLU-Pool, sharing the weights

@@ -43,14 +43,14 @@ class SeedCNN(nn.Module):
         )
         self.head = nn.Linear(64, num_classes)
         self.num_features = 64
-        self.native_kernel = True  # False: PyTorch's layers over the whole image, exactly as Keras runs them
+        self.fast_path = True  # False: PyTorch's layers over the whole image, exactly as Keras runs them
         glorot_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # The first convolution, its pool and ReLU run as one pass where the C kernel applies, and so do the
-        # second pool and ReLU (conv_pool.py); the layers stay in `features` as they were, so weights, export and
-        # every other path are unchanged.
-        if not self.native_kernel:
+        # The fast path: the image cropped to the pixels that reach the output (see __init__), then the first
+        # convolution, its pool and ReLU as one pass where the C kernel applies, and so the second pool and ReLU
+        # (conv_pool.py). The layers stay in `features` as they were, so weights and export are unchanged.
+        if not self.fast_path:
             return self.features(x)
         if x.shape[-2:] == (self.image_size, self.image_size):  # another size fails in the dense layer, as before
             x = x[..., :self.used_size, :self.used_size]
