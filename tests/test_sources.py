@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import write_class_folder
 from visionflow.data import loading
 from visionflow.data.loading import decode_part, stratified_split
-from visionflow.data.sources import expand_inputs, open_data
+from visionflow.data.sources import DataSource, expand_inputs, open_data
 from visionflow.errors import VisionflowError
 
 
@@ -128,6 +128,29 @@ def test_worker_processes_decode_what_threads_decode(tmp_path: Path, caplog):
     assert in_processes.origins == in_threads.origins
     assert torch.equal(in_processes.images, in_threads.images)
     assert torch.equal(in_processes.labels, in_threads.labels)
+
+
+class _ManyBlankImages(DataSource):
+    """A billion 3x64x64 images (12 TB decoded), each read as the same blank one."""
+
+    classes, name = ["blank"], "many"
+
+    def __init__(self):
+        self.labels = np.zeros(1_000_000_000, dtype=np.int64)
+
+    def origin(self, index: int) -> str:
+        return f"blank-{index}"
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        self.reads = getattr(self, "reads", 0) + 1
+        return torch.zeros(channels, size, size, dtype=torch.uint8)
+
+
+def test_a_cache_bigger_than_memory_is_refused_before_decoding():
+    source = _ManyBlankImages()
+    with pytest.raises(VisionflowError, match=r"1,000,000,000 items decode to 12,288.0 GB \(3x64x64 bytes each\)"):
+        decode_part(source, channels=3, size=64)
+    assert source.reads == 1  # one item to learn the shape, then the answer
 
 
 def test_stratified_split_is_seeded_and_per_class():

@@ -179,6 +179,12 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
         for _, exc in broken:
             _skip_or_refuse(exc, strict)
         raise VisionflowError(f"{source.name or 'data'}: none of its {len(source)} items could be read")
+    need, free = len(source) * first_item.numel(), available_memory()
+    if free is not None and need > 0.9 * free:
+        raise VisionflowError(
+            f"{source.name or 'data'}: its {len(source):,} items decode to {need / 1e9:,.1f} GB "
+            f"({'x'.join(map(str, first_item.shape))} bytes each), more than the {free / 1e9:,.1f} GB of memory free; "
+            f"they are held in memory at once: use a smaller --image-size or fewer items")
     rest = list(range(first, len(source)))
     processes = _use_processes(source, len(rest), workers)
     out = _shared_uint8((len(source), *first_item.shape)) if processes else torch.empty(
@@ -196,6 +202,18 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
     labels = torch.as_tensor(source.labels[np.asarray(kept, dtype=np.int64)], dtype=torch.int64)
     return DecodedPart(images, labels, [source.origin(i) for i in kept], source.classes,
                        [(exc.origin, exc.reason) for _, exc in broken])
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
