@@ -15,7 +15,7 @@ from conftest import write_class_folder
 from visionflow.data import loading
 from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import DataSource, expand_inputs, open_data
-from visionflow.errors import VisionflowError
+from visionflow.errors import BrokenImage, VisionflowError
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -137,12 +137,13 @@ class _ManyBlankImages(DataSource):
 
     def __init__(self):
         self.labels = np.zeros(1_000_000_000, dtype=np.int64)
+        self.reads = 0
 
     def origin(self, index: int) -> str:
         return f"blank-{index}"
 
     def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
-        self.reads = getattr(self, "reads", 0) + 1
+        self.reads += 1
         return torch.zeros(channels, size, size, dtype=torch.uint8)
 
 
@@ -151,6 +152,30 @@ def test_a_cache_bigger_than_memory_is_refused_before_decoding():
     with pytest.raises(VisionflowError, match=r"1,000,000,000 items decode to 12,288.0 GB \(3x64x64 bytes each\)"):
         decode_part(source, channels=3, size=64)
     assert source.reads == 1  # one item to learn the shape, then the answer
+
+
+class _FirstTwoBroken(DataSource):
+    """Five 1x2x2 images whose pixels are their index; the first two cannot be read."""
+
+    classes = ["only"]
+
+    def __init__(self):
+        self.labels = np.zeros(5, dtype=np.int64)
+
+    def origin(self, index: int) -> str:
+        return f"item-{index}"
+
+    def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
+        if index < 2:
+            raise BrokenImage(self.origin(index), "unreadable")
+        return torch.full((channels, size, size), index, dtype=torch.uint8)
+
+
+def test_a_cache_whose_first_items_are_broken_starts_at_the_first_readable_one():
+    part = decode_part(_FirstTwoBroken(), channels=1, size=2)
+    assert part.origins == ["item-2", "item-3", "item-4"]
+    assert part.images[:, 0, 0, 0].tolist() == [2, 3, 4]
+    assert [origin for origin, _ in part.skipped] == ["item-0", "item-1"]
 
 
 def test_stratified_split_is_seeded_and_per_class():

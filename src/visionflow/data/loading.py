@@ -123,6 +123,12 @@ def _run_tasks(runner: torch.utils.data.Dataset, tasks: list[list[int]], process
         yield from pool.map(runner.__getitem__, tasks)
 
 
+def _split_tasks(indices: list[int], workers: int) -> list[list[int]]:
+    """`indices` in tasks of at most _ITEMS_PER_TASK, and at least one task per worker where there are enough."""
+    per_task = max(1, min(_ITEMS_PER_TASK, -(-len(indices) // workers)))
+    return [indices[start:start + per_task] for start in range(0, len(indices), per_task)]
+
+
 def _skip_or_refuse(broken: BrokenImage, strict: bool) -> None:
     if strict:
         raise VisionflowError(f"broken file (refused by --strict): {broken}")
@@ -136,10 +142,9 @@ def _decode_chunks(source: DataSource, indices: range | list[int], channels: int
     chunks = [indices[start:start + chunk] for start in range(0, len(indices), chunk)]
     tasks, task_chunk = [], []
     for number, batch_indices in enumerate(chunks):
-        per_task = max(1, min(_ITEMS_PER_TASK, -(-len(batch_indices) // workers)))
-        for i in range(0, len(batch_indices), per_task):
-            tasks.append(batch_indices[i:i + per_task])
-            task_chunk.append(number)
+        chunk_tasks = _split_tasks(batch_indices, workers)
+        tasks += chunk_tasks
+        task_chunk += [number] * len(chunk_tasks)
     processes = _use_processes(source, len(indices), workers)
     results_of = _run_tasks(_ReadTasks(source, channels, size), tasks, processes, workers)
     task = 0
@@ -168,14 +173,14 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
     unreadable one: skipped with a warning naming it, or refused under `strict`.
     """
     workers = workers or default_workers()
-    first, first_item, broken = 0, None, []
-    while first < len(source) and first_item is None:
+    broken: list[tuple[int, BrokenImage]] = []
+    for first in range(len(source)):
         try:
             first_item = source.read(first, channels, size)
+            break
         except BrokenImage as exc:
             broken.append((first, exc))
-        first += 1
-    if first_item is None:
+    else:
         for _, exc in broken:
             _skip_or_refuse(exc, strict)
         raise VisionflowError(f"{source.name or 'data'}: none of its {len(source)} items could be read")
@@ -185,13 +190,12 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
             f"{source.name or 'data'}: its {len(source):,} items decode to {need / 1e9:,.1f} GB "
             f"({'x'.join(map(str, first_item.shape))} bytes each), more than the {free / 1e9:,.1f} GB of memory free; "
             f"they are held in memory at once: use a smaller --image-size or fewer items")
-    rest = list(range(first, len(source)))
+    rest = list(range(first + 1, len(source)))
     processes = _use_processes(source, len(rest), workers)
     out = _shared_uint8((len(source), *first_item.shape)) if processes else torch.empty(
         (len(source), *first_item.shape), dtype=torch.uint8)
-    out[first - 1] = first_item
-    per_task = max(1, min(_ITEMS_PER_TASK, -(-len(rest) // workers)))
-    tasks = [rest[start:start + per_task] for start in range(0, len(rest), per_task)]
+    out[first] = first_item
+    tasks = _split_tasks(rest, workers)
     for task_broken in _run_tasks(_DecodeInto(source, channels, size, out), tasks, processes, workers):
         broken += task_broken
     for _, exc in broken:  # in the collection's order: the first broken item is the one --strict names
