@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from visionflow.models import conv_pool, create_model
+from visionflow.models.conv_pool import _WinogradConvPoolReLU
 from visionflow.models.conv_pool import (build_kernel, conv_pool_relu, kernel_applies, load_kernel, pool_kernel_applies,
-                                         pool_relu)
+                                         pool_relu, winograd_applies)
 
 needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="no C compiler to build the fused kernel here")
 
@@ -106,6 +107,105 @@ def test_pool_and_relu_give_pytorchs_values_and_input_gradient_exactly(dtype, he
     got.backward(upstream)
     expected.backward(upstream)
     assert torch.equal(ours.grad, theirs.grad)  # zero on the losers, the ReLU's cuts and an odd last row/column
+
+
+def second_block(seed: int = 0) -> tuple[nn.Conv2d, nn.MaxPool2d, nn.ReLU]:
+    torch.manual_seed(seed)
+    return nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU()
+
+
+def winograd_results(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn.Module, upstream: torch.Tensor,
+                     fast: bool, bf16: bool = False, winograd_fp32: bool = False) -> list[torch.Tensor]:
+    """The block's output and its x, weight and bias gradients, through conv_pool_relu (fast), the Winograd function
+    itself in fp32 (which conv_pool_relu does not choose: it is slower there), or PyTorch's layers."""
+    x = x.detach().clone().requires_grad_()
+    conv.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if winograd_fp32:
+            out = _WinogradConvPoolReLU.apply(x, conv.weight, conv.bias)
+        else:
+            out = conv_pool_relu(x, conv, pool, relu) if fast else relu(pool(conv(x)))
+    (out.to(upstream.dtype) * upstream).sum().backward()
+    return [t.detach().double() for t in (out, x.grad, conv.weight.grad, conv.bias.grad)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,height,width", [(9, 12, 12), (3, 14, 10), (2, 4, 4)])
+def test_winograd_block_matches_pytorch_in_fp32(n, height, width):
+    conv, pool, relu = second_block()
+    x = torch.randn(n, 32, height, width).relu().contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert winograd_applies(x.requires_grad_(), conv, pool) and not kernel_applies(x, conv)
+    upstream = torch.randn(n, 64, (height - 2) // 2, (width - 2) // 2)
+    got = winograd_results(x, conv, pool, relu, upstream, fast=True, winograd_fp32=True)
+    expected = winograd_results(x.double(), conv.double(), pool, relu, upstream.double(), fast=False)
+    conv.float()
+    assert (expected[0] == 0).float().mean() > 0.02  # the ReLU cut some values, so its mask is tested too
+    for a, b in zip(got, expected):  # output, input, weight and bias gradients
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+@needs_kernel
+def test_winograd_block_in_bf16_is_about_as_close_as_pytorchs_bf16_convolution():
+    conv, pool, relu = second_block()
+    x = torch.randn(16, 32, 12, 12).relu().contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(16, 64, 5, 5)
+    exact = winograd_results(x.double(), conv.double(), pool, relu, upstream.double(), fast=False)
+    conv.float()
+    ours = winograd_results(x.bfloat16(), conv, pool, relu, upstream, fast=True, bf16=True)
+    library = winograd_results(x.bfloat16(), conv, pool, relu, upstream, fast=False, bf16=True)
+
+    def error(got: list[torch.Tensor]) -> list[float]:
+        return [float((a - b).norm() / b.norm()) for a, b in zip(got, exact)]
+
+    # Winograd rounds its transformed tiles and products to bf16, PyTorch only the inputs and the output: a
+    # little more error, never a different order of magnitude (measured 1.3-1.7x on the output).
+    assert error(ours)[0] < 0.01
+    for ours_error, library_error in zip(error(ours), error(library)):
+        assert ours_error < 2.5 * library_error + 1e-3
+
+
+def test_winograd_applies_only_where_its_tiles_are_whole_pooling_windows():
+    conv, pool, _ = second_block()
+    x = torch.randn(2, 32, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert winograd_applies(x, conv, pool) == (load_kernel() is not None)  # the weight needs a gradient: training
+        with torch.no_grad():
+            assert not winograd_applies(x, conv, pool)  # inference: PyTorch's convolution is as fast
+        assert not winograd_applies(torch.randn(2, 32, 13, 12), conv, pool)  # an 11-wide output: the pool drops a column
+        assert not winograd_applies(x, conv, nn.MaxPool2d(3))
+        assert not winograd_applies(torch.randn(2, 24, 12, 12), nn.Conv2d(24, 64, 3), pool)  # channels in blocks of 16
+        assert not winograd_applies(x, nn.Conv2d(32, 64, 3, padding=1), pool)
+    assert not winograd_applies(x, conv, pool)  # fp32 training: PyTorch's convolution is faster
+    conv, pool, relu = second_block()  # and where it does not apply, the block is still computed, by PyTorch
+    x = torch.randn(2, 32, 13, 11)
+    assert torch.allclose(conv_pool_relu(x, conv, pool, relu), relu(pool(conv(x))), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_seed_cnn_trains_on_the_same_gradients_with_and_without_the_kernels(channels, size):
+    torch.manual_seed(0)
+    model = create_model("seed-cnn", num_classes=10, in_channels=channels, image_size=size)
+    x = batch(channels, size, size, n=16)
+    upstream = torch.randn(16, 10)
+
+    def gradients(fast: bool, bf16: bool, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        model.to(dtype).fast_path = fast
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x.to(dtype))
+        (logits.to(dtype) * upstream.to(dtype)).sum().backward()
+        return [p.grad.to(torch.float64, copy=True) for p in model.parameters()]
+
+    exact = gradients(fast=False, bf16=False, dtype=torch.float64)
+    for a, b in zip(gradients(fast=True, bf16=False), exact):  # fp32: the crop and the C kernels
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    # bf16 training, where the second block runs as Winograd: as close to the exact gradients as PyTorch's bf16
+    ours, library = gradients(fast=True, bf16=True), gradients(fast=False, bf16=True)
+    for a, b, e in zip(ours, library, exact):
+        assert (a - e).norm() < 2.5 * (b - e).norm() + 1e-3 * e.norm()
 
 
 @needs_kernel

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visionflow.models.conv_pool import conv_pool_relu, pool_relu
+from visionflow.models.conv_pool import conv_pool_relu
 from visionflow.models.layers import MaxPool2x2
 from visionflow.models.registry import register_model
 from visionflow.errors import VisionflowError
@@ -48,14 +48,15 @@ class SeedCNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # The fast path: the image cropped to the pixels that reach the output (see __init__), then the first
-        # convolution, its pool and ReLU as one pass where the C kernel applies, and so the second pool and ReLU
-        # (conv_pool.py). The layers stay in `features` as they were, so weights and export are unchanged.
+        # convolution, its pool and ReLU as one pass where the C kernel applies, and the second block as Winograd
+        # in bf16 training, else PyTorch's convolution and the C pool and ReLU (conv_pool.py). The layers stay in
+        # `features` as they were, so weights and export are unchanged.
         if not self.fast_path:
             return self.features(x)
         if x.shape[-2:] == (self.image_size, self.image_size):  # another size fails in the dense layer, as before
             x = x[..., :self.used_size, :self.used_size]
         x = conv_pool_relu(x, self.features[0], self.features[1], self.features[2])
-        x = pool_relu(self.features[3](x), self.features[4], self.features[5])
+        x = conv_pool_relu(x, self.features[3], self.features[4], self.features[5])
         for layer in self.features[6:]:
             x = layer(x)
         return x

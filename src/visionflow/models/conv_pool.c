@@ -31,6 +31,7 @@ typedef struct {
     float *gw, *gb;
     uint8_t *idx;    /* written by the forward passes (unless NULL), read by the backward ones */
     long n0, n1;
+    long tiles;      /* Winograd passes: the batch's tile count, P (the 16 components are P x C or P x O apart) */
     int h, w, c, o, in_bf16, out_bf16;
 } Job;
 
@@ -222,6 +223,142 @@ static void *pool_backward_job(void *arg) {
     return NULL;
 }
 
+/* Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) for a 3x3
+   'valid' convolution of C to O channels followed by the 2x2 max-pool and ReLU: seed-cnn's second block, 87% of
+   its arithmetic. Each 2x2 block of outputs is one 4x4 input tile, taken at a stride of 2; in the transformed
+   domain the convolution is 16 independent matrix products (P tiles x C) @ (C x O), which PyTorch computes
+   (torch.bmm in conv_pool.py), with 16 multiplications per tile and channel pair instead of 36. Only the
+   transforms are here: B^T d B of the input tiles, A^T m A of the products, and their transposes for the
+   gradients. Their coefficients are 0 and +-1, so they add no rounding of their own beyond the storage type.
+   A 2x2 output block is exactly one pooling window when the output side is even, so the pool and ReLU are
+   taken straight from the four values, and only the pooled result and the winner are stored.
+
+   Layouts: x and the input gradient N x H x W x C, the pooled output and its gradient N x TH x TW x O with
+   TH = (H - 2) / 2, the transformed input v and its gradient 16 x P x C, the products m and their gradient
+   16 x P x O, P = N x TH x TW tiles in image, row, column order. C and O are multiples of LANES. */
+
+static void *winograd_input_job(void *arg) {
+    const Job *j = arg;
+    const int h = j->h, w = j->w, c = j->c, th = (h - 2) / 2, tw = (w - 2) / 2;
+    const long apart = j->tiles * c;
+    for (long n = j->n0; n < j->n1; n++)
+        for (int ty = 0; ty < th; ty++)
+            for (int tx = 0; tx < tw; tx++) {
+                const long p = (n * th + ty) * (long)tw + tx;
+                for (int k = 0; k < c; k += LANES) {
+                    vfloat d[4][4], t[4][4];
+                    for (int r = 0; r < 4; r++)
+                        for (int s = 0; s < 4; s++)
+                            d[r][s] = load_any(j->in, ((n * h + 2 * ty + r) * (long)w + 2 * tx + s) * c + k, j->in_bf16);
+                    for (int s = 0; s < 4; s++) {  /* B^T d */
+                        t[0][s] = d[0][s] - d[2][s];
+                        t[1][s] = d[1][s] + d[2][s];
+                        t[2][s] = d[2][s] - d[1][s];
+                        t[3][s] = d[1][s] - d[3][s];
+                    }
+                    for (int r = 0; r < 4; r++) {  /* (B^T d) B */
+                        const vfloat v[4] = {t[r][0] - t[r][2], t[r][1] + t[r][2], t[r][2] - t[r][1], t[r][1] - t[r][3]};
+                        for (int s = 0; s < 4; s++) store_any(j->out, (r * 4 + s) * apart + p * c + k, v[s], j->out_bf16);
+                    }
+                }
+            }
+    return NULL;
+}
+
+/* A^T m A plus the bias: the tile's 2x2 outputs, then their max-pool and ReLU (j->h, j->w: TH, TW). */
+static void *winograd_output_job(void *arg) {
+    const Job *j = arg;
+    const int o = j->o;
+    const long apart = j->tiles * o;
+    for (long p = j->n0 * j->h * j->w; p < j->n1 * j->h * j->w; p++)
+        for (int k = 0; k < o; k += LANES) {
+            vfloat r[2][4];
+            for (int s = 0; s < 4; s++) {  /* A^T m */
+                const vfloat m0 = load_any(j->in, (0 + s) * apart + p * o + k, j->in_bf16);
+                const vfloat m1 = load_any(j->in, (4 + s) * apart + p * o + k, j->in_bf16);
+                const vfloat m2 = load_any(j->in, (8 + s) * apart + p * o + k, j->in_bf16);
+                const vfloat m3 = load_any(j->in, (12 + s) * apart + p * o + k, j->in_bf16);
+                r[0][s] = m0 + m1 + m2;
+                r[1][s] = m1 - m2 - m3;
+            }
+            const vfloat bias = load(j->b + k);
+            const vfloat y[4] = {r[0][0] + r[0][1] + r[0][2] + bias, r[0][1] - r[0][2] - r[0][3] + bias,
+                                 r[1][0] + r[1][1] + r[1][2] + bias, r[1][1] - r[1][2] - r[1][3] + bias};
+            vint best;
+            const vfloat m = window_max(y, &best);
+            relu_and_store(j, p * o + k, m, best);
+        }
+    return NULL;
+}
+
+/* The products' gradient A dy A^T, where dy is the pooled gradient at the window's winner and zero elsewhere;
+   and the bias gradient, summed into this job's own j->gb. */
+static void *winograd_output_grad_job(void *arg) {
+    const Job *j = arg;
+    const int o = j->o;
+    const long apart = j->tiles * o;
+    const vfloat zero = {0};
+    for (int k = 0; k < o; k += LANES) store(j->gb + k, zero);
+    for (long p = j->n0 * j->h * j->w; p < j->n1 * j->h * j->w; p++)
+        for (int k = 0; k < o; k += LANES) {
+            const vfloat g = load_any(j->in, p * o + k, j->in_bf16);
+            vbyte bytes;
+            memcpy(&bytes, j->idx + p * o + k, sizeof bytes);
+            const vint winner = __builtin_convertvector(bytes, vint);
+            const vfloat dy[2][2] = {{pick(winner == 0, g, zero), pick(winner == 1, g, zero)},
+                                     {pick(winner == 2, g, zero), pick(winner == 3, g, zero)}};
+            store(j->gb + k, load(j->gb + k) + dy[0][0] + dy[0][1] + dy[1][0] + dy[1][1]);
+            vfloat r[4][2];  /* A dy */
+            for (int s = 0; s < 2; s++) {
+                r[0][s] = dy[0][s];
+                r[1][s] = dy[0][s] + dy[1][s];
+                r[2][s] = dy[0][s] - dy[1][s];
+                r[3][s] = -dy[1][s];
+            }
+            for (int a = 0; a < 4; a++) {  /* (A dy) A^T */
+                const vfloat dm[4] = {r[a][0], r[a][0] + r[a][1], r[a][0] - r[a][1], -r[a][1]};
+                for (int b = 0; b < 4; b++) store_any(j->out, (a * 4 + b) * apart + p * o + k, dm[b], j->out_bf16);
+            }
+        }
+    return NULL;
+}
+
+/* The input's gradient: B dv B^T of every tile, added where the tile came from (neighbouring tiles overlap by
+   two rows or columns), in fp32 in this job's j->gw (H x W x C) and then stored once per image. */
+static void *winograd_input_grad_job(void *arg) {
+    const Job *j = arg;
+    const int h = j->h, w = j->w, c = j->c, th = (h - 2) / 2, tw = (w - 2) / 2;
+    const long apart = j->tiles * c, size = (long)h * w * c;
+    float *sum = j->gw;
+    for (long n = j->n0; n < j->n1; n++) {
+        memset(sum, 0, sizeof(float) * size);
+        for (int ty = 0; ty < th; ty++)
+            for (int tx = 0; tx < tw; tx++) {
+                const long p = (n * th + ty) * (long)tw + tx;
+                for (int k = 0; k < c; k += LANES) {
+                    vfloat q[4][4];
+                    for (int s = 0; s < 4; s++) {  /* B dv */
+                        const vfloat v0 = load_any(j->in, (0 + s) * apart + p * c + k, j->in_bf16);
+                        const vfloat v1 = load_any(j->in, (4 + s) * apart + p * c + k, j->in_bf16);
+                        const vfloat v2 = load_any(j->in, (8 + s) * apart + p * c + k, j->in_bf16);
+                        const vfloat v3 = load_any(j->in, (12 + s) * apart + p * c + k, j->in_bf16);
+                        q[0][s] = v0;
+                        q[1][s] = v1 - v2 + v3;
+                        q[2][s] = v1 + v2 - v0;
+                        q[3][s] = -v3;
+                    }
+                    for (int r = 0; r < 4; r++) {  /* (B dv) B^T, added into the tile's place */
+                        const vfloat dd[4] = {q[r][0], q[r][1] - q[r][2] + q[r][3], q[r][1] + q[r][2] - q[r][0], -q[r][3]};
+                        float *row = sum + ((long)(2 * ty + r) * w + 2 * tx) * c + k;
+                        for (int s = 0; s < 4; s++) store(row + s * c, load(row + s * c) + dd[s]);
+                    }
+                }
+            }
+        for (long i = 0; i < size; i += LANES) store_any(j->out, n * size + i, load(sum + i), j->out_bf16);
+    }
+    return NULL;
+}
+
 /* Copies `base` into one job per slice of the batch; returns how many slices there are. */
 static int split(Job *jobs, const Job *base, long n, int threads) {
     if (threads < 1) threads = 1;
@@ -290,4 +427,55 @@ void pool_relu_backward(const void *grad, const uint8_t *idx, void *grad_x, int 
     Job jobs[MAX_THREADS];
     const Job base = {.in = grad, .in_bf16 = bf16, .idx = (uint8_t *)idx, .out = grad_x, .h = h, .w = w, .c = c};
     run(pool_backward_job, jobs, split(jobs, &base, n, threads));
+}
+
+/* x (N x H x W x C) to v (16 x P x C); each fp32, or bf16 where its flag says so. */
+void winograd_input(const void *x, int x_bf16, void *v, int v_bf16, long n, int h, int w, int c, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.in = x, .in_bf16 = x_bf16, .out = v, .out_bf16 = v_bf16, .tiles = n * ((h - 2) / 2) * ((w - 2) / 2),
+                      .h = h, .w = w, .c = c};
+    run(winograd_input_job, jobs, split(jobs, &base, n, threads));
+}
+
+/* m (16 x P x O) and the bias to the pooled output (N x TH x TW x O) and its winners; idx may be NULL. */
+void winograd_output_pool_relu(const void *m, int m_bf16, const float *b, void *out, int out_bf16, uint8_t *idx,
+                               long n, int th, int tw, int o, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.in = m, .in_bf16 = m_bf16, .b = b, .out = out, .out_bf16 = out_bf16, .idx = idx,
+                      .tiles = n * th * tw, .h = th, .w = tw, .o = o};
+    run(winograd_output_job, jobs, split(jobs, &base, n, threads));
+}
+
+/* The pooled output's gradient (N x TH x TW x O) to the products' gradient dm (16 x P x O) and the bias gradient
+   gb (O, overwritten). Returns 0, or -1 when scratch memory ran out. */
+int winograd_output_grad(const void *grad, int grad_bf16, const uint8_t *idx, void *dm, int dm_bf16, float *gb,
+                         long n, int th, int tw, int o, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.in = grad, .in_bf16 = grad_bf16, .idx = (uint8_t *)idx, .out = dm, .out_bf16 = dm_bf16,
+                      .tiles = n * th * tw, .h = th, .w = tw, .o = o};
+    const int count = split(jobs, &base, n, threads);
+    float *scratch = malloc((size_t)count * o * sizeof(float));
+    if (!scratch) return -1;
+    for (int t = 0; t < count; t++) jobs[t].gb = scratch + (size_t)t * o;
+    run(winograd_output_grad_job, jobs, count);
+    memcpy(gb, jobs[0].gb, sizeof(float) * o);
+    for (int t = 1; t < count; t++)
+        for (int k = 0; k < o; k++) gb[k] += jobs[t].gb[k];
+    free(scratch);
+    return 0;
+}
+
+/* dv (16 x P x C) to the input's gradient dx (N x H x W x C). Returns 0, or -1 when scratch memory ran out. */
+int winograd_input_grad(const void *dv, int dv_bf16, void *dx, int dx_bf16, long n, int h, int w, int c, int threads) {
+    Job jobs[MAX_THREADS];
+    const Job base = {.in = dv, .in_bf16 = dv_bf16, .out = dx, .out_bf16 = dx_bf16,
+                      .tiles = n * ((h - 2) / 2) * ((w - 2) / 2), .h = h, .w = w, .c = c};
+    const int count = split(jobs, &base, n, threads);
+    const size_t size = (size_t)h * w * c;
+    float *scratch = malloc((size_t)count * size * sizeof(float));
+    if (!scratch) return -1;
+    for (int t = 0; t < count; t++) jobs[t].gw = scratch + t * size;
+    run(winograd_input_grad_job, jobs, count);
+    free(scratch);
+    return 0;
 }
