@@ -105,6 +105,11 @@ def load_kernel() -> ctypes.CDLL | None:
     return library
 
 
+def bf16_autocast() -> bool:
+    """Whether CPU autocast to bf16 is on: the kernels then compute in bf16, as PyTorch's layers would."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 class _ConvPoolReLU(torch.autograd.Function):
     """Forward: relu(max_pool2d(conv2d(x, weight, bias), 2)), in bf16 under bf16 autocast (as PyTorch's layers
     would give it) and fp32 otherwise; the sums are fp32 either way. Backward: the weight and bias gradients; x
@@ -114,7 +119,7 @@ class _ConvPoolReLU(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         o = weight.shape[0]
-        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        bf16 = bf16_autocast()
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch (or one channel)
         taps = weight.detach().permute(1, 2, 3, 0).contiguous()
         # N x O x PH x PW, channels-last in memory like PyTorch's own result (the kernel writes NHWC)
@@ -180,19 +185,20 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         o, th, tw = weight.shape[0], (h - 2) // 2, (w - 2) // 2
-        dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 else torch.float32
-        kernel, threads = load_kernel(), torch.get_num_threads()
+        dtype = torch.bfloat16 if bf16_autocast() else torch.float32
+        kernel, threads, bf16 = load_kernel(), torch.get_num_threads(), int(dtype == torch.bfloat16)
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
-        u = (weight.detach().reshape(o * c, 9) @ WINOGRAD_WEIGHTS.T).to(dtype).reshape(o, c, 16).permute(2, 1, 0).contiguous()
+        u = (weight.detach().reshape(o * c, 9) @ WINOGRAD_WEIGHTS.T).to(dtype)  # O*C x 16
+        u = u.reshape(o, c, 16).permute(2, 1, 0).contiguous()  # 16 x C x O, as torch.bmm takes it fastest
         v = torch.empty((16, n * th * tw, c), dtype=dtype)
-        kernel.winograd_input(x_last.data_ptr(), int(x.dtype == torch.bfloat16), v.data_ptr(), int(dtype == torch.bfloat16),
+        kernel.winograd_input(x_last.data_ptr(), int(x.dtype == torch.bfloat16), v.data_ptr(), bf16,
                               n, h, w, c, threads)
         products = torch.bmm(v, u)
         out = torch.empty((n, o, th, tw), dtype=dtype, memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if any(ctx.needs_input_grad) else None
-        kernel.winograd_output_pool_relu(products.data_ptr(), int(dtype == torch.bfloat16), bias.detach().float().contiguous().data_ptr(),
-                                         out.data_ptr(), int(dtype == torch.bfloat16),
-                                         winners.data_ptr() if winners is not None else None, n, th, tw, o, threads)
+        kernel.winograd_output_pool_relu(products.data_ptr(), bf16, bias.detach().float().contiguous().data_ptr(),
+                                         out.data_ptr(), bf16, winners.data_ptr() if winners is not None else None,
+                                         n, th, tw, o, threads)
         if winners is not None:
             ctx.save_for_backward(v, u, winners)
             ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
@@ -203,18 +209,18 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         v, u, winners = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
         o, th, tw = winners.shape[1], (h - 2) // 2, (w - 2) // 2
-        kernel, threads = load_kernel(), torch.get_num_threads()
+        kernel, threads, bf16 = load_kernel(), torch.get_num_threads(), int(v.dtype == torch.bfloat16)
         grad_last = grad.contiguous(memory_format=torch.channels_last)
         grad_products = torch.empty((16, v.shape[1], o), dtype=v.dtype)
         grad_bias = torch.empty(o, dtype=torch.float32)
-        status = kernel.winograd_output_grad(grad_last.data_ptr(), int(grad.dtype == torch.bfloat16), winners.data_ptr(),
-                                             grad_products.data_ptr(), int(v.dtype == torch.bfloat16),
+        status = kernel.winograd_output_grad(grad_last.data_ptr(), int(grad.dtype == torch.bfloat16),
+                                             winners.data_ptr(), grad_products.data_ptr(), bf16,
                                              grad_bias.data_ptr(), n, th, tw, o, threads)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_v = torch.bmm(grad_products, u.transpose(1, 2))
             grad_x = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, memory_format=torch.channels_last)
-            status |= kernel.winograd_input_grad(grad_v.data_ptr(), int(grad_v.dtype == torch.bfloat16), grad_x.data_ptr(),
+            status |= kernel.winograd_input_grad(grad_v.data_ptr(), bf16, grad_x.data_ptr(),
                                                  int(ctx.input_dtype == torch.bfloat16), n, h, w, c, threads)
         if status != 0:
             raise MemoryError("Winograd conv+pool backward: out of memory for its scratch sums")
@@ -230,12 +236,11 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module) -> bool:
     is one pooling window), a 2x2 max-pool, fp32 weights, where `kernel_runs_here`.
 
     Only training in bf16 gains. seed-cnn's second block at batch 64, forward and backward, interleaved medians
-    on this CPU: 2.68 ms against 3.34 ms for PyTorch's convolution and the C pool; a whole training step 8-10%
-    faster. Its forward pass alone (inference) was no faster in bf16 (4.17 against 4.05 ms at batch 256), and in
+    on this CPU: 2.68 ms against 3.34 ms for PyTorch's convolution and the C pool; a whole training epoch 8-19%
+    faster (three alternating runs). Its forward pass alone (inference) was no faster in bf16 (4.17 against 4.05 ms at batch 256), and in
     fp32 both were slower (training 6.90 against 5.99 ms): with only 32 input channels the products are thin
     and the transforms' memory traffic eats the saved multiplications (benchmarks/README.md)."""
-    bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return (bf16_autocast and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    return (bf16_autocast() and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[1] == conv.in_channels and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0
             and x.shape[-2] >= 4 and x.shape[-1] >= 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
