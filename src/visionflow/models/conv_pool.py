@@ -188,12 +188,12 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         dtype = torch.bfloat16 if bf16_autocast() else torch.float32
         kernel, threads, bf16 = load_kernel(), torch.get_num_threads(), int(dtype == torch.bfloat16)
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
-        u = (weight.detach().reshape(o * c, 9) @ WINOGRAD_WEIGHTS.T).to(dtype)  # O*C x 16
-        u = u.reshape(o, c, 16).permute(2, 1, 0).contiguous()  # 16 x C x O, as torch.bmm takes it fastest
+        # 16 x O x C, made without a copy; the products take it transposed, as the C x O matrix of each component
+        u = (WINOGRAD_WEIGHTS @ weight.detach().reshape(o * c, 9).T).to(dtype).reshape(16, o, c)
         v = torch.empty((16, n * th * tw, c), dtype=dtype)
         kernel.winograd_input(x_last.data_ptr(), int(x.dtype == torch.bfloat16), v.data_ptr(), bf16,
                               n, h, w, c, threads)
-        products = torch.bmm(v, u)
+        products = torch.bmm(v, u.transpose(1, 2))
         out = torch.empty((n, o, th, tw), dtype=dtype, memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if any(ctx.needs_input_grad) else None
         kernel.winograd_output_pool_relu(products.data_ptr(), bf16, bias.detach().float().contiguous().data_ptr(),
@@ -218,15 +218,15 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
                                              grad_bias.data_ptr(), n, th, tw, o, threads)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_v = torch.bmm(grad_products, u.transpose(1, 2))
+            grad_v = torch.bmm(grad_products, u)
             grad_x = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, memory_format=torch.channels_last)
             status |= kernel.winograd_input_grad(grad_v.data_ptr(), bf16, grad_x.data_ptr(),
                                                  int(ctx.input_dtype == torch.bfloat16), n, h, w, c, threads)
         if status != 0:
             raise MemoryError("Winograd conv+pool backward: out of memory for its scratch sums")
         if ctx.needs_input_grad[1]:
-            grad_u = torch.bmm(v.transpose(1, 2), grad_products).permute(2, 1, 0).reshape(o * c, 16).float()
-            grad_weight = (grad_u @ WINOGRAD_WEIGHTS).reshape(o, c, 3, 3)
+            grad_u = torch.bmm(grad_products.transpose(1, 2), v).reshape(16, o * c).float()  # 16 x O x C, as u
+            grad_weight = (grad_u.T @ WINOGRAD_WEIGHTS).reshape(o, c, 3, 3)
         return grad_x, grad_weight, grad_bias
 
 
@@ -235,11 +235,13 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module) -> bool:
     3x3 'valid' convolution with bias and channels in blocks of 16, an even output side (so each 2x2 output tile
     is one pooling window), a 2x2 max-pool, fp32 weights, where `kernel_runs_here`.
 
-    Only training in bf16 gains. seed-cnn's second block at batch 64, forward and backward, interleaved medians
-    on this CPU: 2.68 ms against 3.34 ms for PyTorch's convolution and the C pool; a whole training epoch 8-19%
-    faster (three alternating runs). Its forward pass alone (inference) was no faster in bf16 (4.17 against 4.05 ms at batch 256), and in
-    fp32 both were slower (training 6.90 against 5.99 ms): with only 32 input channels the products are thin
-    and the transforms' memory traffic eats the saved multiplications (benchmarks/README.md)."""
+    Only training in bf16 gains. seed-cnn's second block at batch 64, forward and backward, interleaved: 1.89-2.68
+    ms against 2.54-3.34 ms for PyTorch's convolution and the C pool in three runs on this CPU (3.47 against 2.89
+    in a fourth); whole training epochs a median 3% faster at batch 64 and 9% at batch 32 (-4.5% to +19% by the
+    machine's phase: the transforms are memory-bound). Its forward pass alone (inference) was no faster in bf16
+    (4.17 against 4.05 ms at batch 256), and in fp32 both were slower (training 6.90 against 5.99 ms): with only
+    32 input channels the products are thin and the transforms' memory traffic eats the saved multiplications
+    (benchmarks/README.md)."""
     return (bf16_autocast() and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[1] == conv.in_channels and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0
