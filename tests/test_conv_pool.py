@@ -160,10 +160,11 @@ def test_winograd_block_in_bf16_is_about_as_close_as_pytorchs_bf16_convolution()
         return [float((a - b).norm() / b.norm()) for a, b in zip(got, exact)]
 
     # Winograd rounds its transformed tiles and products to bf16, PyTorch only the inputs and the output: a
-    # little more error, never a different order of magnitude (measured 1.3-1.7x on the output).
-    assert error(ours)[0] < 0.01
-    for ours_error, library_error in zip(error(ours), error(library)):
-        assert ours_error < 2.5 * library_error + 1e-3
+    # little more error on the output (measured 1.5-1.6x, seeds 0-4), never a different order of magnitude.
+    assert error(ours)[0] < 0.01 and error(ours)[0] < 2.5 * error(library)[0]
+    # The gradients, by the worst of x, weight and bias: bf16 flips a few pool winners and ReLU cuts either way,
+    # and the bias gradient moves most with them (0.90-1.23x PyTorch's worst error, seeds 0-4).
+    assert max(error(ours)[1:]) < 1.5 * max(error(library)[1:])
 
 
 def test_winograd_applies_only_where_its_tiles_are_whole_pooling_windows():
@@ -188,8 +189,8 @@ def test_winograd_applies_only_where_its_tiles_are_whole_pooling_windows():
 def test_seed_cnn_trains_on_the_same_gradients_with_and_without_the_kernels(channels, size):
     torch.manual_seed(0)
     model = create_model("seed-cnn", num_classes=10, in_channels=channels, image_size=size)
-    x = batch(channels, size, size, n=16)
-    upstream = torch.randn(16, 10)
+    x = batch(channels, size, size, n=64)
+    upstream = torch.randn(64, 10)
 
     def gradients(fast: bool, bf16: bool, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         model.to(dtype).fast_path = fast
@@ -202,10 +203,13 @@ def test_seed_cnn_trains_on_the_same_gradients_with_and_without_the_kernels(chan
     exact = gradients(fast=False, bf16=False, dtype=torch.float64)
     for a, b in zip(gradients(fast=True, bf16=False), exact):  # fp32: the crop and the C kernels
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
-    # bf16 training, where the second block runs as Winograd: as close to the exact gradients as PyTorch's bf16
-    ours, library = gradients(fast=True, bf16=True), gradients(fast=False, bf16=True)
-    for a, b, e in zip(ours, library, exact):
-        assert (a - e).norm() < 2.5 * (b - e).norm() + 1e-3 * e.norm()
+    # bf16 training, where the second block runs as Winograd: as close to the exact gradients as PyTorch's bf16.
+    # Compared by the worst parameter: bf16 rounding flips a few ReLU masks and pool winners either way, and one
+    # flip moves a small layer's gradient by a few percent (measured 0.08-0.12 for both, seeds 0-3, 64 images).
+    def worst_error(got: list[torch.Tensor]) -> float:
+        return max(float((a - e).norm() / e.norm()) for a, e in zip(got, exact))
+
+    assert worst_error(gradients(fast=True, bf16=True)) < 1.5 * worst_error(gradients(fast=False, bf16=True))
 
 
 @needs_kernel

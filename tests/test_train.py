@@ -47,6 +47,20 @@ def test_report_says_when_the_best_epoch_was_chosen_on_the_test_part(tmp_path: P
     assert separate["validation"]["n"] == 12 and separate["validation_data"] == f"--val {data / 'test'}"
 
 
+def test_the_same_seed_trains_the_same_weights_bit_for_bit(tmp_path: Path):
+    # seed-cnn on 16x16 images: the C kernels and the Winograd block (in bf16 where the CPU has it) all run. A C
+    # call once read a freed temporary copy of the channels-last weights, and one run in six diverged.
+    data = write_class_folder(tmp_path / "patterns", per_class=30)
+    weights = []
+    for i in range(4):
+        api.train(TrainConfig(data=str(data), out=str(tmp_path / f"run{i}"), epochs=2, lr=3e-3, val_split=0.2),
+                  show_progress=False)
+        weights.append(load_file(str(tmp_path / f"run{i}" / "last.safetensors")))
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        assert all(torch.equal(other[name], weights[0][name]) for name in weights[0])
+
+
 def test_run_files_hold_no_code(tmp_path: Path):
     api.train(TrainConfig(data="digits", out=str(tmp_path / "run"), epochs=1), show_progress=False)
     weights = load_file(str(tmp_path / "run" / "best.safetensors"))

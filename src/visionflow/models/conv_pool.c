@@ -359,6 +359,49 @@ static void *winograd_input_grad_job(void *arg) {
     return NULL;
 }
 
+/* The weights' transform G g G^T, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], for each of the O x C filters of w
+   (O x C x 3 x 3, PyTorch's layout) into u (16 x O x C, fp32 or bf16); and the gradient's way back, G^T du G.
+   A few thousand filters: one thread, well under the cost of a call into PyTorch for the same. */
+static const float winograd_g[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+
+void winograd_weights(const float *w, void *u, int u_bf16, int o, int c) {
+    const long filters = (long)o * c;
+    for (long f0 = 0; f0 < filters; f0 += LANES) {  /* O x C is a multiple of LANES: C comes in blocks of 16 */
+        float out[16][LANES];
+        for (int lane = 0; lane < LANES; lane++) {
+            const float *g = w + (f0 + lane) * 9;
+            float t[4][3];  /* G g */
+            for (int i = 0; i < 4; i++)
+                for (int k = 0; k < 3; k++)
+                    t[i][k] = winograd_g[i][0] * g[k] + winograd_g[i][1] * g[3 + k] + winograd_g[i][2] * g[6 + k];
+            for (int i = 0; i < 4; i++)  /* (G g) G^T */
+                for (int l = 0; l < 4; l++)
+                    out[i * 4 + l][lane] = t[i][0] * winograd_g[l][0] + t[i][1] * winograd_g[l][1] + t[i][2] * winograd_g[l][2];
+        }
+        for (int q = 0; q < 16; q++) store_any(u, q * filters + f0, load(out[q]), u_bf16);
+    }
+}
+
+void winograd_weight_grad(const void *du, int du_bf16, float *gw, int o, int c) {
+    const long filters = (long)o * c;
+    for (long f0 = 0; f0 < filters; f0 += LANES) {
+        float d[16][LANES];
+        for (int q = 0; q < 16; q++) store(d[q], load_any(du, q * filters + f0, du_bf16));
+        for (int lane = 0; lane < LANES; lane++) {
+            float t[3][4];  /* G^T du */
+            for (int j = 0; j < 3; j++)
+                for (int l = 0; l < 4; l++)
+                    t[j][l] = winograd_g[0][j] * d[l][lane] + winograd_g[1][j] * d[4 + l][lane]
+                              + winograd_g[2][j] * d[8 + l][lane] + winograd_g[3][j] * d[12 + l][lane];
+            float *g = gw + (f0 + lane) * 9;
+            for (int j = 0; j < 3; j++)  /* (G^T du) G */
+                for (int k = 0; k < 3; k++)
+                    g[j * 3 + k] = t[j][0] * winograd_g[0][k] + t[j][1] * winograd_g[1][k] + t[j][2] * winograd_g[2][k]
+                                   + t[j][3] * winograd_g[3][k];
+        }
+    }
+}
+
 /* Copies `base` into one job per slice of the batch; returns how many slices there are. */
 static int split(Job *jobs, const Job *base, long n, int threads) {
     if (threads < 1) threads = 1;

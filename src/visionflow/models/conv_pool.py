@@ -102,6 +102,10 @@ def load_kernel() -> ctypes.CDLL | None:
     library.winograd_output_grad.restype = c_int
     library.winograd_input_grad.argtypes = [ptr, c_int, ptr, c_int, c_long] + [c_int] * 4
     library.winograd_input_grad.restype = c_int
+    library.winograd_weights.argtypes = [ptr, ptr, c_int, c_int, c_int]
+    library.winograd_weights.restype = None
+    library.winograd_weight_grad.argtypes = [ptr, c_int, ptr, c_int, c_int]
+    library.winograd_weight_grad.restype = None
     return library
 
 
@@ -122,12 +126,13 @@ class _ConvPoolReLU(torch.autograd.Function):
         bf16 = bf16_autocast()
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch (or one channel)
         taps = weight.detach().permute(1, 2, 3, 0).contiguous()
+        bias = bias.detach().contiguous()  # named: a temporary copy would be freed before the C call reads it
         # N x O x PH x PW, channels-last in memory like PyTorch's own result (the kernel writes NHWC)
         out = torch.empty((n, o, (h - 2) // 2, (w - 2) // 2), dtype=torch.bfloat16 if bf16 else torch.float32,
                           memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[1] else None
         load_kernel().conv_pool_relu_forward(
-            x_last.data_ptr(), taps.data_ptr(), bias.detach().contiguous().data_ptr(), out.data_ptr(), int(bf16),
+            x_last.data_ptr(), taps.data_ptr(), bias.data_ptr(), out.data_ptr(), int(bf16),
             winners.data_ptr() if winners is not None else None, n, h, w, c, o, torch.get_num_threads())
         if winners is not None:
             ctx.save_for_backward(x_last, winners)
@@ -168,12 +173,6 @@ def kernel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             and kernel_runs_here(x))
 
 
-# Winograd F(2x2, 3x3): B^T and A^T transform input tiles and products in conv_pool.c; G transforms the weights
-# here, as one matrix product: the 16 values of G g G^T are kron(G, G) (16 x 9) times the 9 taps of g.
-WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-WINOGRAD_WEIGHTS = torch.kron(WINOGRAD_G, WINOGRAD_G)
-
-
 class _WinogradConvPoolReLU(torch.autograd.Function):
     """relu(max_pool2d(conv2d(x, weight, bias), 2)) for a 3x3 'valid' convolution with channels in blocks of 16:
     the convolution as Winograd F(2x2, 3x3) (conv_pool.c has the method), its 16 matrix products and their
@@ -188,15 +187,19 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         dtype = torch.bfloat16 if bf16_autocast() else torch.float32
         kernel, threads, bf16 = load_kernel(), torch.get_num_threads(), int(dtype == torch.bfloat16)
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
-        # 16 x O x C, made without a copy; the products take it transposed, as the C x O matrix of each component
-        u = (WINOGRAD_WEIGHTS @ weight.detach().reshape(o * c, 9).T).to(dtype).reshape(16, o, c)
+        # Every tensor whose address goes to C is held by a name until the call returns. A temporary such as
+        # `weight.contiguous()` of seed-cnn's channels-last weight is a copy, freed before the call runs: the C
+        # code then read freed memory, and one training run in six diverged.
+        weight, bias = weight.detach().contiguous(), bias.detach().float().contiguous()
+        u = torch.empty((16, o, c), dtype=dtype)  # the products take it transposed: C x O for each component
+        kernel.winograd_weights(weight.data_ptr(), u.data_ptr(), bf16, o, c)
         v = torch.empty((16, n * th * tw, c), dtype=dtype)
         kernel.winograd_input(x_last.data_ptr(), int(x.dtype == torch.bfloat16), v.data_ptr(), bf16,
                               n, h, w, c, threads)
         products = torch.bmm(v, u.transpose(1, 2))
         out = torch.empty((n, o, th, tw), dtype=dtype, memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if any(ctx.needs_input_grad) else None
-        kernel.winograd_output_pool_relu(products.data_ptr(), bf16, bias.detach().float().contiguous().data_ptr(),
+        kernel.winograd_output_pool_relu(products.data_ptr(), bf16, bias.data_ptr(),
                                          out.data_ptr(), bf16, winners.data_ptr() if winners is not None else None,
                                          n, th, tw, o, threads)
         if winners is not None:
@@ -225,8 +228,9 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         if status != 0:
             raise MemoryError("Winograd conv+pool backward: out of memory for its scratch sums")
         if ctx.needs_input_grad[1]:
-            grad_u = torch.bmm(grad_products.transpose(1, 2), v).reshape(16, o * c).float()  # 16 x O x C, as u
-            grad_weight = (grad_u.T @ WINOGRAD_WEIGHTS).reshape(o, c, 3, 3)
+            grad_u = torch.bmm(grad_products.transpose(1, 2), v)  # 16 x O x C, as u
+            grad_weight = torch.empty((o, c, 3, 3), dtype=torch.float32)
+            kernel.winograd_weight_grad(grad_u.data_ptr(), bf16, grad_weight.data_ptr(), o, c)
         return grad_x, grad_weight, grad_bias
 
 
@@ -237,7 +241,7 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module) -> bool:
 
     Only training in bf16 gains. seed-cnn's second block at batch 64, forward and backward, interleaved: 1.89-2.68
     ms against 2.54-3.34 ms for PyTorch's convolution and the C pool in three runs on this CPU (3.47 against 2.89
-    in a fourth); whole training epochs a median 3% faster at batch 64 and 9% at batch 32 (-4.5% to +19% by the
+    in a fourth); whole training epochs a median 6% faster at batch 64 and 9% at batch 32 (-4.5% to +19% by the
     machine's phase: the transforms are memory-bound). Its forward pass alone (inference) was no faster in bf16
     (4.17 against 4.05 ms at batch 256), and in fp32 both were slower (training 6.90 against 5.99 ms): with only
     32 input channels the products are thin and the transforms' memory traffic eats the saved multiplications
