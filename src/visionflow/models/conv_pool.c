@@ -360,7 +360,8 @@ static void *winograd_input_grad_job(void *arg) {
 }
 
 /* The weights' transform G g G^T, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], for each of the O x C filters of w
-   (O x C x 3 x 3, PyTorch's layout) into u (16 x O x C, fp32 or bf16); and the gradient's way back, G^T du G.
+   (O x C x 3 x 3, PyTorch's layout) into u (16 x O x C, fp32 or bf16); and the gradient's way back, G^T du G, from
+   du (16 x C x O) into gw (O x C x 3 x 3, fp32).
    A few thousand filters: one thread, well under the cost of a call into PyTorch for the same. */
 static const float winograd_g[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
 
@@ -383,23 +384,24 @@ void winograd_weights(const float *w, void *u, int u_bf16, int o, int c) {
 }
 
 void winograd_weight_grad(const void *du, int du_bf16, float *gw, int o, int c) {
+    /* du is 16 x C x O here (the layout torch.bmm gives it fastest), so LANES outputs are adjacent */
     const long filters = (long)o * c;
-    for (long f0 = 0; f0 < filters; f0 += LANES) {
-        float d[16][LANES];
-        for (int q = 0; q < 16; q++) store(d[q], load_any(du, q * filters + f0, du_bf16));
-        for (int lane = 0; lane < LANES; lane++) {
-            float t[3][4];  /* G^T du */
-            for (int j = 0; j < 3; j++)
+    for (int ci = 0; ci < c; ci++)
+        for (int o0 = 0; o0 < o; o0 += LANES) {
+            vfloat d[16], t[3][4];
+            for (int q = 0; q < 16; q++) d[q] = load_any(du, q * filters + (long)ci * o + o0, du_bf16);
+            for (int j = 0; j < 3; j++)  /* G^T du */
                 for (int l = 0; l < 4; l++)
-                    t[j][l] = winograd_g[0][j] * d[l][lane] + winograd_g[1][j] * d[4 + l][lane]
-                              + winograd_g[2][j] * d[8 + l][lane] + winograd_g[3][j] * d[12 + l][lane];
-            float *g = gw + (f0 + lane) * 9;
+                    t[j][l] = winograd_g[0][j] * d[l] + winograd_g[1][j] * d[4 + l] + winograd_g[2][j] * d[8 + l]
+                              + winograd_g[3][j] * d[12 + l];
+            float g[9][LANES];
             for (int j = 0; j < 3; j++)  /* (G^T du) G */
                 for (int k = 0; k < 3; k++)
-                    g[j * 3 + k] = t[j][0] * winograd_g[0][k] + t[j][1] * winograd_g[1][k] + t[j][2] * winograd_g[2][k]
-                                   + t[j][3] * winograd_g[3][k];
+                    store(g[j * 3 + k], t[j][0] * winograd_g[0][k] + t[j][1] * winograd_g[1][k]
+                                        + t[j][2] * winograd_g[2][k] + t[j][3] * winograd_g[3][k]);
+            for (int lane = 0; lane < LANES; lane++)
+                for (int tap = 0; tap < 9; tap++) gw[((long)(o0 + lane) * c + ci) * 9 + tap] = g[tap][lane];
         }
-    }
 }
 
 /* Copies `base` into one job per slice of the batch; returns how many slices there are. */

@@ -228,7 +228,7 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         if status != 0:
             raise MemoryError("Winograd conv+pool backward: out of memory for its scratch sums")
         if ctx.needs_input_grad[1]:
-            grad_u = torch.bmm(grad_products.transpose(1, 2), v)  # 16 x O x C, as u
+            grad_u = torch.bmm(v.transpose(1, 2), grad_products)  # 16 x C x O: 0.40-0.46 ms, 0.47-0.79 as O x C
             grad_weight = torch.empty((o, c, 3, 3), dtype=torch.float32)
             kernel.winograd_weight_grad(grad_u.data_ptr(), bf16, grad_weight.data_ptr(), o, c)
         return grad_x, grad_weight, grad_bias
@@ -241,7 +241,7 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module) -> bool:
 
     Only training in bf16 gains. seed-cnn's second block at batch 64, forward and backward, interleaved: 1.89-2.68
     ms against 2.54-3.34 ms for PyTorch's convolution and the C pool in three runs on this CPU (3.47 against 2.89
-    in a fourth); whole training epochs a median 6% faster at batch 64 and 9% at batch 32 (-4.5% to +19% by the
+    in a fourth); whole training epochs a median 4% faster at batch 64 and 10% at batch 32 (-4.5% to +19% by the
     machine's phase: the transforms are memory-bound). Its forward pass alone (inference) was no faster in bf16
     (4.17 against 4.05 ms at batch 256), and in fp32 both were slower (training 6.90 against 5.99 ms): with only
     32 input channels the products are thin and the transforms' memory traffic eats the saved multiplications
