@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from visionflow.models import conv_pool, create_model
-from visionflow.models.conv_pool import _WinogradConvPoolReLU
-from visionflow.models.conv_pool import (build_kernel, conv_pool_relu, kernel_applies, load_kernel, pool_kernel_applies,
-                                         pool_relu, winograd_applies)
+from visionflow.models.conv_pool import (_WinogradConvPoolReLU, build_kernel, conv_pool_relu, kernel_applies, load_kernel,
+                                         pool_kernel_applies, pool_relu, winograd_applies)
 
 needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="no C compiler to build the fused kernel here")
 
 
-def block(in_channels: int, seed: int = 0) -> tuple[nn.Conv2d, nn.MaxPool2d, nn.ReLU]:
+def block(in_channels: int, out_channels: int = 32, seed: int = 0) -> tuple[nn.Conv2d, nn.MaxPool2d, nn.ReLU]:
+    """A conv/pool/ReLU block: block(1) is seed-cnn's first, block(32, 64) its second."""
     torch.manual_seed(seed)
-    return nn.Conv2d(in_channels, 32, 3), nn.MaxPool2d(2), nn.ReLU()
+    return nn.Conv2d(in_channels, out_channels, 3), nn.MaxPool2d(2), nn.ReLU()
 
 
 def batch(in_channels: int, height: int, width: int, n: int = 9) -> torch.Tensor:
@@ -109,11 +109,6 @@ def test_pool_and_relu_give_pytorchs_values_and_input_gradient_exactly(dtype, he
     assert torch.equal(ours.grad, theirs.grad)  # zero on the losers, the ReLU's cuts and an odd last row/column
 
 
-def second_block(seed: int = 0) -> tuple[nn.Conv2d, nn.MaxPool2d, nn.ReLU]:
-    torch.manual_seed(seed)
-    return nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU()
-
-
 def winograd_results(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn.Module, upstream: torch.Tensor,
                      fast: bool, bf16: bool = False, winograd_fp32: bool = False) -> list[torch.Tensor]:
     """The block's output and its x, weight and bias gradients, through conv_pool_relu (fast), the Winograd function
@@ -132,14 +127,13 @@ def winograd_results(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module, relu: nn
 @needs_kernel
 @pytest.mark.parametrize("n,height,width", [(9, 12, 12), (3, 14, 10), (2, 4, 4)])
 def test_winograd_block_matches_pytorch_in_fp32(n, height, width):
-    conv, pool, relu = second_block()
+    conv, pool, relu = block(32, 64)
     x = torch.randn(n, 32, height, width).relu().contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert winograd_applies(x.requires_grad_(), conv, pool) and not kernel_applies(x, conv)
     upstream = torch.randn(n, 64, (height - 2) // 2, (width - 2) // 2)
     got = winograd_results(x, conv, pool, relu, upstream, fast=True, winograd_fp32=True)
     expected = winograd_results(x.double(), conv.double(), pool, relu, upstream.double(), fast=False)
-    conv.float()
     assert (expected[0] == 0).float().mean() > 0.02  # the ReLU cut some values, so its mask is tested too
     for a, b in zip(got, expected):  # output, input, weight and bias gradients
         assert a.shape == b.shape
@@ -148,7 +142,7 @@ def test_winograd_block_matches_pytorch_in_fp32(n, height, width):
 
 @needs_kernel
 def test_winograd_block_in_bf16_is_about_as_close_as_pytorchs_bf16_convolution():
-    conv, pool, relu = second_block()
+    conv, pool, relu = block(32, 64)
     x = torch.randn(16, 32, 12, 12).relu().contiguous(memory_format=torch.channels_last)
     upstream = torch.randn(16, 64, 5, 5)
     exact = winograd_results(x.double(), conv.double(), pool, relu, upstream.double(), fast=False)
@@ -168,7 +162,7 @@ def test_winograd_block_in_bf16_is_about_as_close_as_pytorchs_bf16_convolution()
 
 
 def test_winograd_applies_only_where_its_tiles_are_whole_pooling_windows():
-    conv, pool, _ = second_block()
+    conv, pool, _ = block(32, 64)
     x = torch.randn(2, 32, 12, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert winograd_applies(x, conv, pool) == (load_kernel() is not None)  # the weight needs a gradient: training
@@ -179,7 +173,7 @@ def test_winograd_applies_only_where_its_tiles_are_whole_pooling_windows():
         assert not winograd_applies(torch.randn(2, 24, 12, 12), nn.Conv2d(24, 64, 3), pool)  # channels in blocks of 16
         assert not winograd_applies(x, nn.Conv2d(32, 64, 3, padding=1), pool)
     assert not winograd_applies(x, conv, pool)  # fp32 training: PyTorch's convolution is faster
-    conv, pool, relu = second_block()  # and where it does not apply, the block is still computed, by PyTorch
+    conv, pool, relu = block(32, 64)  # and where it does not apply, the block is still computed, by PyTorch
     x = torch.randn(2, 32, 13, 11)
     assert torch.allclose(conv_pool_relu(x, conv, pool, relu), relu(pool(conv(x))), rtol=1e-6, atol=1e-6)
 

@@ -75,16 +75,14 @@ class _ReadTasks(torch.utils.data.Dataset):
                 for r in _read_task(self.source, self.channels, self.size, task)]
 
 
-class _DecodeInto(torch.utils.data.Dataset):
+class _DecodeInto(_ReadTasks):
     """A task (list of indices) -> each item decoded straight into its row of `out`, which worker processes
     share with the main process; returns only the broken items, as (index, BrokenImage). Nothing decoded
     crosses a pipe, and there is no stacking at the end."""
 
     def __init__(self, source: DataSource, channels: int, size: int | None, out: torch.Tensor):
-        self.source, self.channels, self.size, self.out = source, channels, size, out
-
-    def __len__(self) -> int:
-        return len(self.source)
+        super().__init__(source, channels, size)
+        self.out = out
 
     def __getitem__(self, task: list[int]) -> list[tuple[int, BrokenImage]]:
         broken = []

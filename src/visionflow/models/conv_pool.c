@@ -425,6 +425,14 @@ static void run(void *(*fn)(void *), Job *jobs, int count) {
     for (int t = 0; t < count; t++) fn(&jobs[t]);
 }
 
+/* dst[i] = the sum over `count` job buffers of n floats each, the first at `first`, each `stride` after the last:
+   the per-job sums of a backward pass, added in job order (so the result does not depend on timing). */
+static void sum_job_buffers(float *dst, const float *first, int count, size_t stride, size_t n) {
+    memcpy(dst, first, sizeof(float) * n);
+    for (int t = 1; t < count; t++)
+        for (size_t i = 0; i < n; i++) dst[i] += first[t * stride + i];
+}
+
 /* out is fp32, or bf16 when out_bf16; idx may be NULL (no gradient wanted). */
 void conv_pool_relu_forward(const float *x, const float *wt, const float *b, void *out, int out_bf16, uint8_t *idx,
                             long n, int h, int w, int c, int o, int threads) {
@@ -449,12 +457,8 @@ int conv_pool_relu_backward(const float *x, const void *grad, int grad_bf16, con
         jobs[t].gb = scratch + t * per + nw;
     }
     run(backward_job, jobs, count);
-    memcpy(gw, jobs[0].gw, sizeof(float) * nw);
-    memcpy(gb, jobs[0].gb, sizeof(float) * o);
-    for (int t = 1; t < count; t++) {
-        for (size_t i = 0; i < nw; i++) gw[i] += jobs[t].gw[i];
-        for (int k = 0; k < o; k++) gb[k] += jobs[t].gb[k];
-    }
+    sum_job_buffers(gw, scratch, count, per, nw);
+    sum_job_buffers(gb, scratch + nw, count, per, o);
     free(scratch);
     return 0;
 }
@@ -503,9 +507,7 @@ int winograd_output_grad(const void *grad, int grad_bf16, const uint8_t *idx, vo
     if (!scratch) return -1;
     for (int t = 0; t < count; t++) jobs[t].gb = scratch + (size_t)t * o;
     run(winograd_output_grad_job, jobs, count);
-    memcpy(gb, jobs[0].gb, sizeof(float) * o);
-    for (int t = 1; t < count; t++)
-        for (int k = 0; k < o; k++) gb[k] += jobs[t].gb[k];
+    sum_job_buffers(gb, scratch, count, o, o);
     free(scratch);
     return 0;
 }

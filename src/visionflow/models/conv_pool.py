@@ -162,15 +162,20 @@ def kernel_runs_here(x: torch.Tensor) -> bool:
             and load_kernel() is not None)
 
 
+def _kernel_convolution(conv: nn.Conv2d) -> bool:
+    """The convolution both C paths compute: 3x3 'valid', stride 1, with bias, fp32 weights, outputs in blocks of
+    16 (one vector register of lanes)."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
+            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0)
+
+
 def kernel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """True where conv_pool.c computes the block (see the module docstring for what it does not cover)."""
     return (x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad
-            and x.shape[-2] >= 4 and x.shape[-1] >= 4 and conv.out_channels % 16 == 0
+            and x.shape[-2] >= 4 and x.shape[-1] >= 4
             and conv.in_channels <= 4  # a first layer on images: its filter taps are held in registers
-            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
-            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
-            and kernel_runs_here(x))
+            and _kernel_convolution(conv) and kernel_runs_here(x))
 
 
 class _WinogradConvPoolReLU(torch.autograd.Function):
@@ -248,12 +253,9 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module) -> bool:
     (benchmarks/README.md)."""
     return (bf16_autocast() and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[1] == conv.in_channels and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0
+            and x.shape[1] == conv.in_channels and conv.in_channels % 16 == 0
             and x.shape[-2] >= 4 and x.shape[-1] >= 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
-            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
-            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
-            and isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+            and _kernel_convolution(conv) and isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
             and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
             and kernel_runs_here(x))
 
