@@ -109,6 +109,14 @@ def load_kernel() -> ctypes.CDLL | None:
     return library
 
 
+def call_kernel(name: str, *args):
+    """conv_pool.c's function `name` on `args`, each tensor passed as its address and None as NULL. The tensors
+    are this call's own arguments, so they live until the C code returns; passing `t.contiguous().data_ptr()`
+    instead let Python free a temporary copy (of a channels-last weight) before the C code read it, and one
+    training run in six diverged."""
+    return getattr(load_kernel(), name)(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+
+
 def bf16_autocast() -> bool:
     """Whether CPU autocast to bf16 is on: the kernels then compute in bf16, as PyTorch's layers would."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -126,14 +134,12 @@ class _ConvPoolReLU(torch.autograd.Function):
         bf16 = bf16_autocast()
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch (or one channel)
         taps = weight.detach().permute(1, 2, 3, 0).contiguous()
-        bias = bias.detach().contiguous()  # named: a temporary copy would be freed before the C call reads it
         # N x O x PH x PW, channels-last in memory like PyTorch's own result (the kernel writes NHWC)
         out = torch.empty((n, o, (h - 2) // 2, (w - 2) // 2), dtype=torch.bfloat16 if bf16 else torch.float32,
                           memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[1] else None
-        load_kernel().conv_pool_relu_forward(
-            x_last.data_ptr(), taps.data_ptr(), bias.data_ptr(), out.data_ptr(), int(bf16),
-            winners.data_ptr() if winners is not None else None, n, h, w, c, o, torch.get_num_threads())
+        call_kernel("conv_pool_relu_forward", x_last, taps, bias.detach().contiguous(), out, int(bf16), winners,
+                    n, h, w, c, o, torch.get_num_threads())
         if winners is not None:
             ctx.save_for_backward(x_last, winners)
         return out
@@ -146,10 +152,8 @@ class _ConvPoolReLU(torch.autograd.Function):
         grad_last = grad.contiguous(memory_format=torch.channels_last)  # fp32 or bf16, as the output was
         grad_taps = torch.empty((c, 3, 3, o), dtype=torch.float32)
         grad_bias = torch.empty(o, dtype=torch.float32)
-        status = load_kernel().conv_pool_relu_backward(
-            x_last.data_ptr(), grad_last.data_ptr(), int(grad.dtype == torch.bfloat16), winners.data_ptr(),
-            grad_taps.data_ptr(), grad_bias.data_ptr(),
-            n, h, w, c, o, torch.get_num_threads())
+        status = call_kernel("conv_pool_relu_backward", x_last, grad_last, int(grad.dtype == torch.bfloat16), winners,
+                             grad_taps, grad_bias, n, h, w, c, o, torch.get_num_threads())
         if status != 0:
             raise MemoryError("fused conv+pool backward: out of memory for its per-thread sums")
         return None, grad_taps.permute(3, 0, 1, 2).contiguous(), grad_bias
@@ -190,23 +194,17 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         n, c, h, w = x.shape
         o, th, tw = weight.shape[0], (h - 2) // 2, (w - 2) // 2
         dtype = torch.bfloat16 if bf16_autocast() else torch.float32
-        kernel, threads, bf16 = load_kernel(), torch.get_num_threads(), int(dtype == torch.bfloat16)
+        threads, bf16 = torch.get_num_threads(), int(dtype == torch.bfloat16)
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
-        # Every tensor whose address goes to C is held by a name until the call returns. A temporary such as
-        # `weight.contiguous()` of seed-cnn's channels-last weight is a copy, freed before the call runs: the C
-        # code then read freed memory, and one training run in six diverged.
-        weight, bias = weight.detach().contiguous(), bias.detach().float().contiguous()
         u = torch.empty((16, o, c), dtype=dtype)  # the products take it transposed: C x O for each component
-        kernel.winograd_weights(weight.data_ptr(), u.data_ptr(), bf16, o, c)
+        call_kernel("winograd_weights", weight.detach().contiguous(), u, bf16, o, c)
         v = torch.empty((16, n * th * tw, c), dtype=dtype)
-        kernel.winograd_input(x_last.data_ptr(), int(x.dtype == torch.bfloat16), v.data_ptr(), bf16,
-                              n, h, w, c, threads)
+        call_kernel("winograd_input", x_last, int(x.dtype == torch.bfloat16), v, bf16, n, h, w, c, threads)
         products = torch.bmm(v, u.transpose(1, 2))
         out = torch.empty((n, o, th, tw), dtype=dtype, memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if any(ctx.needs_input_grad) else None
-        kernel.winograd_output_pool_relu(products.data_ptr(), bf16, bias.data_ptr(),
-                                         out.data_ptr(), bf16, winners.data_ptr() if winners is not None else None,
-                                         n, th, tw, o, threads)
+        call_kernel("winograd_output_pool_relu", products, bf16, bias.detach().float().contiguous(), out, bf16,
+                    winners, n, th, tw, o, threads)
         if winners is not None:
             ctx.save_for_backward(v, u, winners)
             ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
@@ -217,25 +215,24 @@ class _WinogradConvPoolReLU(torch.autograd.Function):
         v, u, winners = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
         o, th, tw = winners.shape[1], (h - 2) // 2, (w - 2) // 2
-        kernel, threads, bf16 = load_kernel(), torch.get_num_threads(), int(v.dtype == torch.bfloat16)
-        grad_last = grad.contiguous(memory_format=torch.channels_last)
+        threads, bf16 = torch.get_num_threads(), int(v.dtype == torch.bfloat16)
         grad_products = torch.empty((16, v.shape[1], o), dtype=v.dtype)
         grad_bias = torch.empty(o, dtype=torch.float32)
-        status = kernel.winograd_output_grad(grad_last.data_ptr(), int(grad.dtype == torch.bfloat16),
-                                             winners.data_ptr(), grad_products.data_ptr(), bf16,
-                                             grad_bias.data_ptr(), n, th, tw, o, threads)
+        status = call_kernel("winograd_output_grad", grad.contiguous(memory_format=torch.channels_last),
+                             int(grad.dtype == torch.bfloat16), winners, grad_products, bf16, grad_bias,
+                             n, th, tw, o, threads)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_v = torch.bmm(grad_products, u)
             grad_x = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, memory_format=torch.channels_last)
-            status |= kernel.winograd_input_grad(grad_v.data_ptr(), bf16, grad_x.data_ptr(),
-                                                 int(ctx.input_dtype == torch.bfloat16), n, h, w, c, threads)
+            status |= call_kernel("winograd_input_grad", grad_v, bf16, grad_x, int(ctx.input_dtype == torch.bfloat16),
+                                  n, h, w, c, threads)
         if status != 0:
             raise MemoryError("Winograd conv+pool backward: out of memory for its scratch sums")
         if ctx.needs_input_grad[1]:
             grad_u = torch.bmm(v.transpose(1, 2), grad_products)  # 16 x C x O: 0.40-0.46 ms, 0.47-0.79 as O x C
             grad_weight = torch.empty((o, c, 3, 3), dtype=torch.float32)
-            kernel.winograd_weight_grad(grad_u.data_ptr(), bf16, grad_weight.data_ptr(), o, c)
+            call_kernel("winograd_weight_grad", grad_u, bf16, grad_weight, o, c)
         return grad_x, grad_weight, grad_bias
 
 
@@ -255,7 +252,8 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.Module) -> bool:
             and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[1] == conv.in_channels and conv.in_channels % 16 == 0
             and x.shape[-2] >= 4 and x.shape[-1] >= 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
-            and _kernel_convolution(conv) and isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+            and _kernel_convolution(conv)
+            and isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
             and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
             and kernel_runs_here(x))
 
@@ -281,9 +279,8 @@ class _PoolReLU(torch.autograd.Function):
         x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last batch
         out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         winners = torch.empty_like(out, dtype=torch.uint8) if ctx.needs_input_grad[0] else None
-        load_kernel().pool_relu_forward(x_last.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
-                                        winners.data_ptr() if winners is not None else None, n, h, w, c,
-                                        torch.get_num_threads())
+        call_kernel("pool_relu_forward", x_last, out, int(x.dtype == torch.bfloat16), winners, n, h, w, c,
+                    torch.get_num_threads())
         if winners is not None:
             ctx.save_for_backward(winners)
         ctx.input_shape = x.shape
@@ -293,10 +290,10 @@ class _PoolReLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (winners,) = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
-        grad_last = grad.contiguous(memory_format=torch.channels_last)  # autograd gives it the output's dtype
         grad_x = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=torch.channels_last)
-        load_kernel().pool_relu_backward(grad_last.data_ptr(), winners.data_ptr(), grad_x.data_ptr(),
-                                         int(grad.dtype == torch.bfloat16), n, h, w, c, torch.get_num_threads())
+        # the gradient comes in the output's dtype (autograd's rule), channels-last as the kernel reads it
+        call_kernel("pool_relu_backward", grad.contiguous(memory_format=torch.channels_last), winners, grad_x,
+                    int(grad.dtype == torch.bfloat16), n, h, w, c, torch.get_num_threads())
         return grad_x
 
 
