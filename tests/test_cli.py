@@ -16,6 +16,7 @@ from PIL import Image
 from visionflow.devices import cpu_has_native_bf16
 
 from conftest import run_cli, write_class_folder
+from visionflow.cli import main
 from test_sources import write_mnist
 
 
@@ -143,6 +144,89 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, trained):
     (tmp_path / "hollow" / "b").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "hollow" / "a" / "a.png")
     assert_user_error(run_cli("train", tmp_path / "hollow", "--out", tmp_path / "x"), "holds no images")
+
+
+def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_path: Path):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(data / "square" / "000.png", folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    shutil.copy(data / "stripes_h" / "000.png", folder / "c.png")
+    result = run_cli("predict", run, folder, "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [Path(r["path"]).name for r in table] == ["a.png", "b.png", "c.png"] and table[1]["error"]
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """The one line a user error prints, run in this process (exit 2 checked)."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_path: Path, capsys):
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    train = ["train", str(data), "--out", str(out), "--epochs", "1"]
+    assert "--weight-decay must be 0 or more" in user_error(capsys, [*train, "--weight-decay", "-1"])
+    assert "--patience must be 0 (off)" in user_error(capsys, [*train, "--patience", "-1"])
+    assert "--lr must be a positive number (got inf)" in user_error(capsys, [*train, "--lr", "inf"])
+    assert "'none' stands alone" in user_error(capsys, [*train, "--augment", "none,flip"])
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in user_error(capsys, [*train, "--device", "cuda"])
+    assert not out.exists()
+    (tmp_path / "a-file").write_text("")
+    assert "a-file is a file, not a folder" in user_error(capsys, ["train", str(data), "--out", str(tmp_path / "a-file" / "run")])
+    assert "is inside the data folder" in user_error(capsys, ["train", str(data), "--out", str(data / "square" / "run")])
+    assert not (data / "square" / "run").exists()
+    # what the system refuses further on is one line naming the path too
+    assert f"{tmp_path / 'a-file'}: a file stands where a folder is needed" in user_error(
+        capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path / "a-file" / "x.png")])
+    assert "not an image file name" in user_error(capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path)])
+
+
+def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    for image in (data / "stripes_v").iterdir():
+        image.write_bytes(b"")  # every file of one class unreadable
+    assert "no readable training images in class(es) stripes_v" in user_error(
+        capsys, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    tiny = write_class_folder(tmp_path / "tiny", per_class=1)
+    assert "too few images to hold out 10% for validation (3 in all)" in user_error(
+        capsys, ["train", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1"])
+
+
+def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Path):
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what an interruption before the first epoch's end leaves
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["classes"] == ["square", "stripes_h", "stripes_v"]
+
+
+def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    moved = data.rename(tmp_path / "moved")
+    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18", "--quiet"]) == 0
+    assert "ignored: --model" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["model"] == "seed-cnn" and config["data_spec"] == str(moved.resolve())
+    held_out = json.loads((out / "split.json").read_text())["held_out"]
+    assert len(held_out) == 3 and all(path.startswith(str(moved)) for path in held_out)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3  # the held-out images, found under the new path
+    assert "already finished 2 epochs" in user_error(capsys, ["train", str(moved), "--out", str(out), "--resume", "--epochs", "1"])
+    copy = shutil.copytree(moved, tmp_path / "copy")
+    caplog.clear()
+    assert main(["evaluate", str(out), str(copy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 30 and "figures are optimistic" in caplog.text
 
 
 def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path: Path, trained):

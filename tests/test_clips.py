@@ -15,12 +15,12 @@ from PIL import Image
 from conftest import run_cli, write_class_folder
 from visionflow import api
 from visionflow.config import TrainConfig
-from visionflow.data.clips import ClipFiles, clip_indices, decoded_frames, sample_frames
+from visionflow.data.clips import ClipFiles, clip_indices, decoded_frames, expand_clip_inputs, sample_frames
 from visionflow.data.loading import decode_part
 from visionflow.data.moving_digits import DIRECTIONS, MovingDigitsSpec, make_moving_digits, render_clip
 from visionflow.data.sources import open_data
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
-from visionflow.errors import VisionflowError
+from visionflow.errors import BrokenImage, VisionflowError
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
@@ -119,6 +119,39 @@ def test_arrays_in_float_and_colour_are_read(tmp_path: Path):
     frames = ClipFiles([str(tmp_path / "c.npy")], [0], ["a"], frames=5).read(0, 3, 20)
     assert frames.shape == (10, 3, 20, 20)
     assert abs(frames.float().mean().item() / 255 - clip.mean()) < 0.02
+
+
+@pytest.mark.parametrize("values, reason", [
+    (np.full((5, 8, 8), 200.0, dtype=np.float32), "is not in [0, 1] (min 200, max 200)"),  # floats scaled 0..255
+    (np.full((5, 8, 8), np.nan, dtype=np.float32), "holds NaN or infinite values"),
+])
+def test_float_arrays_outside_0_1_are_broken_not_clipped(tmp_path: Path, values, reason):
+    np.save(tmp_path / "c.npy", values)
+    with pytest.raises(BrokenImage) as caught:
+        ClipFiles([str(tmp_path / "c.npy")], [0], ["a"], frames=5).read(0, 1, 8)
+    assert reason in caught.value.reason
+
+
+def test_a_clip_folder_with_no_frames_is_skipped_and_named(tmp_path: Path, caplog):
+    for name in ("a", "b"):
+        for clip in range(2):
+            (tmp_path / name / f"clip{clip}").mkdir(parents=True)
+            for t in range(3):
+                Image.new("L", (8, 8), 40 * t).save(tmp_path / name / f"clip{clip}" / f"{t}.png")
+    (tmp_path / "b" / "empty").mkdir()
+    (tmp_path / "b" / "notes").mkdir()
+    (tmp_path / "b" / "notes" / "readme.txt").write_text("no frames here")
+    source = open_data(tmp_path, frames=3, kind="clip").train
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        part = decode_part(source, 1, 8)
+    assert len(part) == 4
+    assert sorted(origin for origin, _ in part.skipped) == [str(tmp_path / "b" / "empty"), str(tmp_path / "b" / "notes")]
+    assert str(tmp_path / "b" / "empty") in caplog.text
+    with pytest.raises(VisionflowError, match="refused by --strict"):
+        decode_part(source, 1, 8, strict=True)
+    # given by name to predict, it is a row of its own rather than nothing
+    assert expand_clip_inputs([str(tmp_path / "b" / "empty"), str(tmp_path / "a" / "clip0")]) == [
+        str(tmp_path / "b" / "empty"), str(tmp_path / "a" / "clip0")]
 
 
 # --- sampling frames ------------------------------------------------------------------------------------

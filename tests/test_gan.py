@@ -217,6 +217,18 @@ def test_gan_sample_writes_the_requested_images(one_epoch_run, tmp_path):
     assert Image.open(grid).size == (10 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
 
 
+def test_gan_sample_writes_a_grid_in_the_format_its_name_asks_for(one_epoch_run, tmp_path):
+    grid = tmp_path / "grid.jpg"  # once, a folder named grid.jpg holding PNGs
+    assert main(["gan", "sample", str(one_epoch_run), "--n", "4", "--out", str(grid)]) == 0
+    assert grid.is_file() and Image.open(grid).format == "JPEG"
+
+
+def test_a_gan_run_given_as_the_feature_classifier_is_named_as_such(one_epoch_run, digit_folder, capsys):
+    assert main(["gan", "evaluate", str(one_epoch_run), str(digit_folder), "--classifier", str(one_epoch_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"visionflow: error: {one_epoch_run}: a GAN run, not a classifier run"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--n", "4", "--label", "cat"], "unknown class 'cat'"),
     (["--n", "0"], "--n must be at least 1"),

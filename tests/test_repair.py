@@ -161,3 +161,42 @@ def test_box_outside_the_image_is_a_one_line_error(digits_run, tmp_path, capsys)
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "must lie inside" in err and len(err.splitlines()) == 1
+
+
+def test_run_skips_an_unreadable_image_and_repairs_the_rest(digits_run, tmp_path, capsys, caplog):
+    _digit_png(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    _digit_png(tmp_path / "c.png")
+    argv = ["repair", "run", str(digits_run), str(tmp_path / "a.png"), str(tmp_path / "b.png"), str(tmp_path / "c.png"),
+            "--box", "8,8,12,12"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "000_a_repaired.png", "000_a_side_by_side.png", "002_c_repaired.png", "002_c_side_by_side.png"]
+    assert "b.png: not a readable image" in caplog.text and "b.png" not in captured.out
+    assert main([*argv, "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "b.png" in capsys.readouterr().err
+    # a path that does not exist is a typo: refused before anything is written
+    assert main(["repair", "run", str(digits_run), str(tmp_path / "a.png"), str(tmp_path / "nope.png"),
+                 "--box", "8,8,12,12", "--out", str(tmp_path / "typo")]) == 2
+    assert "nope.png: no such file" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_clips_and_contradicting_options_are_one_line_errors(digits_run, tmp_path, capsys):
+    for name in ("left", "right"):
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        for i in range(2):
+            np.save(tmp_path / "clips" / name / f"{i}.npy", np.zeros((4, 28, 28), dtype=np.uint8))
+    for argv in (["repair", "train", str(tmp_path / "clips"), "--out", str(tmp_path / "run"), "--epochs", "1"],
+                 ["repair", "evaluate", str(digits_run), str(tmp_path / "clips"), "--mask", "center"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [f"visionflow: error: image repair takes images but {tmp_path / 'clips'} holds clips"]
+    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "random", "--hole", "5"]) == 2
+    assert "--hole sets the size of the center mask" in capsys.readouterr().err
+
+
+def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_run, tmp_path):
+    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "center", "--limit", "4",
+                 "--examples", str(tmp_path / "examples.jpg")]) == 0
+    assert Image.open(tmp_path / "examples.jpg").format == "JPEG"

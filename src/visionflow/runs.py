@@ -46,6 +46,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+RUN_TASKS = {"classifier": "a classifier run", "gan": "a GAN run", "repair": "an image-repair run"}
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -56,12 +59,36 @@ class RunDir:
     def exists(self, name: str) -> bool:
         return (self.path / name).exists()
 
-    def require(self) -> "RunDir":
-        """Check this is a finished-enough run directory to load a model from."""
+    @classmethod
+    def for_new_run(cls, path: str | os.PathLike) -> "RunDir":
+        """The folder a new run will be written to, checked before any work is done: it must not hold a run
+        already, and no file may stand where it or one of its parents should be a folder. A run that never
+        finished an epoch (no weights: it failed to start, diverged or was interrupted early) holds nothing a
+        new run would lose, so the new one replaces it."""
+        run = cls(path)
+        if run.exists("config.json") and any(run.path.glob("*.safetensors")):
+            raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+        in_the_way = next((p for p in (run.path, *run.path.parents) if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            raise VisionflowError(f"--out {run.path}: {in_the_way} is a file, not a folder")
+        return run
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def task(self) -> str:
+        """What the run trained: "classifier", "gan" or "repair" (their config.json files say so differently)."""
+        config = self.read_json("config.json")
+        return "gan" if config.get("kind") == "gan" else config.get("task", "classifier")
+
+    def require(self, task: str = "classifier") -> "RunDir":
+        """Check this is a finished-enough run directory of `task` to load a model from."""
         if not self.path.is_dir():
             raise VisionflowError(f"{self.path}: no such run directory")
         if not self.exists("config.json"):
             raise VisionflowError(f"{self.path}: not a visionflow run directory (no config.json)")
+        if self.task() != task:
+            raise VisionflowError(f"{self.path}: {RUN_TASKS[self.task()]}, not {RUN_TASKS[task]}")
         if not (self.exists("best.safetensors") or self.exists("last.safetensors")):
             raise VisionflowError(f"{self.path}: the run has no weights yet (training never finished an epoch)")
         return self
@@ -103,7 +130,8 @@ class RunDir:
     def load_checkpoint(self) -> dict[str, Any]:
         path = self.path / "checkpoint.pt"
         if not path.exists():
-            raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt)")
+            raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt: training never started); "
+                                  "run the same command without --resume")
         try:
             # weights_only: tensors and plain containers only, never arbitrary pickled objects.
             return torch.load(path, map_location="cpu", weights_only=True)

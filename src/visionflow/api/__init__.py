@@ -10,6 +10,7 @@ GAN's verbs are in `visionflow.api.gan` and the repair verbs in `visionflow.api.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.moving_digits import MovingDigitsSpec, make_moving_digits
 from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data, unlabelled_files
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
+from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.generate import synthetic_images
 from visionflow.infer.predict import predict_rows
 from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
-from visionflow.report.plots import plot_confusion, plot_curves, plot_image_grid, save_image_grid
+from visionflow.report.plots import image_format, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
 from visionflow.train.loop import fit
 from visionflow.train.metrics import classification_metrics, worst_mistakes
@@ -68,6 +70,9 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, 
         # report.json says; --val or a data set without a test part keep the two apart.
         return dataset.train, dataset.test, None, "the data's test part"
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
+    if len(val_idx) == 0:
+        raise VisionflowError(f"{cfg.data}: too few images to hold out {cfg.val_split:.0%} for validation "
+                              f"({len(dataset.train)} in all); add images, raise --val-split or give --val DATA")
     val = dataset.train.subset(val_idx)
     return (dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))],
             f"{cfg.val_split:.0%} of the training part, held out (split.json)")
@@ -94,6 +99,10 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     dataset = dataset or open_training_data(cfg)
     train_source, val_source, held_out, val_from = _validation_source(cfg, dataset)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
+    unreadable = [name for name, count in zip(train.classes, torch.bincount(train.labels, minlength=len(train.classes)).tolist())
+                  if count == 0]
+    if unreadable:  # every file of these classes was skipped: a model would learn never to predict them
+        raise VisionflowError(f"{cfg.data}: no readable training images in class(es) {', '.join(unreadable)}")
     if cfg.gan_augment is not None:
         train = with_gan_samples(train, cfg, channels, size)
     val = decode_part(val_source, channels, size, strict=cfg.strict)
@@ -124,9 +133,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     """Train a new run in cfg.out; returns report.json's content."""
     cfg.validate()
     AugmentSpec.parse(cfg.augment)
-    run = RunDir(cfg.out)
-    if run.exists("config.json"):
-        raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+    select_device(cfg.device)  # an unavailable device fails before any work
+    run = RunDir.for_new_run(cfg.out)
+    if os.path.isdir(cfg.data) and run.path.resolve().is_relative_to(Path(cfg.data).resolve()):
+        # its plots would be read as images of a class the next time the data is used
+        raise VisionflowError(f"--out {cfg.out} is inside the data folder {cfg.data}; write the run elsewhere")
     dataset, channels, size = _data_shape(cfg)
     probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
     data = load_training_data(cfg, channels, size, dataset)
@@ -144,7 +155,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
         # images; what it sets is ordinary weights, so predict rebuilds it from config.json + weights.
         sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         model.init_from_data(preprocess(data.train.images[sample]))
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.create()
     run.write_json("config.json", {
         "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
         "input_kind": input_kind, "augment_eval": cfg.augment_eval,
@@ -157,8 +168,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     return write_report(run, model, cfg, data, preprocess, summary)
 
 
-def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) -> dict:
-    """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`."""
+def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None) -> dict:
+    """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where the
+    run's data is now (moved, or given from another folder than the run's relative path); its classes must be
+    the run's."""
     run = RunDir(run_dir)
     if not run.exists("config.json"):
         raise VisionflowError(f"{run.path}: nothing to resume (no config.json)")
@@ -166,16 +179,24 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) 
     cfg = TrainConfig.from_dict(config["train"])
     if epochs is not None:
         cfg.epochs = epochs
+    if data is not None:
+        cfg.data = data
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    finished = checkpoint["state"]["epoch"]
+    if cfg.epochs < finished:
+        raise VisionflowError(f"{run.path} has already finished {finished} epochs; --resume --epochs N extends it to N > {finished}")
     preprocess = Preprocess(**config["preprocess"])
-    data = load_training_data(cfg, preprocess.channels, preprocess.image_size)
+    dataset = open_training_data(cfg)
+    data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset)
     if data.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
     model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
                          image_size=preprocess.image_size, **cfg.model_options)
-    config["train"] = cfg.to_dict()
+    config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
     run.write_json("config.json", config)
+    if data.held_out is not None:  # the same split (seeded), under the data's paths now
+        run.write_json("split.json", {"held_out": data.held_out})
     summary = fit(model, cfg, data.train, data.val, preprocess, run, checkpoint=checkpoint, show_progress=show_progress)
     return write_report(run, model, cfg, data, preprocess, summary)
 
@@ -224,6 +245,15 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     return dataset.train
 
 
+def held_out_elsewhere(run: RunDir, dataset: DataSet) -> str | None:
+    """The data the run held its validation part out of, when that is not `dataset`, which evaluation_part then
+    gives whole: a copy of the training data would be scored with its training images."""
+    recorded = run.read_json("config.json").get("data_spec")
+    if dataset.test is None and run.exists("split.json") and dataset.spec != recorded:
+        return recorded
+    return None
+
+
 def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best", batch_size: int = 256,
              strict: bool = False, engine: str = "auto", precision: str = "auto", augment_eval: str | None = None) -> dict:
     """Metrics of the run on DATA's evaluation part. `augment_eval`: test-time augmentation (None = the run's)."""
@@ -240,6 +270,10 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
         raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run was trained on "
                               f"{predictor.preprocess.channels}-channel images")
     source = _aligned(source, predictor.classes)
+    recorded = held_out_elsewhere(run, dataset)
+    if recorded is not None:
+        log.warning("scoring all of %s: the run held its validation images out of other data (%s); if the two share "
+                    "images, the figures are optimistic", dataset.spec, recorded)
     part = decode_part(source, predictor.preprocess.channels, predictor.preprocess.image_size, strict=strict)
     predictor.logits(part.images[:batch_size], batch_size)  # warm-up, left out of the timing
     start = time.perf_counter()
@@ -301,6 +335,9 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--count must be at least 1 (got {count})")
     if frames is not None and frames < 1:
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
+    if image_size is not None and not 8 <= image_size <= 1024:
+        raise VisionflowError(f"--image-size must be between 8 and 1024 (got {image_size})")
+    image_format(Path(out))  # a wrong name found before the work, not after it
     spec = AugmentSpec.parse(augment)
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train
@@ -343,7 +380,7 @@ def demo(out: str = "runs/demo", show_progress: bool = True) -> dict:
         raise VisionflowError(f"{run.path} exists and is not a demo run; the demo writes only to a new or demo folder")
     cfg = TrainConfig(data="digits", out=out, model="seed-cnn", epochs=12, batch_size=32, lr=2e-3,
                       augment="rotate=10,shift=0.08", seed=0)  # digits has only 1,617 training images: augment
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.create()
     (run.path / DEMO_MARKER).write_text("written by `visionflow demo`; the next demo replaces this folder\n")
     report = train(cfg, show_progress=show_progress)
     metrics = evaluate(out, "digits")

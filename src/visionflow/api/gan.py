@@ -24,7 +24,7 @@ from visionflow.gan.fid import classifier_features, feature_distance
 from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
-from visionflow.report.plots import save_image_grid
+from visionflow.report.plots import is_image_name, save_image_grid
 from visionflow.runs import RunDir, atomic_write
 
 log = logging.getLogger("visionflow")
@@ -35,8 +35,7 @@ log = logging.getLogger("visionflow")
 def _decode_training_images(cfg: GanConfig, channels: int | None = None, size: int | None = None) -> tuple[DecodedPart, str]:
     dataset = open_data(cfg.data)
     source = dataset.train
-    if source.kind != "image":
-        raise VisionflowError(f"{cfg.data}: the GAN generates images but the data holds {source.kind}s")
+    source.require_kind("image", "the GAN")
     channels = channels or cfg.channels or source.guess_channels()
     size = size or cfg.image_size or source.guess_size()
     upsampling_plan(size)
@@ -49,13 +48,11 @@ def _decode_training_images(cfg: GanConfig, channels: int | None = None, size: i
 def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}."""
     cfg.validate()
-    run = RunDir(cfg.out)
-    if run.exists("config.json"):
-        raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+    run = RunDir.for_new_run(cfg.out)
     part, spec = _decode_training_images(cfg)
     channels, size = part.images.shape[1], part.images.shape[-1]
     pair = build_pair(cfg, channels, size, len(part.classes))
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.create()
     run.write_json("config.json", {"version": 1, "kind": "gan", "gan": cfg.to_dict(), "classes": part.classes,
                                    "channels": channels, "image_size": size, "data_spec": spec})
     summary = fit_gan(pair, cfg, part, run, show_progress=show_progress)
@@ -88,8 +85,8 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
 # --- sampling --------------------------------------------------------------------------------------------
 
 def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: int = 0, device: str = "auto") -> list[Path]:
-    """`count` images from the EMA generator: one grid PNG when `out` ends in .png, else one PNG each in
-    the folder `out`. Conditional models make class `label`, or cycle through every class."""
+    """`count` images from the EMA generator: one grid when `out` is an image file name (.png, .jpg, ...),
+    else one PNG each in the folder `out`. Conditional models make class `label`, or cycle through every class."""
     if count < 1:
         raise VisionflowError(f"--n must be at least 1 (got {count})")
     gan = load_gan_run(run_dir, device)
@@ -100,12 +97,12 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
         labels = torch.arange(count) % len(gan.classes)  # a grid column per class
     images, labels = gan.images(count, labels, seed=seed)
     path = Path(out)
-    if path.suffix.lower() == ".png":
+    if is_image_name(path):
         columns = len(gan.classes) if gan.config.conditional and label is None else 8
         save_image_grid(images, path, columns=min(columns, count))
         return [path]
     if path.exists() and not path.is_dir():
-        raise VisionflowError(f"--out {out}: is a file; give a folder, or a .png name for one grid")
+        raise VisionflowError(f"--out {out}: is a file; give a folder, or an image file name for one grid")
     path.mkdir(parents=True, exist_ok=True)
     written = []
     for i, image in enumerate(images):

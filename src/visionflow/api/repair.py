@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -19,14 +20,16 @@ from PIL import Image
 from visionflow.api import evaluation_part
 from visionflow.data.decode import decode_image
 from visionflow.data.loading import decode_part, stratified_split
-from visionflow.data.sources import DataSource, open_data
+from visionflow.data.sources import DataSource, expand_inputs, open_data
 from visionflow.devices import select_device
-from visionflow.errors import VisionflowError
+from visionflow.errors import BrokenImage, VisionflowError
 from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
-from visionflow.report.plots import save_image_grid
+from visionflow.report.plots import image_format, save_image_grid
 from visionflow.runs import RunDir, atomic_write
+
+log = logging.getLogger("visionflow")
 
 EVALUATION_MASKS = ("center", "random")
 VALIDATION_LIMIT = 1000  # images scored after every epoch; more only slows training down
@@ -55,10 +58,9 @@ def _networks(channels: int, width: int) -> tuple[RepairGenerator, PatchDiscrimi
 def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     """Train a new repair run in cfg.out; returns report.json's content."""
     cfg.validate()
-    run = RunDir(cfg.out)
-    if run.exists("config.json"):
-        raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+    run = RunDir.for_new_run(cfg.out)
     dataset = open_data(cfg.data)
+    dataset.train.require_kind("image", "image repair")
     channels = cfg.channels or dataset.train.guess_channels()
     size = cfg.image_size or dataset.train.guess_size()
     if size < 16:
@@ -68,7 +70,7 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     val_part = decode_part(val_source, channels, size, strict=cfg.strict)
     torch.manual_seed(cfg.seed)  # the initial weights
     generator, discriminator = _networks(channels, cfg.width)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.create()
     run.write_json("config.json", {"version": 1, "task": "repair", "train": cfg.to_dict(), "channels": channels,
                                    "image_size": size, "data_spec": dataset.spec})
     run.write_json("split.json", {"held_out": val_part.origins})
@@ -119,7 +121,7 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
     """The run's best generator, ready to repair, and its config.json."""
     run = RunDir(run_dir)
     config = _repair_config(run)
-    run.require()
+    run.require("repair")
     generator = RepairGenerator(config["channels"], config["train"]["width"])
     generator.load_state_dict(run.load_weights(run.best_weights_name()))
     return generator.to(select_device(device)).eval(), config
@@ -189,8 +191,10 @@ def show_hole(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, box: str | None = None,
-        device: str = "auto") -> list[dict]:
-    """Repair image files; writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png (damaged | repaired)."""
+        device: str = "auto", strict: bool = False) -> list[dict]:
+    """Repair image files (files, folders, globs); writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png
+    (damaged | repaired). An unreadable image is skipped with a warning and an {"image", "error"} row (refused
+    with `strict`); the others are still repaired."""
     if (mask is None) == (box is None):
         raise VisionflowError("give exactly one of --mask MASK.png or --box x,y,w,h")
     parsed_box = parse_box(box) if box is not None else None
@@ -198,12 +202,22 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise VisionflowError(f"--out {out}: is a file; it must be a folder for the repaired images")
+    paths = expand_inputs(images)  # a path that does not exist is an error before any work
+    if not paths:
+        raise VisionflowError(f"no image files in {' '.join(images)}")
     written = []
-    for number, path in enumerate(images):
-        image = decode_image(path, config["channels"], None)
+    for number, path in enumerate(paths):
+        try:
+            image = decode_image(path, config["channels"], None)
+        except BrokenImage as exc:
+            if strict:
+                raise
+            log.warning("skipped %s", exc)
+            written.append({"image": path, "error": exc.reason})
+            continue
         masks = file_mask(mask, parsed_box, image.shape[1], image.shape[2], path)
         repaired = repair_file(generator, config, image, masks)
-        stem = Path(path).stem if len(images) == 1 else f"{number:03d}_{Path(path).stem}"
+        stem = Path(path).stem if len(paths) == 1 else f"{number:03d}_{Path(path).stem}"
         repaired_path, side_path = out_dir / f"{stem}_repaired.png", out_dir / f"{stem}_side_by_side.png"
         _save_png(repaired, repaired_path)
         _save_png(torch.cat([show_hole(image[None], masks)[0], repaired], dim=2), side_path)
@@ -231,6 +245,10 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
     """PSNR and SSIM on held-out images for the model and, on the same images and masks, for biharmonic."""
     if mask not in EVALUATION_MASKS:
         raise VisionflowError(f"--mask must be one of {', '.join(EVALUATION_MASKS)} (got {mask})")
+    if hole is not None and mask != "center":
+        raise VisionflowError(f"--hole sets the size of the center mask; --mask {mask} draws its own holes")
+    if examples is not None:
+        image_format(Path(examples))  # a wrong name found before the work, not after it
     generator, config = load_generator(run_dir, device)
     size, channels = config["image_size"], config["channels"]
     hole = size // 2 if hole is None else hole
@@ -239,6 +257,7 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
     if limit is not None and limit < 1:
         raise VisionflowError(f"--limit must be at least 1 (got {limit})")
     source = evaluation_part(RunDir(run_dir), open_data(data))
+    source.require_kind("image", "image repair")
     if source.native_channels is not None and source.native_channels != channels:
         raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run repairs {channels}-channel images")
     if limit is not None and limit < len(source):

@@ -1,8 +1,8 @@
 """The command line: a thin layer over the Python API. Every option maps onto one API argument.
 
 Each module here adds its verbs with `register(commands) -> {verb: handler}`.
-Exit codes: 0 success, 2 a user error (one line on stderr, no traceback), 1 an internal error,
-130 interrupted (training leaves a resumable checkpoint).
+Exit codes: 0 success, 2 a user error or a path the system refused (one line on stderr, no traceback),
+1 an internal error, 130 interrupted (training leaves a resumable checkpoint).
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # A path the system refused (a file where a folder should be, no permission, a full disk): the
+        # user's to fix, so one line naming it. An OSError without a path is an internal error.
+        if exc.filename is None:
+            raise
+        in_the_way = isinstance(exc, (FileExistsError, NotADirectoryError))  # mkdir -p and open keep to folders
+        print(f"visionflow: error: {exc.filename}: "
+              f"{'a file stands where a folder is needed' if in_the_way else exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import nullcontext
 
@@ -10,6 +11,8 @@ from visionflow.cli.options import add_engine_options, add_precision_option, add
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
 from visionflow.errors import VisionflowError
 from visionflow.train.presets import PRESETS, train_config
+
+log = logging.getLogger("visionflow")
 
 
 def _model_options(text: str | None) -> dict:
@@ -88,7 +91,12 @@ def run_train(args) -> int:
     from visionflow import api
 
     if args.resume:
-        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet)
+        ignored = [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
+                   if name != "epochs" and getattr(args, name) not in (None, False)]
+        if ignored:
+            log.warning("--resume continues with the run's own settings; ignored: %s",
+                        ", ".join("--" + name.replace("_", "-") for name in ignored))
+        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
     else:
         model_options = _model_options(args.model_options)
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from visionflow.cli.options import add_run_options
 from visionflow.gan.losses import GAN_LOSSES
@@ -32,8 +33,7 @@ def run_gan_sample(args) -> int:
     from visionflow.api import gan as api
 
     written = api.sample(args.run_dir, args.n, args.out, label=args.label, seed=args.seed, device=args.device)
-    print(f"wrote {args.out}" if len(written) == 1 and args.out.lower().endswith(".png")
-          else f"wrote {len(written)} images to {args.out}")
+    print(f"wrote {args.out}" if written == [Path(args.out)] else f"wrote {len(written)} images to {args.out}")
     return 0
 
 
@@ -77,10 +77,10 @@ def register(commands) -> dict:
     p.add_argument("--lr", type=float, default=2e-4)
     add_run_options(p)
 
-    p = verbs.add_parser("sample", help="write N generated images: one grid (.png) or a folder of PNGs")
+    p = verbs.add_parser("sample", help="write N generated images: one grid (.png, .jpg, ...) or a folder of PNGs")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True, help="grid.png, or a folder for one PNG per image")
+    p.add_argument("--out", required=True, help="grid.png (or .jpg, .webp, ...), or a folder for one PNG per image")
     p.add_argument("--label", default=None, help="conditional GANs: the class to generate (default: every class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

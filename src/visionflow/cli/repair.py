@@ -30,12 +30,13 @@ def add_repair_parsers(commands) -> None:
 
     p = verbs.add_parser("run", help="repair images: writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     hole = p.add_mutually_exclusive_group(required=True)
     hole.add_argument("--mask", help="a PNG of the image's size: white (>= 128) = missing pixels")
     hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
 
     p = verbs.add_parser("evaluate", help="PSNR and SSIM of the model and of biharmonic inpainting on held-out images",
                          description="Scores the data's test part (else the run's held-out split) with the same masks "
@@ -52,7 +53,7 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--hole", type=int, default=None, help="side of the centre hole in pixels (default: half the image)")
     p.add_argument("--limit", type=int, default=None, help="score a seeded random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random masks")
-    p.add_argument("--examples", default=None, help="also write a PNG grid: damaged | biharmonic | model | original")
+    p.add_argument("--examples", default=None, help="also write a grid picture (.png, .jpg, ...): damaged | biharmonic | model | original")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--device", default="auto")
     p.add_argument("--strict", action="store_true")
@@ -76,8 +77,10 @@ def run_repair(args) -> int:
         print(f"{args.out}: best validation PSNR {report['best_val_psnr']:.2f} dB (epoch {report['best_epoch']} of "
               f"{report['epochs']}, {report['parameters']:,} generator parameters, {report['skipped_files']} skipped files)")
     elif args.repair_command == "run":
-        for row in repair_api.run(args.run_dir, args.images, args.out, mask=args.mask, box=args.box, device=args.device):
-            print(f"{row['image']}: {row['repaired']}  {row['side_by_side']}  (hole {row['hole_fraction']:.1%})")
+        for row in repair_api.run(args.run_dir, args.images, args.out, mask=args.mask, box=args.box, device=args.device,
+                                  strict=args.strict):
+            if "error" not in row:  # a skipped image has had its warning
+                print(f"{row['image']}: {row['repaired']}  {row['side_by_side']}  (hole {row['hole_fraction']:.1%})")
     else:
         result = repair_api.evaluate(args.run_dir, args.data, mask=args.mask, hole=args.hole, limit=args.limit,
                                      seed=args.seed, examples=args.examples, device=args.device, strict=args.strict)

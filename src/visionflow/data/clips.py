@@ -135,7 +135,13 @@ def _array_frames(path: str, channels: int, size: int | None, count: int, frames
     for i in clip_indices(len(array), count, frames):
         frame = np.asarray(array[i])
         if frame.dtype != np.uint8:
-            frame = (np.clip(frame, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+            # a float array scaled 0..255, or holding NaN, would otherwise come out silently white or black
+            if not np.isfinite(frame).all():
+                raise BrokenImage(path, f"float frame {i} holds NaN or infinite values")
+            if frame.min() < 0.0 or frame.max() > 1.0:
+                raise BrokenImage(path, f"float frame {i} is not in [0, 1] (min {frame.min():g}, max {frame.max():g}); "
+                                        "store uint8 0..255 or floats in [0, 1]")
+            frame = (frame * 255.0).round().astype(np.uint8)
         out.append(pil_to_tensor(Image.fromarray(frame[..., 0] if frame.ndim == 3 and frame.shape[2] == 1 else frame),
                                  channels, size))
     return out
@@ -185,18 +191,22 @@ class ClipFiles(ImageFiles):
         return read_clip(self.paths[index], channels, size, self.frames)
 
 
-def _frame_folders_below(folder: Path) -> list[str]:
-    """Folders strictly below `folder` that directly hold images: one clip each."""
+def _frame_folders_below(folder: Path, empty_leaves: bool = False) -> list[str]:
+    """Folders strictly below `folder` that directly hold images: one clip each. With `empty_leaves`, also
+    the folders with no images, clips or sub-folders: clips with no frames, for the reader to report."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if dirpath != str(folder) and any(is_image_file(f) for f in filenames):
+        if dirpath == str(folder):
+            continue
+        if any(is_image_file(f) for f in filenames) or (
+                empty_leaves and not dirnames and not any(is_clip_file(f) for f in filenames)):
             found.append(dirpath)
     return found
 
 
 def _clips_below(folder: Path) -> list[str]:
-    return sorted(_files_below(folder, is_clip_file) + _frame_folders_below(folder), key=_natural_key)
+    return sorted(_files_below(folder, is_clip_file) + _frame_folders_below(folder, empty_leaves=True), key=_natural_key)
 
 
 def holds_clips(root: Path, frame_folders: bool = True) -> bool:
@@ -232,9 +242,10 @@ def expand_clip_inputs(inputs: Sequence[str]) -> list[str]:
 
     def add(item: str) -> None:
         if os.path.isdir(item):
-            if any(is_image_file(f) for f in os.listdir(item)):
-                paths.append(item)
-            paths.extend(_clips_below(Path(item)))
+            below = _clips_below(Path(item))
+            if any(is_image_file(f) for f in os.listdir(item)) or not below:
+                paths.append(item)  # a folder of frames is one clip; one with nothing in it, a clip with no frames
+            paths.extend(below)
         elif is_image_file(item):
             raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
                                   "(video files, .npy arrays or folders of frames)")

@@ -119,6 +119,10 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise BrokenImage(origin, f"not a readable image ({type(exc).__name__})") from None
+    except FileNotFoundError:
+        raise BrokenImage(origin, "no such file") from None
+    except IsADirectoryError:
+        raise BrokenImage(origin, "a folder, not an image file") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BrokenImage(origin, f"truncated or corrupt image ({exc})") from None
 

@@ -134,8 +134,10 @@ def _skip_or_refuse(broken: BrokenImage, strict: bool) -> None:
 
 
 def _decode_chunks(source: DataSource, indices: range | list[int], channels: int, size: int | None,
-                   strict: bool, chunk: int, workers: int) -> Iterator[tuple[list[int], list[torch.Tensor], list[BrokenImage]]]:
-    """Chunks of `chunk` items in order: (kept indices, their tensors, the broken items)."""
+                   strict: bool, chunk: int, workers: int) -> Iterator[tuple[list[int], list[torch.Tensor],
+                                                                              list[tuple[int, BrokenImage]]]]:
+    """Chunks of `chunk` items in order: (kept indices, their tensors, the broken items with their places in
+    the chunk)."""
     indices = list(indices)
     chunks = [indices[start:start + chunk] for start in range(0, len(indices), chunk)]
     tasks, task_chunk = [], []
@@ -152,10 +154,10 @@ def _decode_chunks(source: DataSource, indices: range | list[int], channels: int
             results += [r if isinstance(r, BrokenImage) else torch.from_numpy(r) for r in next(results_of)]
             task += 1
         kept, tensors, broken = [], [], []
-        for index, result in zip(batch_indices, results):
+        for place, (index, result) in enumerate(zip(batch_indices, results)):
             if isinstance(result, BrokenImage):
                 _skip_or_refuse(result, strict)
-                broken.append(result)
+                broken.append((place, result))
             else:
                 kept.append(index)
                 tensors.append(result)
@@ -227,8 +229,10 @@ def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def stream_batches(source: DataSource, channels: int, size: int | None, batch_size: int, strict: bool = False,
-                   workers: int | None = None) -> Iterator[tuple[list[str], torch.Tensor | None, list[BrokenImage]]]:
-    """Decode `source` batch by batch for labelling: (origins, uint8 batch or None, broken items).
+                   workers: int | None = None) -> Iterator[tuple[list[str], torch.Tensor | None,
+                                                                  list[tuple[int, BrokenImage]]]]:
+    """Decode `source` batch by batch for labelling: (origins, uint8 batch or None, broken items with their
+    places among the batch's items, so rows can be given in the order of the source).
 
     Memory holds one batch at a time, whatever the size of the collection. `strict`: a broken item raises.
     """

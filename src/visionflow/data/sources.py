@@ -53,6 +53,11 @@ class DataSource:
     def subset(self, indices: Sequence[int]) -> "Subset":
         return Subset(self, np.asarray(indices, dtype=np.int64))
 
+    def require_kind(self, kind: str, taker: str) -> None:
+        """A one-line error when `taker` (a model, the GAN, ...) takes `kind`s and this source holds others."""
+        if self.kind != kind:
+            raise VisionflowError(f"{taker} takes {kind}s but {self.name or 'the data'} holds {self.kind}s")
+
     def guess_channels(self) -> int:
         return self.native_channels or 3
 

@@ -45,6 +45,8 @@ class AugmentSpec:
         for item in text.split(","):
             key, _, value = item.strip().partition("=")
             key = key.strip().lower().replace("hflip", "flip")
+            if key == "none":
+                raise VisionflowError("--augment: 'none' stands alone (it means no augmentation); drop it or the others")
             if key not in known:
                 raise VisionflowError(f"--augment: unknown operation '{key}' (known: {', '.join(known)}, none)")
             if known[key].type in (bool, "bool"):

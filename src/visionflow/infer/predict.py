@@ -23,13 +23,15 @@ def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch
     `strict` an unreadable item stops the labelling instead)."""
     size = predictor.preprocess.image_size
     for origins, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size, strict=strict):
-        for item in broken:
-            yield {"path": item.origin, "label": None, "score": None, "top_k": [], "error": item.reason}
+        rows = []
         if images is not None:
             scores, indices = predictor.top_k(images, top_k)
             for origin, row_scores, row_indices in zip(origins, scores.tolist(), indices.tolist()):
                 top = [{"label": predictor.classes[i], "score": round(s, 6)} for s, i in zip(row_scores, row_indices)]
-                yield {"path": origin, "label": top[0]["label"], "score": top[0]["score"], "top_k": top, "error": None}
+                rows.append({"path": origin, "label": top[0]["label"], "score": top[0]["score"], "top_k": top, "error": None})
+        for place, item in broken:  # in ascending places: each goes back where it was among the inputs
+            rows.insert(place, {"path": item.origin, "label": None, "score": None, "top_k": [], "error": item.reason})
+        yield from rows
         if on_batch is not None:
             on_batch(len(origins) + len(broken))
 

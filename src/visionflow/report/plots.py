@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from visionflow.errors import VisionflowError  # noqa: E402
 from visionflow.runs import atomic_write  # noqa: E402
 
 
@@ -68,8 +69,20 @@ def plot_image_grid(images: torch.Tensor, titles: list[str], path: Path, columns
     _save(fig, path)
 
 
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in Image.registered_extensions()
+
+
+def image_format(path: Path) -> str:
+    """Pillow's format for the file name's suffix (.png, .jpg, .webp, ...): grids are written as named."""
+    if not is_image_name(path):
+        raise VisionflowError(f"{path}: not an image file name (end it in .png, .jpg or .webp)")
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, pad: int = 2) -> None:
-    """uint8 images (N, C, H, W) tiled into one PNG with no captions (sample grids, previews)."""
+    """uint8 images (N, C, H, W) tiled into one picture with no captions (sample grids, previews), in the
+    format its name asks for."""
     n, c, h, w = images.shape
     rows = (n + columns - 1) // columns
     canvas = torch.zeros(c, rows * (h + pad) + pad, columns * (w + pad) + pad, dtype=torch.uint8)
@@ -79,4 +92,4 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, pad: int
         canvas[:, top:top + h, left:left + w] = image
     array = canvas.permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[:, :, 0] if c == 1 else array)
-    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: picture.save(tmp, format=image_format(path)))

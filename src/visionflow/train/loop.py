@@ -200,6 +200,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
 
     if state.epoch == 0:
         save_checkpoint()  # even an interruption in the first epoch leaves something to resume
+    saved_epochs = state.epoch  # what --resume continues from: state.epoch runs ahead of it until the save
     try:
         with make_progress(console, show_progress) as progress:
             for epoch in range(state.epoch, cfg.epochs):
@@ -247,10 +248,11 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
                 run.save_weights("last.safetensors", weights)
                 run.write_metrics(state.rows)
                 save_checkpoint()
+                saved_epochs = state.epoch
     except KeyboardInterrupt:
         # Every finished epoch is already saved atomically; the interrupted one restarts on resume.
         raise TrainingInterrupted(
-            f"interrupted after {state.epoch} finished epoch(s), saved in {run.path}; "
+            f"interrupted after {saved_epochs} finished epoch(s), saved in {run.path}; "
             f"continue with: visionflow train {cfg.data} --out {run.path} --resume") from None
     rates = [r["images_per_second"] for r in state.rows]
     return {"epochs": state.epoch, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_accuracy,
