@@ -15,6 +15,7 @@ from visionflow.config import TrainConfig
 from visionflow.data.transforms import Preprocess
 from visionflow.infer.export import export_model_onnx
 from visionflow.devices import cpu_has_native_bf16, resolve_precision
+from visionflow.errors import VisionflowError
 from visionflow.infer.onnx_engine import OnnxRuntimeModel
 from visionflow.infer.predictor import Predictor
 from visionflow.models import create_model, list_models, model_entry
@@ -133,6 +134,8 @@ def test_auto_engine_is_onnx_for_fp32_on_the_cpu_and_torch_for_bf16_or_when_aske
     auto = Predictor.from_run(str(digits_run), device="cpu", engine="auto")
     assert isinstance(auto.model, OnnxRuntimeModel) != cpu_has_native_bf16()
     assert not isinstance(Predictor.from_run(str(digits_run)).model, OnnxRuntimeModel)  # the nn.Module, for features
+    with pytest.raises(VisionflowError, match="--engine onnx runs the fp32 export"):  # not bf16 dropped unsaid
+        Predictor.from_run(str(digits_run), engine="onnx", precision="bf16")
 
 
 def test_auto_engine_keeps_recurrent_models_on_torch(tmp_path):

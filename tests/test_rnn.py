@@ -86,6 +86,8 @@ def test_cnn_rnn_encodes_every_frame_with_the_same_weights():
     ("cnn-rnn", {"encoder": "cnn-rnn"}, "not an image model"),
     ("gru", {"hidden": 0}, "hidden and layers must be at least 1"),
     ("lstm", {"depth": 3}, "unexpected keyword argument 'depth'"),
+    ("gru", {"hidden": "abc"}, "option hidden takes a whole number"),
+    ("gru", {"bidirectional": 2}, "option bidirectional takes true or false"),
 ])
 def test_bad_model_options_are_one_line_errors(name, options, message):
     with pytest.raises(VisionflowError, match=message):

@@ -84,6 +84,8 @@ class Predictor:
             if augment_eval not in EVAL_AUGMENTS:
                 raise VisionflowError(f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {augment_eval})")
             fields["augment_eval"] = augment_eval
+        if engine == "onnx" and precision == "bf16":
+            raise VisionflowError("--engine onnx runs the fp32 export; bf16 needs --engine torch (or auto)")
         target = select_device(device)
         # auto leaves clip models to PyTorch: their exported graph is fixed to the run's frames per clip.
         onnx_first = (target.type == "cpu" and fields["input_kind"] == "image" and not is_recurrent(model)

@@ -8,6 +8,7 @@ Every registered model is an `nn.Module` with
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,9 +49,21 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a word"}
+
+
 def create_model(name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     """Build a registered model by name; options are the family's own (e.g. hidden size for RNNs)."""
     entry = model_entry(name)
+    defaults = {p.name: p.default for p in inspect.signature(entry.build).parameters.values()}
+    for key, value in options.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        expected = type(default)
+        if default is inspect.Parameter.empty or default is None or isinstance(value, expected) or (
+                expected is float and isinstance(value, int) and not isinstance(value, bool)):
+            continue  # an unknown option is refused below, with Python's own message
+        raise VisionflowError(f"model '{name}': option {key} takes {_KIND_NAMES.get(expected, expected.__name__)} "
+                              f"(got {value!r})")
     try:
         model = entry.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
     except TypeError as exc:
