@@ -236,6 +236,10 @@ def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path
     weights = (damaged / "best.safetensors").read_bytes()
     (damaged / "best.safetensors").write_bytes(weights[: len(weights) // 2])  # a copy cut short
     assert_user_error(run_cli("predict", damaged, data), "best.safetensors", "unreadable weights")
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "preprocess"}))
+    assert_user_error(run_cli("predict", damaged, data), "config.json: no preprocess")
+    (damaged / "config.json").write_text(json.dumps(config))
     (damaged / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:4096])
     assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt", "unreadable")
     marker = tmp_path / "code-ran"

@@ -28,6 +28,9 @@ ENGINES = ("auto", "torch", "onnx")
 def load_run_model(run: RunDir, weights: str = "best") -> tuple[nn.Module, dict]:
     """(the run's model with its weights, on the CPU in eval mode; the other Predictor fields)."""
     config = run.read_json("config.json")
+    missing = [key for key in ("train", "classes", "preprocess") if key not in config]
+    if missing:  # edited by hand, or another tool's file
+        raise VisionflowError(f"{run.path / 'config.json'}: no {', '.join(missing)} (not a classifier run's config)")
     train = config["train"]
     preprocess = Preprocess(**config["preprocess"])
     model = create_model(train["model"], num_classes=len(config["classes"]), in_channels=preprocess.channels,
