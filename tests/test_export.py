@@ -188,3 +188,18 @@ def test_auto_engine_falls_back_to_torch_when_the_export_cannot_be_written(digit
     assert not isinstance(predictor.model, OnnxRuntimeModel)
     assert "ONNX engine is unavailable" in caplog.text
     assert main(["evaluate", str(run), "digits", "--engine", "onnx"]) == 2  # asked for explicitly: an error, not a fallback
+
+
+def test_tied_scores_label_an_image_as_evaluate_counts_it():
+    """bf16 logits tie now and then: predict's label must be the class evaluate's argmax scores."""
+    class Tied(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([0.0, 3.0, 1.0, 3.0, 3.0, 2.0]).expand(len(x), 6)
+
+    predictor = Predictor(Tied(), Preprocess(image_size=8, channels=1, mean=[0.0], std=[1.0]), list("abcdef"),
+                          torch.device("cpu"), precision="fp32")
+    images = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    scores, indices = predictor.top_k(images, k=4)
+    assert indices.tolist() == [[1, 3, 4, 5]] * 64
+    assert torch.equal(indices[:, 0], predictor.logits(images).argmax(1))
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())

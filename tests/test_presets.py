@@ -67,7 +67,9 @@ def test_cli_preset_records_its_name_and_flags_win(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(out), "digits", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(report["validation"]["accuracy"])
-    # Per-epoch validation used the two flip views; asked for the same, evaluate gives what training saw.
+    # Per-epoch validation used the two flip views, as the report says; asked for the same, evaluate gives
+    # what training saw.
+    assert report["test_time_augmentation"] == {"validation": "flip-translate", "per_epoch": "flip"}
     epoch_accuracy = float((out / "metrics.csv").read_text().splitlines()[1].split(",")[4])
     assert main(["evaluate", str(out), "digits", "--json", "--augment-eval", "flip"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(epoch_accuracy, abs=1e-6)

@@ -146,3 +146,10 @@ def test_metrics_agree_with_scikit_learn():
         assert [metrics["per_class"][f"c{i}"][name] for i in range(6)] == pytest.approx(expected, abs=1e-6)
     top5 = (logits.topk(5, 1).indices == labels[:, None]).any(1).float().mean()
     assert metrics["top_k"] == 5 and metrics["top_k_accuracy"] == pytest.approx(float(top5), abs=1e-6)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels.numpy(), predicted, average="macro"), abs=1e-6)
+    # a class the data does not hold but the model predicts counts against macro-F1, as in scikit-learn
+    absent = labels != 5
+    metrics = classification_metrics(logits[absent], labels[absent], [f"c{i}" for i in range(6)])
+    assert (predicted[absent.numpy()] == 5).any()
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels[absent].numpy(), predicted[absent.numpy()], average="macro"),
+                                                abs=1e-6)

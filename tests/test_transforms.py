@@ -42,6 +42,22 @@ def test_flip_mirrors_about_half_of_the_batch():
     assert 60 < int(mirrored.sum()) < 140
 
 
+@pytest.mark.parametrize("crop", [0.95, 0.9, 0.8, 0.5, 0.3])
+def test_random_resized_crop_keeps_at_least_its_area_inside_the_image(crop):
+    theta = Augment(AugmentSpec(crop=crop))._affine(4000, torch.Generator().manual_seed(0))
+    kept = torch.linalg.det(theta[:, :, :2])  # the sampled window's share of the image
+    assert float(kept.min()) >= crop - 1e-9 and float(kept.max()) <= 1 + 1e-9
+    assert float(theta[:, 0, 0].max()) <= 1 + 1e-9 and float(theta[:, 1, 1].max()) <= 1 + 1e-9  # each side inside
+    sides = theta[:, 0, 0] / theta[:, 1, 1]
+    assert float(sides.max() - sides.min()) > 0.05  # aspect ratios still vary
+
+
+def test_elastic_displacements_stay_within_their_strength():
+    field = Augment(AugmentSpec(elastic=0.5))._elastic_field(500, 28, 28, torch.Generator().manual_seed(0))
+    # normalised coordinates span the side twice: 0.5 x 5% of the side is 0.05 of them
+    assert 0.045 < float(field.abs().max()) <= 0.05 + 1e-7
+
+
 def test_rotation_by_90_degrees_moves_pixels_where_expected():
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 1, 4] = 1.0  # a dot above the centre

@@ -35,7 +35,7 @@ from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
 from visionflow.report.plots import image_format, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.loop import fit
+from visionflow.train.loop import epoch_augment_eval, fit
 from visionflow.train.metrics import classification_metrics, worst_mistakes
 
 log = logging.getLogger("visionflow")
@@ -214,6 +214,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
         "model": cfg.model, "input_kind": model_entry(cfg.model).input_kind, "parameters": count_parameters(model),
         "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "validation": metrics,
         "validation_data": data.val_from,
+        # the views "validation" above averaged, and the ones metrics.csv's per-epoch figures did
+        "test_time_augmentation": {"validation": cfg.augment_eval, "per_epoch": epoch_augment_eval(cfg.augment_eval)},
         "train_images_per_second": summary["train_images_per_second"],
         # what config.json's "auto" resolved to on the machine that trained
         "device": summary["device"], "precision": summary["precision"], "threads": torch.get_num_threads(),

@@ -147,4 +147,7 @@ class Predictor:
     def top_k(self, images: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, class indices), each (N, k), best first."""
         probs = self.probabilities(images)
-        return probs.topk(min(k, probs.shape[1]), dim=1)
+        # A stable sort: of equal scores (bf16 logits tie now and then) the lower class comes first, as with the
+        # argmax `evaluate` scores by; topk leaves the order of ties open.
+        indices = probs.argsort(dim=1, descending=True, stable=True)[:, :min(k, probs.shape[1])]
+        return probs.gather(1, indices), indices

@@ -38,6 +38,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def epoch_augment_eval(augment_eval: str) -> str:
+    """The test-time views of each epoch's validation (metrics.csv, the choice of best.safetensors): at most the
+    two flip views. The 6-view TTA triples its cost for a few tenths of a point, which report.json, `evaluate`
+    and `predict` still get."""
+    return "flip" if augment_eval == "flip-translate" else augment_eval
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = True) -> torch.optim.Optimizer:
     """`fused`: Adam/AdamW update each parameter in one kernel where torch has it (same maths, fewer ops).
     On by default: on this 2-core CPU, idle, seed-cnn at batch 32 took 5.67-5.93 ms per training step
@@ -183,13 +190,10 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
     augment = Augment(AugmentSpec.parse(cfg.augment))
     # Compiled for training only: validation runs the eager model (same parameters) under inference_mode.
     forward = compiled_or_eager(model, device, enabled=cfg.compile)
-    # Per-epoch validation keeps to at most the two flip views: the 6-view TTA triples its cost for a few
-    # tenths of a point, which `evaluate` and `predict` still get.
     input_kind = getattr(model, "input_kind", "image")
     rate_unit = "clips/s" if input_kind == "clip" else "img/s"
     validator = Predictor(model, preprocess, train_part.classes, device, input_kind=input_kind,
-                          augment_eval="flip" if cfg.augment_eval == "flip-translate" else cfg.augment_eval,
-                          precision=precision)
+                          augment_eval=epoch_augment_eval(cfg.augment_eval), precision=precision)
     console = make_console()
 
     def save_checkpoint() -> None:

@@ -29,7 +29,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
                "f1": round(float(f1[i]), 6), "support": int(support[i])}
         for i, name in enumerate(classes)
     }
-    present = support > 0
+    # As scikit-learn's f1_score(average="macro"): over the classes in the labels or in the predictions, so
+    # predicting a class the data does not hold counts against it.
+    present = (support > 0) | (predicted_count > 0)
     return {
         "n": int(len(y)),
         "accuracy": round(float((predicted == y).mean()), 6) if len(y) else 0.0,
