@@ -175,6 +175,7 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     assert "--patience must be 0 (off)" in user_error(capsys, [*train, "--patience", "-1"])
     assert "--lr must be a positive number (got inf)" in user_error(capsys, [*train, "--lr", "inf"])
     assert "'none' stands alone" in user_error(capsys, [*train, "--augment", "none,flip"])
+    assert "--seed must be between 0 and 2**32 - 1" in user_error(capsys, [*train, "--seed", "-1"])
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in user_error(capsys, [*train, "--device", "cuda"])
     assert not out.exists()
@@ -227,6 +228,23 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     caplog.clear()
     assert main(["evaluate", str(out), str(copy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 30 and "figures are optimistic" in caplog.text
+
+
+def test_val_chooses_the_epoch_and_test_is_what_evaluate_scores(tmp_path: Path, capsys, caplog):
+    for part, count in (("train", 8), ("val", 3), ("test", 4)):
+        write_class_folder(tmp_path / "d" / part, per_class=count, seed=len(part))
+    assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["validation_data"] == "the data's val/ part" and report["validation"]["n"] == 9
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), str(tmp_path / "d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+    # validated on --val, then scored on its own training images: said so
+    assert main(["train", str(tmp_path / "d" / "train"), "--val", str(tmp_path / "d" / "val"), "--out",
+                 str(tmp_path / "run2"), "--epochs", "1", "--quiet"]) == 0
+    caplog.clear()
+    assert main(["evaluate", str(tmp_path / "run2"), str(tmp_path / "d" / "train"), "--json"]) == 0
+    assert "the run trained on these images" in caplog.text
 
 
 def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path: Path, trained):

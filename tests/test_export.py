@@ -101,6 +101,10 @@ def test_onnx_engine_predicts_the_same_rows(digits_run, tmp_path):
     assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
     for a, b in zip(onnx_rows, torch_rows):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+    # one path, as a string or a pathlib path, is one input (not a sequence of its characters)
+    for one in (str(tmp_path / "1.png"), tmp_path / "1.png"):
+        rows = list(api.predict(str(digits_run), one, top_k=3, engine="torch", precision="fp32"))
+        assert [r["path"] for r in rows] == [str(tmp_path / "1.png")] and rows[0]["label"] == torch_rows[1]["label"]
 
 
 def test_unknown_engine_and_format_are_one_line_errors(digits_run, capsys):
@@ -203,3 +207,24 @@ def test_tied_scores_label_an_image_as_evaluate_counts_it():
     assert indices.tolist() == [[1, 3, 4, 5]] * 64
     assert torch.equal(indices[:, 0], predictor.logits(images).argmax(1))
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+
+
+@pytest.mark.parametrize("images", [
+    torch.zeros(2, 3, 28, 28, dtype=torch.uint8),   # colour into a grey model: the C kernel read past its weights
+    torch.zeros(2, 1, 32, 32, dtype=torch.uint8),   # another size
+    torch.zeros(2, 28, 28, 1, dtype=torch.uint8),   # channels last as an array
+    torch.rand(2, 1, 28, 28),                       # floats in [0, 1], which would be read as 0..255
+])
+def test_a_tensor_the_model_was_not_trained_on_is_refused(digits_run, images):
+    predictor = Predictor.from_run(str(digits_run))
+    with pytest.raises(VisionflowError, match=r"labels uint8 \(N, C, H, W\) images with C=1 and H=W=28"):
+        predictor.logits(images)
+
+
+def test_the_c_kernel_is_not_given_an_input_of_other_channels_than_its_weights():
+    from visionflow.models.conv_pool import kernel_applies, kernel_runs_here
+
+    conv = nn.Conv2d(1, 32, 3)
+    grey = torch.zeros(2, 1, 12, 12)
+    assert kernel_applies(grey, conv) == kernel_runs_here(grey)  # where the library is built, it takes this one
+    assert not kernel_applies(torch.zeros(2, 3, 12, 12), conv)

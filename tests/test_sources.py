@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -63,6 +64,56 @@ def test_mnist_layout(tmp_path: Path):
     assert data.train.classes == [str(d) for d in range(10)] and len(data.train) == 30 and len(data.test) == 10
     assert data.train.read(3, 1, None)[0].numpy().tolist() == images[3].tolist()
     assert data.train.labels.tolist() == labels.tolist()
+
+
+def test_mnist_files_with_a_subset_of_the_digits_have_those_classes(tmp_path: Path):
+    root = tmp_path / "m"
+    root.mkdir()
+    write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((12, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(12) % 3 + 2)  # digits 2, 3, 4 only
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([4, 2, 3]))
+    data = open_data(root)
+    assert data.train.classes == data.test.classes == ["2", "3", "4"]
+    assert data.train.labels.tolist() == (np.arange(12) % 3).tolist() and data.test.labels.tolist() == [2, 0, 1]
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([4, 2, 7]))
+    with pytest.raises(VisionflowError, match=r"labels \[7\] are not among the training part's"):
+        open_data(root)
+
+
+@pytest.mark.parametrize("labels_header, message", [
+    (bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 30), "not an IDX file of unsigned bytes (magic 00000d01)"),  # floats
+    (bytes([0, 0, 0x08, 3]) + struct.pack(">III", 30, 1, 1), "are not N images and N labels"),  # labels as images
+])
+def test_idx_files_of_another_kind_are_refused(tmp_path: Path, labels_header: bytes, message: str):
+    write_mnist(tmp_path / "m")
+    with gzip.open(tmp_path / "m" / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(labels_header + bytes(30))
+    with pytest.raises(VisionflowError, match=re.escape(message)):
+        open_data(tmp_path / "m")
+
+
+def test_train_val_and_test_folders_validate_on_val_and_keep_test(tmp_path: Path):
+    for part, count in (("Train", 6), ("val", 3), ("test", 4)):
+        write_class_folder(tmp_path / "d" / part, per_class=count)
+    data = open_data(tmp_path / "d")
+    assert (len(data.train), len(data.val), len(data.test)) == (18, 9, 12)
+    assert data.val.name.endswith("val") and data.test.name.endswith("test")
+    write_class_folder(tmp_path / "e" / "train", per_class=2)
+    write_class_folder(tmp_path / "e" / "validation", per_class=1)
+    data = open_data(tmp_path / "e")
+    assert data.train.classes == ["square", "stripes_h", "stripes_v"] and len(data.test) == 3 and data.val is None
+
+
+def test_images_in_a_linked_folder_are_read_once_and_a_link_back_up_does_not_loop(tmp_path: Path):
+    write_class_folder(tmp_path / "elsewhere", per_class=4)
+    data = tmp_path / "data"
+    write_class_folder(data, per_class=2)
+    (data / "square" / "more").symlink_to(tmp_path / "elsewhere" / "square", target_is_directory=True)
+    (data / "square" / "again").symlink_to(tmp_path / "elsewhere" / "square", target_is_directory=True)
+    (data / "stripes_h" / "loop").symlink_to(data, target_is_directory=True)
+    source = open_data(data).train
+    assert np.bincount(source.labels).tolist() == [6, 2, 2]
 
 
 def test_builtin_digits():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from visionflow import api
 from visionflow.config import TrainConfig
+from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 from visionflow.train.loop import class_weights, epoch_order
 from visionflow.train.metrics import classification_metrics
@@ -153,3 +154,13 @@ def test_metrics_agree_with_scikit_learn():
     assert (predicted[absent.numpy()] == 5).any()
     assert metrics["macro_f1"] == pytest.approx(f1_score(labels[absent].numpy(), predicted[absent.numpy()], average="macro"),
                                                 abs=1e-6)
+
+
+def test_config_values_of_the_wrong_type_are_named_before_any_work(tmp_path):
+    for values, message in ((dict(epochs=1.5), "epochs must be a whole number"), (dict(lr="1e-3"), "lr must be a number"),
+                            (dict(strict=1), "strict must be true or false")):
+        with pytest.raises(VisionflowError, match=message):
+            api.train(TrainConfig(data="digits", out=str(tmp_path / "run"), **values), show_progress=False)
+    assert not (tmp_path / "run").exists()
+    cfg = TrainConfig(data="digits", out=tmp_path / "run").validate()  # a pathlib path is as good as a string
+    assert cfg.out == str(tmp_path / "run")

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from visionflow.errors import VisionflowError
@@ -14,6 +16,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 EVAL_AUGMENTS = ("none", "flip", "flip-translate")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware computes it (devices.uses_bf16)
+
+
+_TYPE_CHECKS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),  # numpy's too
+                "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+                "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool), "None": lambda v: v is None}
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false", "None": "None"}
 
 
 class RunConfig:
@@ -25,6 +33,19 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise VisionflowError(message)
+
+    def check_types(self) -> None:
+        """Each value of the type its field declares, before any check compares it: from Python, epochs=1.5 or
+        lr="1e-3" would fail later with a TypeError. Paths (pathlib) become the strings config.json holds."""
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), {t.strip() for t in str(f.type).split("|")}
+            if "str" in allowed and isinstance(value, os.PathLike):
+                setattr(self, f.name, os.fspath(value))
+                continue
+            if not allowed <= set(_TYPE_CHECKS) or any(_TYPE_CHECKS[t](value) for t in allowed):
+                continue  # a type not checked here (dict, ...), or a value of an allowed one
+            raise VisionflowError(f"{f.name} must be {' or '.join(_TYPE_NAMES[t] for t in sorted(allowed))} "
+                                  f"(got {value!r})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,9 +91,11 @@ class TrainConfig(RunConfig):
     preset: str | None = None         # the --preset the values came from (train/presets.py), for the record
 
     def validate(self) -> "TrainConfig":
+        self.check_types()
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (0 <= self.seed < 2 ** 32, f"--seed must be between 0 and 2**32 - 1 (got {self.seed})"),
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"--weight-decay must be 0 or more (got {self.weight_decay})"),

@@ -65,6 +65,8 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, 
         val_set = open_data(cfg.val, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
         val = val_set.test or val_set.train
         return dataset.train, _aligned(val, dataset.train.classes), None, f"--val {cfg.val}"
+    if dataset.val is not None:  # train/ + val/ + test/: test/ is kept for `evaluate`
+        return dataset.train, dataset.val, None, "the data's val/ part"
     if dataset.test is not None:
         # As Keras's validation_data=(x_test, y_test): the best epoch is then chosen on the test part, which
         # report.json says; --val or a data set without a test part keep the two apart.
@@ -206,7 +208,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
     """Final validation metrics with the best weights, report.json and the run's pictures."""
     model.load_state_dict(run.load_weights(run.best_weights_name()))
     predictor = Predictor(model, preprocess, data.train.classes, next(model.parameters()).device,
-                          augment_eval=cfg.augment_eval, precision=summary["precision"])
+                          input_kind=model_entry(cfg.model).input_kind, augment_eval=cfg.augment_eval,
+                          precision=summary["precision"])
     logits = predictor.logits(data.val.images)
     metrics = classification_metrics(logits, data.val.labels, data.val.classes)
     skipped = data.train.skipped + data.val.skipped
@@ -247,12 +250,17 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     return dataset.train
 
 
-def held_out_elsewhere(run: RunDir, dataset: DataSet) -> str | None:
-    """The data the run held its validation part out of, when that is not `dataset`, which evaluation_part then
-    gives whole: a copy of the training data would be scored with its training images."""
+def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
+    """Why the part evaluation_part gives may hold the run's training images, or None: the run's own training data
+    when it validated on other data (--val), or other data when it held its validation part out of its own."""
+    if dataset.test is not None:
+        return None
     recorded = run.read_json("config.json").get("data_spec")
-    if dataset.test is None and run.exists("split.json") and dataset.spec != recorded:
-        return recorded
+    if run.exists("split.json") and dataset.spec != recorded:
+        return (f"scoring all of {dataset.spec}: the run held its validation images out of other data ({recorded}); "
+                "if the two share images, the figures are optimistic")
+    if not run.exists("split.json") and dataset.spec == recorded:
+        return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
     return None
 
 
@@ -272,10 +280,9 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
         raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run was trained on "
                               f"{predictor.preprocess.channels}-channel images")
     source = _aligned(source, predictor.classes)
-    recorded = held_out_elsewhere(run, dataset)
-    if recorded is not None:
-        log.warning("scoring all of %s: the run held its validation images out of other data (%s); if the two share "
-                    "images, the figures are optimistic", dataset.spec, recorded)
+    warning = training_images_warning(run, dataset)
+    if warning is not None:
+        log.warning(warning)
     part = decode_part(source, predictor.preprocess.channels, predictor.preprocess.image_size, strict=strict)
     predictor.logits(part.images[:batch_size], batch_size)  # warm-up, left out of the timing
     start = time.perf_counter()
@@ -293,6 +300,9 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
             augment_eval: str | None = None, strict: bool = False) -> Iterator[dict]:
     """Label files, folders (recursive) or globs; yields one row per image as batches finish. An unreadable
     file is a row with its error, or with `strict` an error that stops the labelling."""
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
+        inputs = [inputs]
+    inputs = [os.fspath(item) for item in inputs]
     if top_k < 1:
         raise VisionflowError(f"--top-k must be at least 1 (got {top_k})")
     if batch_size < 1:
@@ -339,6 +349,10 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
     if image_size is not None and not 8 <= image_size <= 1024:
         raise VisionflowError(f"--image-size must be between 8 and 1024 (got {image_size})")
+    if channels not in (None, 1, 3):
+        raise VisionflowError(f"--channels must be 1 or 3 (got {channels})")
+    if not 0 <= seed < 2 ** 32:
+        raise VisionflowError(f"--seed must be between 0 and 2**32 - 1 (got {seed})")
     image_format(Path(out))  # a wrong name found before the work, not after it
     spec = AugmentSpec.parse(augment)
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")

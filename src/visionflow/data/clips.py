@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image
-from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items
+from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items, walk_folder
 from visionflow.errors import BrokenImage, VisionflowError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv"})
@@ -195,8 +195,7 @@ def _frame_folders_below(folder: Path, empty_leaves: bool = False) -> list[str]:
     """Folders strictly below `folder` that directly hold images: one clip each. With `empty_leaves`, also
     the folders with no images, clips or sub-folders: clips with no frames, for the reader to report."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in walk_folder(folder):
         if dirpath == str(folder):
             continue
         if any(is_image_file(f) for f in filenames) or (

@@ -156,11 +156,13 @@ class ImageArray(DataSource):
 
 @dataclass
 class DataSet:
-    """What `open_data` returns: the data's train part and, when it has one, its own test part."""
+    """What `open_data` returns: the data's train part and, when it has them, its own test part and a
+    validation part apart from it (train/ + val/ + test/)."""
 
     spec: str  # what identifies it again: an absolute path or a built-in name
     train: DataSource
     test: DataSource | None
+    val: DataSource | None = None
 
 
 # --- folders of images -------------------------------------------------------------------------------
@@ -169,10 +171,26 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def walk_folder(folder: Path):
+    """os.walk in name order, into symlinked sub-folders too (a class folder may link in images kept elsewhere),
+    each real folder once and none that holds `folder` (a link back up would loop or read the other classes),
+    hidden ones (.git, .ipynb_checkpoints) left out."""
+    root = os.path.realpath(folder)
+    seen = {root}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in seen and not root.startswith(real + os.sep):
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        yield dirpath, dirnames, filenames
+
+
 def _files_below(folder: Path, accept) -> list[str]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, _, filenames in walk_folder(folder):
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if accept(f))
     return found
 
@@ -214,6 +232,8 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
+        if data[:3] != b"\x00\x00\x08":  # two zero bytes, then the element type: 0x08 for unsigned bytes
+            raise VisionflowError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
         ndim = data[3]
         dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable, for torch
@@ -232,7 +252,9 @@ def is_mnist_folder(root: Path) -> bool:
     return _idx_file(root, "train-images-idx3-ubyte") is not None or _idx_file(root, "t10k-images-idx3-ubyte") is not None
 
 
-def mnist_part(root: Path, prefix: str) -> ImageArray | None:
+def mnist_part(root: Path, prefix: str, classes: list[str] | None = None) -> ImageArray | None:
+    """The `prefix` (train or t10k) images and labels; the classes are the label values the training part holds
+    (0-9 for MNIST, others for a subset or EMNIST), or `classes` for a test part."""
     images_path = _idx_file(root, f"{prefix}-images-idx3-ubyte")
     if images_path is None:
         return None
@@ -240,9 +262,17 @@ def mnist_part(root: Path, prefix: str) -> ImageArray | None:
     if labels_path is None:
         raise VisionflowError(f"{root}: {images_path.name} has no matching {prefix}-labels-idx1-ubyte[.gz]")
     images, labels = _read_idx(images_path), _read_idx(labels_path)
-    if images.ndim != 3 or len(images) != len(labels):
-        raise VisionflowError(f"{root}: {images_path.name} and {labels_path.name} do not match ({images.shape} vs {labels.shape})")
-    return ImageArray(images, labels.astype(np.int64), [str(d) for d in range(10)], name=f"{root}/{prefix}")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise VisionflowError(f"{root}: {images_path.name} and {labels_path.name} are not N images and N labels "
+                              f"({images.shape} and {labels.shape})")
+    values = np.unique(labels).tolist()
+    classes = classes or [str(v) for v in values]
+    unknown = [v for v in values if str(v) not in classes]
+    if unknown:
+        raise VisionflowError(f"{labels_path}: labels {unknown} are not among the training part's {classes}")
+    index = np.full(256, -1, dtype=np.int64)
+    index[[int(c) for c in classes]] = np.arange(len(classes))
+    return ImageArray(images, index[labels], classes, name=f"{root}/{prefix}")
 
 
 # --- built-in data -----------------------------------------------------------------------------------
@@ -285,12 +315,17 @@ def open_data(spec: str | os.PathLike, frames: int = 16, kind: str = "image") ->
         raise VisionflowError(f"{text}: is a file; DATA is a folder (class folders, train/+val/, MNIST files) or a built-in name")
     root = root.resolve()
     if is_mnist_folder(root):
-        train, test = mnist_part(root, "train"), mnist_part(root, "t10k")
+        train = mnist_part(root, "train")
+        test = mnist_part(root, "t10k", train.classes if train is not None else None)
         return DataSet(str(root), train if train is not None else test, test if train is not None else None)
-    test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and test_dir is not None:
-        train = class_folder(root / "train", frames=frames, kind=kind)
-        return DataSet(str(root), train, class_folder(test_dir, train.classes, frames, kind))
+    parts = {p.name.lower(): p for p in _class_folders(root)}  # Train/, Val/ as well
+    val_dir = parts.get("val", parts.get("validation"))
+    if "train" in parts and (val_dir or "test" in parts):
+        train = class_folder(parts["train"], frames=frames, kind=kind)
+        val = class_folder(val_dir, train.classes, frames, kind) if val_dir else None
+        test = class_folder(parts["test"], train.classes, frames, kind) if "test" in parts else None
+        # with a test part, val/ is for choosing the best epoch and test/ for scoring; alone, either is both
+        return DataSet(str(root), train, test or val, val if test else None)
     return DataSet(str(root), class_folder(root, frames=frames, kind=kind), None)
 
 

@@ -61,6 +61,7 @@ class GanConfig(RunConfig):
     device: str = "auto"
 
     def validate(self) -> "GanConfig":
+        self.check_types()
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.batch_size >= 2, f"--batch-size must be at least 2 (got {self.batch_size})"),

@@ -109,6 +109,7 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 images (N, C, H, W) or clips (N, T, C, H, W) -> logits (N, classes), float32 on the CPU."""
+        self.check_input(images)
         outputs = []
         # One autocast region for all batches: its cache keeps the bf16 copies of the weights from one batch
         # to the next instead of casting them again for each.
@@ -122,6 +123,16 @@ class Predictor:
         if not outputs:
             return torch.empty(0, len(self.classes))
         return torch.cat(outputs)
+
+    def check_input(self, images: torch.Tensor) -> None:
+        """A one-line error for a tensor the model was not trained on, rather than logits from the wrong channels or
+        from floats read as 0..255."""
+        p = self.preprocess
+        layout = "(N, T, C, H, W) clips" if self.input_kind == "clip" else "(N, C, H, W) images"
+        if (images.dtype != torch.uint8 or images.ndim != (5 if self.input_kind == "clip" else 4)
+                or images.shape[-3] != p.channels or tuple(images.shape[-2:]) != (p.image_size, p.image_size)):
+            raise VisionflowError(f"the run labels uint8 {layout} with C={p.channels} and H=W={p.image_size} "
+                                  f"(got {images.dtype} {tuple(images.shape)})")
 
     def _test_time_augmented(self, x: torch.Tensor) -> torch.Tensor:
         """Logits averaged over the views `augment_eval` names. "flip": the image and its mirror.

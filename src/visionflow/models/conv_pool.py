@@ -177,6 +177,7 @@ def _kernel_convolution(conv: nn.Conv2d) -> bool:
 def kernel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """True where conv_pool.c computes the block (see the module docstring for what it does not cover)."""
     return (x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad
+            and x.shape[1] == conv.in_channels  # the kernel reads as many channels as the weights have
             and x.shape[-2] >= 4 and x.shape[-1] >= 4
             and conv.in_channels <= 4  # a first layer on images: its filter taps are held in registers
             and _kernel_convolution(conv) and kernel_runs_here(x))
