@@ -200,3 +200,18 @@ def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_
     assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "center", "--limit", "4",
                  "--examples", str(tmp_path / "examples.jpg")]) == 0
     assert Image.open(tmp_path / "examples.jpg").format == "JPEG"
+
+
+@pytest.mark.parametrize("size, box", [(112, (40, 40, 30, 30)), (60, (3, 5, 10, 7)), (20, (4, 4, 6, 5))])
+def test_a_repair_at_another_size_does_not_depend_on_what_the_hole_held(digits_run, size, box):
+    from visionflow.api.repair import load_generator, repair_file
+
+    generator, config = load_generator(str(digits_run))
+    image = torch.full((1, size, size), 90, dtype=torch.uint8)
+    image[:, size // 3:, :size // 2] = 200
+    x, y, w, h = box
+    masks = torch.zeros(1, 1, size, size)
+    masks[..., y:y + h, x:x + w] = 1
+    dark, bright = image.clone(), image.clone()
+    dark[:, y:y + h, x:x + w], bright[:, y:y + h, x:x + w] = 0, 255
+    assert torch.equal(repair_file(generator, config, dark, masks), repair_file(generator, config, bright, masks))

@@ -169,8 +169,10 @@ def repair_file(generator: RepairGenerator, config: dict, image: torch.Tensor, m
     size = config["image_size"]
     device = next(generator.parameters()).device
     small = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    # a low-resolution pixel is hole if any part of it is hole: the network never sees damaged content
-    small_masks = (F.interpolate(masks, size=(size, size), mode="area") > 0).float()
+    # A low-resolution pixel is hole if the resampling filter that made it reached any hole pixel (the same
+    # filter, so its weights say so): the network never sees damaged content. The area it covers alone was
+    # not enough: the antialiased filter reaches further, and the repair moved with the hole's old pixels.
+    small_masks = (F.interpolate(masks, size=(size, size), mode="bilinear", antialias=True, align_corners=False) > 0).float()
     with torch.no_grad():
         x = damage(to_unit_range(small.round()), small_masks).to(device)
         filled = generator(x, small_masks.to(device)).cpu()

@@ -27,7 +27,7 @@ class GanRun:
     device: torch.device
 
     def label_index(self, label: str) -> int:
-        """A class name (or its index) -> index, with an error naming the classes."""
+        """A class name -> its index, with an error naming the classes."""
         if not self.config.conditional:
             raise VisionflowError("--label: this GAN is unconditional (train it with --conditional to choose classes)")
         if label in self.classes:
