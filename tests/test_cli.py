@@ -214,8 +214,9 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     out = tmp_path / "run"
     assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
     moved = data.rename(tmp_path / "moved")
-    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18", "--quiet"]) == 0
-    assert "ignored: --model" in caplog.text
+    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18",
+                 "--patience", "0", "--quiet"]) == 0
+    assert "ignored: --model, --patience" in caplog.text  # a flag given as 0 is named too
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["model"] == "seed-cnn" and config["data_spec"] == str(moved.resolve())
     held_out = json.loads((out / "split.json").read_text())["held_out"]

@@ -164,3 +164,60 @@ def test_config_values_of_the_wrong_type_are_named_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
     cfg = TrainConfig(data="digits", out=tmp_path / "run").validate()  # a pathlib path is as good as a string
     assert cfg.out == str(tmp_path / "run")
+
+
+def test_a_stretched_schedule_sets_the_rate_of_the_first_resumed_step():
+    from torch import nn
+
+    from visionflow.train.loop import build_optimizer, build_schedule, restore_optimizer
+
+    def steps(epochs: int, count: int, checkpoint=None):
+        model = nn.Linear(2, 2)
+        cfg = TrainConfig(data="x", out="-", epochs=epochs, lr=1e-3, schedule="cosine")
+        optimizer = build_optimizer(cfg, model)
+        schedule = build_schedule(cfg, optimizer, steps_per_epoch=10)
+        if checkpoint is not None:
+            restore_optimizer(optimizer, schedule, checkpoint)
+        rates = []
+        for _ in range(count):
+            rates.append(optimizer.param_groups[0]["lr"])
+            model(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+            schedule.step()
+        return rates, {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+
+    _, checkpoint = steps(2, 20)  # a finished 2-epoch run, whose last rate was 0
+    resumed, _ = steps(4, 3, checkpoint)
+    fresh, _ = steps(4, 23)
+    assert resumed == pytest.approx(fresh[20:]) and resumed[0] > 0
+
+
+def test_resume_with_more_epochs_extends_a_run_that_stopped_early(tmp_path):
+    data = write_class_folder(tmp_path / "d", per_class=6)
+    out = tmp_path / "run"
+    # a rate too small to change a prediction: epoch 2 is no better than 1, so patience 1 stops the run there
+    api.train(TrainConfig(data=str(data), out=str(out), epochs=4, patience=1, lr=1e-12, schedule="constant"),
+              show_progress=False)
+    assert len(RunDir(out).read_metrics()) == 2
+    report = api.resume(str(out), epochs=5, show_progress=False)
+    assert len(RunDir(out).read_metrics()) == 3 and report["epochs"] == 3  # one more, then patience again
+
+
+def test_train_figures_count_the_images_trained_not_a_dropped_last_one(tmp_path):
+    data = write_class_folder(tmp_path / "d", per_class=12)  # 36 images, 3 held out: 33 = 16 + 16 + 1
+    report = api.train(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=16),
+                       show_progress=False)
+    row = RunDir(tmp_path / "run").read_metrics()[0]
+    assert report["validation"]["n"] == 3
+    correct = round(row["train_accuracy"] * 32)  # 32 trained: the 1-image last batch is left out
+    assert 0 < correct and row["train_accuracy"] == pytest.approx(correct / 32, abs=1e-6)
+
+
+def test_adamw_takes_the_weight_decay_given_zero_included():
+    from torch import nn
+
+    from visionflow.train.loop import build_optimizer
+
+    for decay in (0.0, 0.05):
+        cfg = TrainConfig(data="x", out="-", optimizer="adamw", weight_decay=decay)
+        assert build_optimizer(cfg, nn.Linear(2, 2)).param_groups[0]["weight_decay"] == decay

@@ -188,6 +188,10 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     finished = checkpoint["state"]["epoch"]
     if cfg.epochs < finished:
         raise VisionflowError(f"{run.path} has already finished {finished} epochs; --resume --epochs N extends it to N > {finished}")
+    if epochs is not None and epochs > finished and cfg.patience and checkpoint["state"]["stale_epochs"] >= cfg.patience:
+        checkpoint["state"]["stale_epochs"] = 0  # stopped early, and asked for more: early stopping starts over
+        log.warning("%s had stopped early (--patience %d); training epochs %d-%d", run.path, cfg.patience,
+                    finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset)

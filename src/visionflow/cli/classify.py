@@ -92,7 +92,7 @@ def run_train(args) -> int:
 
     if args.resume:
         ignored = [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
-                   if name != "epochs" and getattr(args, name) not in (None, False)]
+                   if name != "epochs" and getattr(args, name) is not None and getattr(args, name) is not False]
         if ignored:
             log.warning("--resume continues with the run's own settings; ignored: %s",
                         ", ".join("--" + name.replace("_", "-") for name in ignored))

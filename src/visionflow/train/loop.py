@@ -54,7 +54,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = True) -> t
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.01, **kernel)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
 
 
@@ -76,8 +76,19 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                      checkpoint: dict) -> None:
+    """The optimizer's and the schedule's saved state, and the rate for the step to come from the schedule as
+    rebuilt (--resume --epochs M stretches it): the saved rate was the old schedule's."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedule.load_state_dict(checkpoint["schedule"])
+    for group, base, multiplier in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * multiplier(schedule.last_epoch)
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse class frequency, scaled to mean 1 over the classes present."""
+    """Inverse class frequency, scikit-learn's "balanced": n_samples / (n_classes x count), so the weights
+    average 1 over the samples (absent classes get 0)."""
     counts = torch.bincount(labels, minlength=num_classes).float()
     weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
     return weights
@@ -134,10 +145,12 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
     total_loss = torch.zeros((), device=device)
     total_correct = torch.zeros((), device=device, dtype=torch.int64)
     start = time.perf_counter()
+    trained = 0
     for first in range(0, len(order), cfg.batch_size):
         index = order[first:first + cfg.batch_size]
         if len(index) < 2 and len(order) > 1:
             continue  # a 1-item last batch would break batch norm and adds nothing
+        trained += len(index)
         images = part.images[index].to(device, non_blocking=True)
         labels = part.labels[index].to(device, non_blocking=True)
         x = preprocess(images, augment, generator)
@@ -157,11 +170,11 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
         total_correct += (logits.argmax(1) == labels).sum()
         on_step(len(index), total_loss, total_correct)
     seconds = time.perf_counter() - start
-    loss_value = float(total_loss) / len(order)
+    loss_value = float(total_loss) / trained
     if not math.isfinite(loss_value):
         raise VisionflowError(f"training diverged (loss {loss_value}); try a lower --lr")
-    return {"train_loss": loss_value, "train_accuracy": int(total_correct) / len(order),
-            "images_per_second": len(order) / seconds, "seconds": seconds}
+    return {"train_loss": loss_value, "train_accuracy": int(total_correct) / trained,
+            "images_per_second": trained / seconds, "seconds": seconds}
 
 
 def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: DecodedPart, preprocess: Preprocess,
@@ -180,8 +193,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
     state = FitState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
+        restore_optimizer(optimizer, schedule, checkpoint)
         state = FitState(**checkpoint["state"])
         state.rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
     lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
