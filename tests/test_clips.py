@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import av
@@ -158,13 +159,42 @@ def test_a_clip_folder_with_no_frames_is_skipped_and_named(tmp_path: Path, caplo
 
 def test_short_clips_are_padded_with_their_last_frame():
     assert clip_indices(5, 16, 8).tolist()[1::2] == [0, 1, 2, 3, 4, 4, 4, 4]
-    assert clip_indices(40, 4, 4).tolist() == [5, 15, 25, 35]  # long clips: evenly spread
+    assert clip_indices(40, 4, 4).tolist() == [0, 10, 20, 30]  # long clips: the start of each equal part
+
+
+@pytest.mark.parametrize("length", [5, 8, 9, 12, 17, 25, 64, 100])
+def test_every_format_gives_the_segment_centres_in_evaluation_and_their_own_segment_in_training(tmp_path, length):
+    frames = 8
+    # frame t says t in two flat halves, 16 grey levels apart per step: t // 16 on the left, t % 16 on the right
+    t = np.arange(length)
+    clip = np.zeros((length, 16, 16), dtype=np.uint8)
+    clip[:, :, :8], clip[:, :, 8:] = (16 * (t // 16) + 8)[:, None, None], (16 * (t % 16) + 8)[:, None, None]
+    np.save(tmp_path / "c.npy", clip)
+    write_mp4(tmp_path / "c.mp4", clip)
+    (tmp_path / "f").mkdir()
+    for t, picture in enumerate(clip):
+        Image.fromarray(picture).save(tmp_path / "f" / f"frame_{t}.png")
+    paths = [str(tmp_path / name) for name in ("c.npy", "c.mp4", "f")]
+    decoded = torch.stack([ClipFiles(paths, [0, 0, 0], ["a"], frames=frames).read(i, 1, 16) for i in range(3)])
+    def frame_of(x: torch.Tensor) -> torch.Tensor:  # read t back, through the mp4's compression noise
+        halves = x.float()[..., 2:14, :].unflatten(-1, (2, 8))[..., 2:6].mean((-1, -3, -4))
+        levels = ((halves - 8) / 16).round().long()
+        return 16 * levels[..., 0] + levels[..., 1]
+    centres = [min(int((i + 0.5) * max(length, frames) / frames), length - 1) for i in range(frames)]
+    for picks in frame_of(sample_frames(decoded, frames)).tolist():  # npy, mp4, frame folder alike
+        assert picks == centres
+    starts = [min(int(i * max(length, frames) / frames), length - 1) for i in range(frames)]
+    # segment i spans [i, i + 1) x L / T: the frames it overlaps
+    ends = [min(math.ceil((i + 1) * max(length, frames) / frames) - 1, length - 1) for i in range(frames)]
+    for seed in range(10):
+        picks = frame_of(sample_frames(decoded, frames, torch.Generator().manual_seed(seed)))
+        assert all(starts[i] <= p <= ends[i] for row in picks.tolist() for i, p in enumerate(row))
 
 
 def test_evaluation_takes_segment_centres_and_training_jitters_within_segments():
     clips = torch.arange(16).view(1, 16, 1, 1, 1).expand(3, 16, 1, 1, 1)  # frame t holds the value t
     uniform = sample_frames(clips, 4)
-    assert uniform[:, :, 0, 0, 0].tolist() == [[2, 6, 10, 14]] * 3
+    assert uniform[:, :, 0, 0, 0].tolist() == [[2, 6, 10, 14]] * 3  # 16 cached frames: each segment's 3rd of 4
     picks = torch.stack([sample_frames(clips, 4, torch.Generator().manual_seed(s))[:, :, 0, 0, 0] for s in range(20)])
     segment = torch.arange(4) * 4
     assert ((picks >= segment) & (picks < segment + 4)).all()  # one frame from each segment, in order
@@ -236,17 +266,18 @@ def corner_track(clip: np.ndarray) -> np.ndarray:
     return np.array([(np.nonzero(frame)[1].min(), np.nonzero(frame)[0].min()) for frame in clip], dtype=float)
 
 
-def test_moving_digits_move_in_their_labelled_direction_at_the_middle_and_bounce():
+@pytest.mark.parametrize("size", [32, 16])  # under 32 px the speed's floor of a pixel a frame keeps each step
+def test_moving_digits_move_in_their_labelled_direction_at_the_middle_and_bounce(size):
     rng = np.random.default_rng(0)
-    square = np.full((16, 16), 255, dtype=np.uint8)
+    square = np.full((size // 2, size // 2), 255, dtype=np.uint8)
     bounced = 0
     for direction in range(8):
         want = np.sign(np.round([np.cos(direction * np.pi / 4), -np.sin(direction * np.pi / 4)], 6))
         for _ in range(10):
-            track = corner_track(render_clip(square, direction, 8, 32, rng))
+            track = corner_track(render_clip(square, direction, 8, size, rng))
             steps = np.diff(track, axis=0)
             assert (np.sign(steps[3]) == want).all()  # the middle step (frame 3 -> 4) shows the class
-            assert ((track >= 0) & (track <= 16)).all()  # the digit never leaves the canvas
+            assert ((track >= 0) & (track <= size // 2)).all()  # the digit never leaves the canvas
             moving = want != 0
             assert (np.abs(steps[:, moving]) >= 1).all() and (steps[:, ~moving] == 0).all()
             bounced += int((np.sign(steps[:, moving]) != want[moving]).any())

@@ -5,15 +5,18 @@ name order, decoded with `decode_image`) or a .npy array T x H x W [x C]. Every 
 (C, size, size) tensor the way images do, so mixed resolutions and frame rates stack into one batch.
 
 Temporal sampling happens in two steps, so the one training loop needs no clip-specific code:
-1. `read` decodes `decoded_frames(frames)` = 2 x frames frames per clip, spread evenly over the clip,
-   once, into the uint8 cache (a clip shorter than `frames` is padded by repeating its last frame);
-2. `Preprocess` picks `frames` of them per batch with `sample_frames`: the centre frame of each of
-   `frames` equal segments for evaluation (uniform), a random frame of each segment in training
-   (TSN-style segment sampling, Wang et al. 2016), so each epoch sees a slightly different timing.
+1. `read` decodes `decoded_frames(frames)` = 2 x frames frames per clip, the start and the centre of each
+   of `frames` equal segments, once, into the uint8 cache (a clip shorter than `frames` is padded by
+   repeating its last frame); a video, a frame folder and an array of the same clip give the same frames;
+2. `Preprocess` picks `frames` of them per batch with `sample_frames`: the centre of each segment for
+   evaluation (uniform), the start or the centre of each, drawn per clip, in training (TSN-style segment
+   sampling, Wang et al. 2016, with two places per segment: the cache holds no more), so each epoch sees a
+   slightly different timing.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 import re
@@ -41,7 +44,8 @@ def decoded_frames(frames: int) -> int:
 def sampling_policy(frames: int) -> dict:
     """How clips are sampled, as recorded in config.json."""
     return {"frames": frames, "decoded_frames": decoded_frames(frames),
-            "train": "segments: one random frame from each of `frames` equal segments (TSN)",
+            "train": "segments: the start or the centre of each of `frames` equal segments, drawn per clip "
+                     "(TSN-style, from the cache of 2 x frames)",
             "evaluate": "uniform: the centre frame of each segment",
             "short_clips": "pad by repeating the last frame"}
 
@@ -62,12 +66,14 @@ def _frame_files(folder: str | os.PathLike) -> list[str]:
 
 
 def clip_indices(available: int, count: int, frames: int) -> np.ndarray:
-    """`count` frame indices spread evenly over a clip of `available` frames.
+    """The first frame of each of `count` equal parts of a clip of `available` frames (what the cache holds).
 
-    A clip shorter than `frames` is treated as `frames` long, its missing tail being its last frame.
+    With count = 2 x frames, the cache's frames 2i and 2i+1 are the start and the centre of the model's
+    segment i: evaluation takes the centre, training either (sample_frames). A clip shorter than `frames` is
+    treated as `frames` long, its missing tail being its last frame.
     """
     length = max(available, frames)
-    return np.minimum(((np.arange(count) + 0.5) * length / count).astype(np.int64), available - 1)
+    return np.minimum((np.arange(count) * length / count).astype(np.int64), available - 1)
 
 
 def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -90,16 +96,24 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
             if not container.streams.video:
                 raise BrokenImage(path, "no video stream")
             stream = container.streams.video[0]
-            # Memory stays flat on long videos: when 2 x count frames are kept, drop every other one and
-            # keep only every 2nd (then 4th, ...) frame from then on. Skipped frames are never converted.
-            kept, stride = [], 1
+            # The frames an .npy array or a frame folder of the same clip would give, where the container
+            # says how many frames it holds (mp4 does): only those are converted, and decoding stops after
+            # the last. Where it does not (some webm, mkv), memory stays flat on long videos: when 2 x count
+            # frames are kept, every other one is dropped and only every 2nd (4th, ...) frame kept from then on.
+            wanted = clip_indices(stream.frames, count, frames) if stream.frames > 0 else None
+            wanted_set = set(wanted.tolist()) if wanted is not None else set()
+            kept: dict[int, torch.Tensor] = {}
+            stride, decoded = 1, 0
             try:
                 for number, frame in enumerate(container.decode(stream)):
-                    if number % stride:
-                        continue
-                    kept.append(pil_to_tensor(frame.to_image(), channels, size))
-                    if len(kept) == 2 * count:
-                        kept, stride = kept[::2], stride * 2
+                    decoded = number + 1
+                    if (number in wanted_set) if wanted is not None else number % stride == 0:
+                        kept[number] = pil_to_tensor(frame.to_image(), channels, size)
+                    if wanted is not None and number >= wanted[-1]:
+                        break
+                    if wanted is None and len(kept) == 2 * count:
+                        stride *= 2
+                        kept = {n: t for n, t in kept.items() if n % stride == 0}
             except av.EOFError:
                 pass  # the stream ends early (no frames at all, or a cut-off last packet): what was read counts
     except BrokenImage:
@@ -108,7 +122,11 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
         raise BrokenImage(path, f"not a readable video ({exc})") from None
     if not kept:
         raise BrokenImage(path, "video has no frames")
-    return [kept[i] for i in clip_indices(len(kept), count, frames)]
+    numbers = sorted(kept)
+    if wanted is None:
+        wanted = clip_indices(decoded, count, frames)
+    # each wanted frame, or the last one kept before it (a file that holds fewer frames than it says, or thinning)
+    return [kept[numbers[max(0, bisect.bisect_right(numbers, n) - 1)]] for n in wanted]
 
 
 def _folder_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:

@@ -92,13 +92,14 @@ def render_clip(digit: np.ndarray, direction: int, frames: int, size: int, rng: 
     mirrors the motion after it, so a clip and its time reversal (the opposite direction) are equally
     likely and hold the same set of frames. Labelled at the first frame instead, a digit moving right
     would on average sit right of its start, and an order-blind model could read that off.
-    Per axis the digit moves 1 to 2 sixteenths of the free room per frame (at least a pixel on a 32-pixel
-    canvas, so no step is lost to rounding), which makes it bounce about once in 8 to 16 frames.
+    Per axis the digit moves 1 to 2 sixteenths of the free room per frame, and at least a pixel (so no step
+    is lost to rounding on small canvases), which makes it bounce about once in 8 to 16 frames.
     """
     side = digit.shape[0]
     room = size - side
     unit = math.cos(direction * math.pi / 4), -math.sin(direction * math.pi / 4)  # screen y grows downwards
-    speed = rng.uniform(1.0, 2.0) * room / 16 / max(abs(unit[0]), abs(unit[1]))
+    # at least a pixel per frame on each moving axis, so rounding never loses the step (canvases under 32 px)
+    speed = max(rng.uniform(1.0, 2.0) * room / 16, 1.0) / max(abs(unit[0]), abs(unit[1]))
     velocity = [speed * u if abs(u) > 1e-9 else 0.0 for u in unit]
     # the middle step itself must not turn at an edge, or it would show the other direction
     middle = [rng.uniform(max(0.0, -v), room - max(0.0, v)) for v in velocity]
