@@ -157,6 +157,8 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [Path(r["path"]).name for r in table] == ["a.png", "b.png", "c.png"] and table[1]["error"]
+    if Path("/dev/full").exists():  # a full disk: one line, not a traceback
+        assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
 def user_error(capsys, argv: list[str]) -> str:
@@ -228,7 +230,11 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     copy = shutil.copytree(moved, tmp_path / "copy")
     caplog.clear()
     assert main(["evaluate", str(out), str(copy), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 30 and "figures are optimistic" in caplog.text
+    assert json.loads(capsys.readouterr().out)["n"] == 30 and "looks like a copy of the data the run trained on" in caplog.text
+    fresh = write_class_folder(tmp_path / "fresh", per_class=10, seed=7)  # new images under the same names
+    caplog.clear()
+    assert main(["evaluate", str(out), str(fresh), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 30 and "copy" not in caplog.text
 
 
 def test_val_chooses_the_epoch_and_test_is_what_evaluate_scores(tmp_path: Path, capsys, caplog):

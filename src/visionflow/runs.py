@@ -109,7 +109,10 @@ class RunDir:
     # --- weights (safetensors) ---
     def save_weights(self, name: str, state_dict: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        atomic_write(self.path / name, lambda tmp: save_file(tensors, tmp))
+        try:
+            atomic_write(self.path / name, lambda tmp: save_file(tensors, tmp))
+        except SafetensorError as exc:  # its own error type, for a full disk too
+            raise VisionflowError(f"{self.path / name}: cannot write the weights ({exc})") from None
 
     def load_weights(self, name: str) -> dict[str, torch.Tensor]:
         path = self.path / name

@@ -70,7 +70,8 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, 
     if dataset.test is not None:
         # As Keras's validation_data=(x_test, y_test): the best epoch is then chosen on the test part, which
         # report.json says; --val or a data set without a test part keep the two apart.
-        return dataset.train, dataset.test, None, "the data's test part"
+        folder = Path(dataset.test.name).name.lower()
+        return dataset.train, dataset.test, None, f"the data's {'val/' if folder in ('val', 'validation') else 'test'} part"
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
     if len(val_idx) == 0:
         raise VisionflowError(f"{cfg.data}: too few images to hold out {cfg.val_split:.0%} for validation "
@@ -256,15 +257,23 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
 
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
     """Why the part evaluation_part gives may hold the run's training images, or None: the run's own training data
-    when it validated on other data (--val), or other data when it held its validation part out of its own."""
+    when it validated on other data (--val), or a copy of it (the run's held-out files found in it, by path
+    below the data folder and size) when it held its validation part out of its own. New data is not a copy."""
     if dataset.test is not None:
         return None
     recorded = run.read_json("config.json").get("data_spec")
-    if run.exists("split.json") and dataset.spec != recorded:
-        return (f"scoring all of {dataset.spec}: the run held its validation images out of other data ({recorded}); "
-                "if the two share images, the figures are optimistic")
-    if not run.exists("split.json") and dataset.spec == recorded:
-        return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
+    if not run.exists("split.json"):
+        if dataset.spec == recorded:
+            return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
+        return None
+    if dataset.spec == recorded or not (os.path.isdir(dataset.spec) and os.path.isdir(str(recorded))):
+        return None
+    checked = [(origin, os.path.join(dataset.spec, os.path.relpath(origin, recorded)))
+               for origin in run.read_json("split.json")["held_out"][:100] if os.path.isfile(origin)]
+    same = sum(os.path.isfile(copy) and os.path.getsize(copy) == os.path.getsize(origin) for origin, copy in checked)
+    if checked and same * 2 >= len(checked):  # most of them: one file of the same size could be chance
+        return (f"scoring all of {dataset.spec}: it looks like a copy of the data the run trained on ({recorded}), "
+                "so the figures include training images")
     return None
 
 

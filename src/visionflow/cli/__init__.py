@@ -8,6 +8,7 @@ Exit codes: 0 success, 2 a user error or a path the system refused (one line on 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import warnings
@@ -67,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as exc:
-        # A path the system refused (a file where a folder should be, no permission, a full disk): the
-        # user's to fix, so one line naming it. An OSError without a path is an internal error.
+        # A path the system refused (a file where a folder should be, no permission) or a full disk: the
+        # user's to fix, so one line naming it. Any other OSError without a path is an internal error.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"visionflow: error: {where}no space left to write (the disk or the quota is full)", file=sys.stderr)
+            return 2
         if exc.filename is None:
             raise
         in_the_way = isinstance(exc, (FileExistsError, NotADirectoryError))  # mkdir -p and open keep to folders

@@ -28,7 +28,8 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--max-images", type=int, default=None, help="train on a seeded subset of this many images")
     add_run_options(p)
 
-    p = verbs.add_parser("run", help="repair images: writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png")
+    p = verbs.add_parser("run", help="repair images: writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png "
+                                      "(<number>_<name>_... when there are several)")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     hole = p.add_mutually_exclusive_group(required=True)

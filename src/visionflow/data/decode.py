@@ -123,6 +123,8 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
         raise BrokenImage(origin, "no such file") from None
     except IsADirectoryError:
         raise BrokenImage(origin, "a folder, not an image file") from None
+    except PermissionError:
+        raise BrokenImage(origin, "no permission to read it") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BrokenImage(origin, f"truncated or corrupt image ({exc})") from None
 
