@@ -146,7 +146,7 @@ def test_a_clip_folder_with_no_frames_is_skipped_and_named(tmp_path: Path, caplo
     with caplog.at_level(logging.WARNING, logger="visionflow"):
         part = decode_part(source, 1, 8)
     assert len(part) == 4
-    assert sorted(origin for origin, _ in part.skipped) == [str(tmp_path / "b" / "empty"), str(tmp_path / "b" / "notes")]
+    assert [origin for origin, _ in part.skipped] == [str(tmp_path / "b" / "empty")]  # notes/ is not a clip
     assert str(tmp_path / "b" / "empty") in caplog.text
     with pytest.raises(VisionflowError, match="refused by --strict"):
         decode_part(source, 1, 8, strict=True)
@@ -171,17 +171,18 @@ def test_every_format_gives_the_segment_centres_in_evaluation_and_their_own_segm
     clip[:, :, :8], clip[:, :, 8:] = (16 * (t // 16) + 8)[:, None, None], (16 * (t % 16) + 8)[:, None, None]
     np.save(tmp_path / "c.npy", clip)
     write_mp4(tmp_path / "c.mp4", clip)
+    write_mp4(tmp_path / "c.mkv", clip)  # H.264 in Matroska, which keeps no frame count: its packets are counted
     (tmp_path / "f").mkdir()
     for t, picture in enumerate(clip):
         Image.fromarray(picture).save(tmp_path / "f" / f"frame_{t}.png")
-    paths = [str(tmp_path / name) for name in ("c.npy", "c.mp4", "f")]
-    decoded = torch.stack([ClipFiles(paths, [0, 0, 0], ["a"], frames=frames).read(i, 1, 16) for i in range(3)])
+    paths = [str(tmp_path / name) for name in ("c.npy", "c.mp4", "c.mkv", "f")]
+    decoded = torch.stack([ClipFiles(paths, [0] * 4, ["a"], frames=frames).read(i, 1, 16) for i in range(4)])
     def frame_of(x: torch.Tensor) -> torch.Tensor:  # read t back, through the mp4's compression noise
         halves = x.float()[..., 2:14, :].unflatten(-1, (2, 8))[..., 2:6].mean((-1, -3, -4))
         levels = ((halves - 8) / 16).round().long()
         return 16 * levels[..., 0] + levels[..., 1]
     centres = [min(int((i + 0.5) * max(length, frames) / frames), length - 1) for i in range(frames)]
-    for picks in frame_of(sample_frames(decoded, frames)).tolist():  # npy, mp4, frame folder alike
+    for picks in frame_of(sample_frames(decoded, frames)).tolist():  # npy, mp4, mkv, frame folder alike
         assert picks == centres
     starts = [min(int(i * max(length, frames) / frames), length - 1) for i in range(frames)]
     # segment i spans [i, i + 1) x L / T: the frames it overlaps

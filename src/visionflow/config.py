@@ -42,10 +42,16 @@ class RunConfig:
             if "str" in allowed and isinstance(value, os.PathLike):
                 setattr(self, f.name, os.fspath(value))
                 continue
+            if isinstance(value, numbers.Number) and hasattr(value, "item"):  # numpy's: config.json takes Python's
+                value = value.item()
+                setattr(self, f.name, value)
             if not allowed <= set(_TYPE_CHECKS) or any(_TYPE_CHECKS[t](value) for t in allowed):
                 continue  # a type not checked here (dict, ...), or a value of an allowed one
             raise VisionflowError(f"{f.name} must be {' or '.join(_TYPE_NAMES[t] for t in sorted(allowed))} "
                                   f"(got {value!r})")
+        seed = getattr(self, "seed", 0)
+        if not 0 <= seed < 2 ** 32:  # numpy's generators take no other
+            raise VisionflowError(f"--seed must be between 0 and 2**32 - 1 (got {seed})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +101,6 @@ class TrainConfig(RunConfig):
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (0 <= self.seed < 2 ** 32, f"--seed must be between 0 and 2**32 - 1 (got {self.seed})"),
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"--weight-decay must be 0 or more (got {self.weight_decay})"),

@@ -46,6 +46,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+# The files a run writes at its top level (samples/ and classifier/ are folders of their own).
+RUN_FILES = ("config.json", "split.json", "checkpoint.pt", "metrics.csv", "report.json", "curves.png",
+             "confusion.png", "mistakes.png")
 RUN_TASKS = {"classifier": "a classifier run", "gan": "a GAN run", "repair": "an image-repair run"}
 
 
@@ -66,11 +69,17 @@ class RunDir:
         finished an epoch (no weights: it failed to start, diverged or was interrupted early) holds nothing a
         new run would lose, so the new one replaces it."""
         run = cls(path)
-        if run.exists("config.json") and any(run.path.glob("*.safetensors")):
-            raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
         in_the_way = next((p for p in (run.path, *run.path.parents) if p.exists() and not p.is_dir()), None)
         if in_the_way is not None:
             raise VisionflowError(f"--out {run.path}: {in_the_way} is a file, not a folder")
+        if not run.exists("config.json"):
+            return run
+        if any(run.path.glob("*.safetensors")):
+            raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
+        if "version" not in run.read_json("config.json"):  # someone else's config.json: not ours to replace
+            raise VisionflowError(f"{run.path} holds a config.json that is not a visionflow run's; choose another --out")
+        for name in RUN_FILES:  # what the attempt left, so nothing of it mixes with the new run
+            (run.path / name).unlink(missing_ok=True)
         return run
 
     def create(self) -> None:

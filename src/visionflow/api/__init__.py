@@ -9,6 +9,7 @@ GAN's verbs are in `visionflow.api.gan` and the repair verbs in `visionflow.api.
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import shutil
@@ -52,10 +53,8 @@ class TrainingData:
 
 
 def _check_kind(model_name: str, source: DataSource) -> None:
-    kind = model_entry(model_name).input_kind
-    if kind != source.kind:
-        raise VisionflowError(f"model '{model_name}' takes {kind}s but {source.name or 'the data'} holds {source.kind}s "
-                              f"(models for {source.kind}s: {', '.join(m for m in list_models() if model_entry(m).input_kind == source.kind)})")
+    others = ", ".join(m for m in list_models() if model_entry(m).input_kind == source.kind)
+    source.require_kind(model_entry(model_name).input_kind, f"model '{model_name}'", f" (models for {source.kind}s: {others})")
 
 
 def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None, str]:
@@ -258,7 +257,7 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
     """Why the part evaluation_part gives may hold the run's training images, or None: the run's own training data
     when it validated on other data (--val), or a copy of it (the run's held-out files found in it, by path
-    below the data folder and size) when it held its validation part out of its own. New data is not a copy."""
+    below the data folder, same bytes) when it held its validation part out of its own. New data is not a copy."""
     if dataset.test is not None:
         return None
     recorded = run.read_json("config.json").get("data_spec")
@@ -270,8 +269,8 @@ def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
         return None
     checked = [(origin, os.path.join(dataset.spec, os.path.relpath(origin, recorded)))
                for origin in run.read_json("split.json")["held_out"][:100] if os.path.isfile(origin)]
-    same = sum(os.path.isfile(copy) and os.path.getsize(copy) == os.path.getsize(origin) for origin, copy in checked)
-    if checked and same * 2 >= len(checked):  # most of them: one file of the same size could be chance
+    same = sum(os.path.isfile(copy) and filecmp.cmp(origin, copy, shallow=False) for origin, copy in checked)
+    if checked and same * 2 >= len(checked):  # most of them: a few shared files could be chance
         return (f"scoring all of {dataset.spec}: it looks like a copy of the data the run trained on ({recorded}), "
                 "so the figures include training images")
     return None

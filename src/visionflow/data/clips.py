@@ -90,17 +90,28 @@ def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator |
 
 # --- decoding one clip -----------------------------------------------------------------------------------
 
+def _packets(path: str) -> int:
+    """The video packets of a file, counted without decoding: its frames, where the container keeps no count."""
+    try:
+        with av.open(path) as container:
+            return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+    except (av.FFmpegError, OSError, ValueError):
+        return 0  # the decoding pass says what is wrong with the file
+
+
 def _video_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise BrokenImage(path, "no video stream")
             stream = container.streams.video[0]
-            # The frames an .npy array or a frame folder of the same clip would give, where the container
-            # says how many frames it holds (mp4 does): only those are converted, and decoding stops after
-            # the last. Where it does not (some webm, mkv), memory stays flat on long videos: when 2 x count
-            # frames are kept, every other one is dropped and only every 2nd (4th, ...) frame kept from then on.
-            wanted = clip_indices(stream.frames, count, frames) if stream.frames > 0 else None
+            # The frames an .npy array or a frame folder of the same clip would give, from the number of frames
+            # the container says it holds (mp4) or its packets counted (webm, mkv keep no count): only those
+            # are converted, and decoding stops after the last. Where neither can be had, memory stays flat on
+            # long videos: when 2 x count frames are kept, every other one is dropped and only every 2nd (4th,
+            # ...) frame kept from then on.
+            total = stream.frames or _packets(path)
+            wanted = clip_indices(total, count, frames) if total > 0 else None
             wanted_set = set(wanted.tolist()) if wanted is not None else set()
             kept: dict[int, torch.Tensor] = {}
             stride, decoded = 1, 0
@@ -211,13 +222,12 @@ class ClipFiles(ImageFiles):
 
 def _frame_folders_below(folder: Path, empty_leaves: bool = False) -> list[str]:
     """Folders strictly below `folder` that directly hold images: one clip each. With `empty_leaves`, also
-    the folders with no images, clips or sub-folders: clips with no frames, for the reader to report."""
+    the empty folders: clips with no frames, for the reader to report (a folder of notes is not a clip)."""
     found = []
     for dirpath, dirnames, filenames in walk_folder(folder):
         if dirpath == str(folder):
             continue
-        if any(is_image_file(f) for f in filenames) or (
-                empty_leaves and not dirnames and not any(is_clip_file(f) for f in filenames)):
+        if any(is_image_file(f) for f in filenames) or (empty_leaves and not dirnames and not filenames):
             found.append(dirpath)
     return found
 

@@ -53,10 +53,10 @@ class DataSource:
     def subset(self, indices: Sequence[int]) -> "Subset":
         return Subset(self, np.asarray(indices, dtype=np.int64))
 
-    def require_kind(self, kind: str, taker: str) -> None:
+    def require_kind(self, kind: str, taker: str, hint: str = "") -> None:
         """A one-line error when `taker` (a model, the GAN, ...) takes `kind`s and this source holds others."""
         if self.kind != kind:
-            raise VisionflowError(f"{taker} takes {kind}s but {self.name or 'the data'} holds {self.kind}s")
+            raise VisionflowError(f"{taker} takes {kind}s but {self.name or 'the data'} holds {self.kind}s{hint}")
 
     def guess_channels(self) -> int:
         return self.native_channels or 3
@@ -181,7 +181,7 @@ def walk_folder(folder: Path):
         kept = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(os.path.join(dirpath, name))
-            if real not in seen and not root.startswith(real + os.sep):
+            if real not in seen and os.path.commonpath([root, real]) != real:  # not `folder` or above it
                 seen.add(real)
                 kept.append(name)
         dirnames[:] = kept
@@ -318,7 +318,8 @@ def open_data(spec: str | os.PathLike, frames: int = 16, kind: str = "image") ->
         train = mnist_part(root, "train")
         test = mnist_part(root, "t10k", train.classes if train is not None else None)
         return DataSet(str(root), train if train is not None else test, test if train is not None else None)
-    parts = {p.name.lower(): p for p in _class_folders(root)}  # Train/, Val/ as well
+    # Train/, Val/ as well; a part folder with no class folders in it (an empty test/) is not a part
+    parts = {p.name.lower(): p for p in _class_folders(root) if _class_folders(p)}
     val_dir = parts.get("val", parts.get("validation"))
     if "train" in parts and (val_dir or "test" in parts):
         train = class_folder(parts["train"], frames=frames, kind=kind)

@@ -59,7 +59,8 @@ def create_model(name: str, num_classes: int, in_channels: int, image_size: int,
     for key, value in options.items():
         default = defaults.get(key, inspect.Parameter.empty)
         expected = type(default)
-        if default is inspect.Parameter.empty or default is None or isinstance(value, expected) or (
+        fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))  # True is an int
+        if default is inspect.Parameter.empty or default is None or fits or (
                 expected is float and isinstance(value, int) and not isinstance(value, bool)):
             continue  # an unknown option is refused below, with Python's own message
         raise VisionflowError(f"model '{name}': option {key} takes {_KIND_NAMES.get(expected, expected.__name__)} "

@@ -69,15 +69,20 @@ def plot_image_grid(images: torch.Tensor, titles: list[str], path: Path, columns
     _save(fig, path)
 
 
+# What a picture may be written as. Pillow registers more suffixes, some (.h5, .grib) for formats it cannot write.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".gif": "GIF"}
+
+
 def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in Image.registered_extensions()
+    return path.suffix.lower() in IMAGE_FORMATS
 
 
 def image_format(path: Path) -> str:
     """Pillow's format for the file name's suffix (.png, .jpg, .webp, ...): grids are written as named."""
     if not is_image_name(path):
-        raise VisionflowError(f"{path}: not an image file name (end it in .png, .jpg or .webp)")
-    return Image.registered_extensions()[path.suffix.lower()]
+        raise VisionflowError(f"{path}: not an image file name (end it in {', '.join(IMAGE_FORMATS)})")
+    return IMAGE_FORMATS[path.suffix.lower()]
 
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, pad: int = 2) -> None:
