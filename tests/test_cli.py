@@ -157,6 +157,15 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [Path(r["path"]).name for r in table] == ["a.png", "b.png", "c.png"] and table[1]["error"]
+    keep = tmp_path / "keep.csv"
+    keep.write_text("earlier rows\n")
+    assert_user_error(run_cli("predict", tmp_path / "no-run", folder, "--output", keep), "no such run directory")
+    assert keep.read_text() == "earlier rows\n"  # checked before the file was opened
+    odd = folder / os.fsdecode(b"odd\xffname.png")  # a name that is not UTF-8
+    shutil.copy(folder / "a.png", odd)
+    result = run_cli("predict", run, odd, "--format", "csv", "--output", keep)
+    assert result.returncode == 0, result.stderr
+    assert os.fsencode(str(odd)) in keep.read_bytes()  # written byte for byte
     if Path("/dev/full").exists():  # a full disk: one line, not a traceback
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
@@ -175,7 +184,7 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     train = ["train", str(data), "--out", str(out), "--epochs", "1"]
     assert "--weight-decay must be 0 or more" in user_error(capsys, [*train, "--weight-decay", "-1"])
     assert "--patience must be 0 (off)" in user_error(capsys, [*train, "--patience", "-1"])
-    assert "--lr must be a positive number (got inf)" in user_error(capsys, [*train, "--lr", "inf"])
+    assert "--lr must be a finite number (got inf)" in user_error(capsys, [*train, "--lr", "inf"])
     assert "'none' stands alone" in user_error(capsys, [*train, "--augment", "none,flip"])
     assert "--seed must be between 0 and 2**32 - 1" in user_error(capsys, [*train, "--seed", "-1"])
     if not torch.cuda.is_available():

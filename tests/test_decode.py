@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,13 @@ def test_truncated_jpeg_is_named_not_half_decoded(tmp_path: Path):
     path.write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
     with pytest.raises(BrokenImage, match="cut.jpg"):
         decode_image(path, channels=3)
+
+
+def test_what_is_not_a_regular_file_or_cannot_be_converted_is_broken_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block the reader for ever
+    (tmp_path / "zeros.jpg").symlink_to("/dev/zero")  # reading it would never end
+    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")  # Pillow opens it, but has no conversion for it
+    for name, reason in (("pipe.jpg", "not a regular file"), ("zeros.jpg", "not a regular file"),
+                         ("lab.tif", "cannot convert its LAB pixels")):
+        with pytest.raises(BrokenImage, match=reason):
+            decode_image(tmp_path / name, 1, 8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -107,6 +108,19 @@ def test_train_writes_a_resumable_run_and_resume_extends_it(digits_run):
     rows = (digits_run / "metrics.csv").read_text().strip().splitlines()
     assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]
     assert json.loads((digits_run / "report.json").read_text())["epochs"] == 2
+
+
+def test_resume_refuses_fewer_epochs_and_infinite_values_are_refused_before_any_folder(digits_run, tmp_path, capsys):
+    run = shutil.copytree(digits_run, tmp_path / "copy")
+    assert main(["repair", "train", "digits", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    config = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert main(["repair", "train", "digits", "--out", str(run), "--resume", "--epochs", "1"]) == 2
+    assert "already finished 2 epochs" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == config  # left as it was
+    for flag in ("--lr", "--hole-weight", "--adversarial-weight"):
+        assert main(["repair", "train", "digits", "--out", str(tmp_path / "run"), flag, "inf"]) == 2
+        assert "must be a finite number" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_evaluate_json_scores_model_and_biharmonic_on_the_asked_count(digits_run, tmp_path, capsys):

@@ -255,3 +255,18 @@ def test_images_only_in_sub_folders_are_still_an_image_collection(tmp_path: Path
                 Image.new("RGB", (10, 10), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
     source = open_data(tmp_path / "pets").train
     assert source.kind == "image" and len(source) == 12 and source.classes == ["cats", "dogs"]
+
+
+def test_thread_decoding_keeps_a_bounded_window_ahead_of_its_consumer():
+    """Labelling a big folder in threads: a slow consumer must not find the whole collection decoded in memory."""
+    started = []
+
+    class Runner(torch.utils.data.Dataset):
+        def __getitem__(self, task):
+            started.append(task)
+            return task
+
+    results = loading._run_tasks(Runner(), [[i] for i in range(1000)], processes=False, workers=2)
+    assert next(results) == [0]
+    assert len(started) <= 8  # 4 tasks a worker in flight, not 1,000
+    assert list(results) == [[i] for i in range(1, 1000)]  # and every task, in order

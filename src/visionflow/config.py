@@ -45,6 +45,8 @@ class RunConfig:
             if isinstance(value, numbers.Number) and hasattr(value, "item"):  # numpy's: config.json takes Python's
                 value = value.item()
                 setattr(self, f.name, value)
+            if isinstance(value, float) and not math.isfinite(value):  # no option here takes inf or NaN
+                raise VisionflowError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
             if not allowed <= set(_TYPE_CHECKS) or any(_TYPE_CHECKS[t](value) for t in allowed):
                 continue  # a type not checked here (dict, ...), or a value of an allowed one
             raise VisionflowError(f"{f.name} must be {' or '.join(_TYPE_NAMES[t] for t in sorted(allowed))} "

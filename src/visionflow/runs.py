@@ -85,6 +85,12 @@ class RunDir:
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
 
+    def refuse_fewer_epochs(self, finished: int, epochs: int | None) -> None:
+        """`--resume --epochs N` extends a run: N below the epochs it has finished is a mistake, not a no-op."""
+        if epochs is not None and epochs < finished:
+            raise VisionflowError(f"{self.path} has already finished {finished} epochs; "
+                                  f"--resume --epochs N extends it to N > {finished}")
+
     def task(self) -> str:
         """What the run trained: "classifier", "gan" or "repair" (their config.json files say so differently)."""
         config = self.read_json("config.json")

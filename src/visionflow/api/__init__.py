@@ -186,8 +186,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     finished = checkpoint["state"]["epoch"]
-    if cfg.epochs < finished:
-        raise VisionflowError(f"{run.path} has already finished {finished} epochs; --resume --epochs N extends it to N > {finished}")
+    run.refuse_fewer_epochs(finished, epochs)
     if epochs is not None and epochs > finished and cfg.patience and checkpoint["state"]["stale_epochs"] >= cfg.patience:
         checkpoint["state"]["stale_epochs"] = 0  # stopped early, and asked for more: early stopping starts over
         log.warning("%s had stopped early (--patience %d); training epochs %d-%d", run.path, cfg.patience,

@@ -72,6 +72,7 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
         cfg.epochs = epochs
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     part, _ = _decode_training_images(cfg, config["channels"], config["image_size"])
     if part.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")

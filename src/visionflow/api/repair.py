@@ -88,6 +88,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) 
         cfg.epochs = epochs
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     train_source, val_source = _training_sources(cfg)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)

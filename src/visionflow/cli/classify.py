@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
 import sys
@@ -143,14 +145,21 @@ def run_predict(args) -> int:
     console = make_console()
     show = console.is_terminal and not args.quiet
     total = api.count_inputs(args.inputs, args.run_dir) if show else None
-    out = open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)
-    with out as stream, make_progress(console, show) as progress:
+    with make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=total, status="")
         rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
                            augment_eval=args.augment_eval, strict=args.strict,
                            on_batch=lambda n: progress.update(task, advance=n))
-        count = write_rows(rows, stream, args.format)
+        # The first row before --output is opened: a wrong run or input must not empty an existing file.
+        first = next(rows, None)
+        rows = itertools.chain([first], rows) if first is not None else iter(())
+        # surrogateescape: file names that are not UTF-8 are written byte for byte
+        if not args.output and isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(errors="surrogateescape")
+        out = open(args.output, "w", newline="", errors="surrogateescape") if args.output else nullcontext(sys.stdout)
+        with out as stream:
+            count = write_rows(rows, stream, args.format)
     if args.output:
         print(f"wrote {count} rows to {args.output}", file=sys.stderr)
     return 0

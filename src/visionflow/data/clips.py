@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image
+from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image, require_regular_file
 from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items, walk_folder
 from visionflow.errors import BrokenImage, VisionflowError
 
@@ -184,8 +184,10 @@ def read_clip(path: str, channels: int, size: int | None, frames: int) -> torch.
         reader = _array_frames
     else:
         reader = _video_frames
-    if not os.path.isdir(path) and os.path.getsize(path) == 0:
-        raise BrokenImage(path, "empty file")
+    if not os.path.isdir(path):
+        require_regular_file(path, path)
+        if os.path.getsize(path) == 0:
+            raise BrokenImage(path, "empty file")
     return torch.stack(reader(path, channels, size, decoded_frames(frames), frames))
 
 

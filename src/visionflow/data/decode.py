@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,8 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
 def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | None = None,
                  origin: str | None = None) -> torch.Tensor:
     """Read one image file (or its bytes) as a uint8 tensor (channels, size, size)."""
+    if not isinstance(source, bytes):
+        require_regular_file(source, origin or str(source))
     if not isinstance(source, bytes) and os.path.splitext(str(source))[1].lower() in (".jpg", ".jpeg"):
         origin = origin or str(source)
         try:
@@ -143,7 +146,25 @@ def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | N
         fast = decode_plain_jpeg(source, channels, size)
         if fast is not None:
             return fast
-    return pil_to_tensor(open_image(source, origin), channels, size)
+    image = open_image(source, origin)
+    try:
+        return pil_to_tensor(image, channels, size)
+    except (ValueError, OSError) as exc:  # a mode Pillow opens but cannot convert (LAB, ...)
+        raise BrokenImage(origin or str(source), f"cannot convert its {image.mode} pixels ({exc})") from None
+
+
+def require_regular_file(path: str | os.PathLike, origin: str) -> None:
+    """BrokenImage unless `path` is a regular file: a FIFO would block the reader, /dev/zero would never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BrokenImage(origin, "no such file") from None
+    except OSError as exc:
+        raise BrokenImage(origin, f"cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise BrokenImage(origin, "a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise BrokenImage(origin, "not a regular file (a pipe, a device or a socket)")
 
 
 def probe_image(path: str | Path) -> tuple[int, tuple[int, int]]:

@@ -7,6 +7,7 @@ decides what happens to a broken item: skipped with a warning naming it, or refu
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -117,8 +118,16 @@ def _run_tasks(runner: torch.utils.data.Dataset, tasks: list[list[int]], process
             runner, batch_size=None, sampler=tasks, collate_fn=_as_is, num_workers=min(workers, os.cpu_count() or 1),
             multiprocessing_context="fork", prefetch_factor=4)
         return
+    # A bounded window of tasks in flight, as the DataLoader's prefetch_factor keeps: pool.map would queue them
+    # all, and a slow consumer (labelling a big folder) would find the whole collection decoded in memory.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(runner.__getitem__, tasks)
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(pool.submit(runner.__getitem__, task))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _split_tasks(indices: list[int], workers: int) -> list[list[int]]:

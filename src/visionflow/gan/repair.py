@@ -248,7 +248,8 @@ def train_repair_epoch(generator: RepairGenerator, discriminator: PatchDiscrimin
     seconds = time.perf_counter() - start
     means = {name: total / max(1, steps) for name, total in totals.items()}
     if not all(math.isfinite(v) for v in means.values()):
-        raise VisionflowError(f"repair training diverged (losses {means}); the last good epoch is kept - try a lower --lr")
+        raise VisionflowError(f"repair training diverged (losses {means}); the last finished epoch, if any, is kept - "
+                              "train again with a lower --lr (a new run: --resume keeps the run's settings)")
     return {**means, "steps": steps, "images_per_second": len(order) / seconds, "seconds": seconds}
 
 

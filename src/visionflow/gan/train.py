@@ -229,7 +229,8 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, check
                         raise GanDiverged(
                             f"training diverged in epoch {epoch + 1} ({bad.replace('_', ' ')} {stats[bad]:.4g}); "
                             f"kept the last good checkpoint (epoch {epoch}) in {run.path} - "
-                            "try a lower --lr, --loss hinge or --spectral-norm")
+                            "train again with a lower --lr, --loss hinge or --spectral-norm (a new run: --resume "
+                            "keeps the run's settings; a folder with no finished epoch gives way to a new run)")
                     step += 1
                     # EMA warm-up: early weights move fast, so the average starts short and lengthens
                     update_ema(ema, generator, min(cfg.ema_decay, (1 + step) / (10 + step)))

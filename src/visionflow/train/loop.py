@@ -172,7 +172,8 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
     seconds = time.perf_counter() - start
     loss_value = float(total_loss) / trained
     if not math.isfinite(loss_value):
-        raise VisionflowError(f"training diverged (loss {loss_value}); try a lower --lr")
+        raise VisionflowError(f"training diverged (loss {loss_value}); train again with a lower --lr (a new run: "
+                              "--resume keeps the run's settings)")
     return {"train_loss": loss_value, "train_accuracy": int(total_correct) / trained,
             "images_per_second": trained / seconds, "seconds": seconds}
 
