@@ -216,16 +216,18 @@ def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Pat
     out = tmp_path / "run"
     out.mkdir()
     # what an interruption before the first epoch's end leaves: its config and held-out split, no weights
-    (out / "config.json").write_text(json.dumps({"version": 1, "classes": ["x", "y"]}))
+    (out / "config.json").write_text(json.dumps({"version": 1, "train": {}, "preprocess": {}, "classes": ["x", "y"]}))
     (out / "split.json").write_text(json.dumps({"held_out": ["elsewhere/x/1.png"]}))
     assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet", "--val", str(data)]) == 0
     assert json.loads((out / "config.json").read_text())["classes"] == ["square", "stripes_h", "stripes_v"]
     assert not (out / "split.json").exists()  # nothing of the old attempt stays to mislead evaluate
     other = tmp_path / "someone-elses"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "version": "4.1"}))  # a version, like many
+    (other / "metrics.csv").write_text("theirs\n")
     assert main(["train", str(data), "--out", str(other), "--epochs", "1", "--quiet"]) == 2
-    assert json.loads((other / "config.json").read_text()) == {"model_type": "bert"}
+    assert json.loads((other / "config.json").read_text()) == {"model_type": "bert", "version": "4.1"}
+    assert (other / "metrics.csv").read_text() == "theirs\n"
 
 
 def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_path: Path, capsys, caplog):

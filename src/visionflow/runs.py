@@ -76,7 +76,9 @@ class RunDir:
             return run
         if any(run.path.glob("*.safetensors")):
             raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
-        if "version" not in run.read_json("config.json"):  # someone else's config.json: not ours to replace
+        config = run.read_json("config.json")
+        ours = config.get("kind") == "gan" or config.get("task") == "repair" or {"train", "preprocess"} <= set(config)
+        if "version" not in config or not ours:  # someone else's config.json: not ours to replace
             raise VisionflowError(f"{run.path} holds a config.json that is not a visionflow run's; choose another --out")
         for name in RUN_FILES:  # what the attempt left, so nothing of it mixes with the new run
             (run.path / name).unlink(missing_ok=True)
