@@ -18,10 +18,16 @@ EVAL_AUGMENTS = ("none", "flip", "flip-translate")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware computes it (devices.uses_bf16)
 
 
-_TYPE_CHECKS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),  # numpy's too
-                "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
-                "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool), "None": lambda v: v is None}
-_TYPE_NAMES = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false", "None": "None"}
+# What a value of each option type may be, and how an error names the type (run configs and model options).
+TYPE_CHECKS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),  # numpy's too
+               "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+               "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool), "None": lambda v: v is None}
+TYPE_NAMES = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false", "None": "None"}
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2 ** 32:  # numpy's generators take no other
+        raise VisionflowError(f"--seed must be between 0 and 2**32 - 1 (got {seed})")
 
 
 class RunConfig:
@@ -47,13 +53,11 @@ class RunConfig:
                 setattr(self, f.name, value)
             if isinstance(value, float) and not math.isfinite(value):  # no option here takes inf or NaN
                 raise VisionflowError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
-            if not allowed <= set(_TYPE_CHECKS) or any(_TYPE_CHECKS[t](value) for t in allowed):
+            if not allowed <= set(TYPE_CHECKS) or any(TYPE_CHECKS[t](value) for t in allowed):
                 continue  # a type not checked here (dict, ...), or a value of an allowed one
-            raise VisionflowError(f"{f.name} must be {' or '.join(_TYPE_NAMES[t] for t in sorted(allowed))} "
+            raise VisionflowError(f"{f.name} must be {' or '.join(TYPE_NAMES[t] for t in sorted(allowed))} "
                                   f"(got {value!r})")
-        seed = getattr(self, "seed", 0)
-        if not 0 <= seed < 2 ** 32:  # numpy's generators take no other
-            raise VisionflowError(f"--seed must be between 0 and 2**32 - 1 (got {seed})")
+        check_seed(getattr(self, "seed", 0))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,9 +107,8 @@ class TrainConfig(RunConfig):
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"--weight-decay must be 0 or more (got {self.weight_decay})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),  # inf and NaN: check_types
+            (self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})"),
             (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1) (got {self.momentum})"),
             (self.patience >= 0, f"--patience must be 0 (off) or a number of epochs (got {self.patience})"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer})"),

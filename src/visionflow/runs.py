@@ -52,6 +52,18 @@ RUN_FILES = ("config.json", "split.json", "checkpoint.pt", "metrics.csv", "repor
 RUN_TASKS = {"classifier": "a classifier run", "gan": "a GAN run", "repair": "an image-repair run"}
 
 
+def run_task(config: dict) -> str | None:
+    """What a run's config.json says it trained: "classifier", "gan" or "repair" (each says so its own way), or
+    None for a config.json that is not a visionflow run's."""
+    if "version" not in config:
+        return None
+    if config.get("kind") == "gan":
+        return "gan"
+    if config.get("task") == "repair":
+        return "repair"
+    return "classifier" if {"train", "preprocess"} <= set(config) else None
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -76,9 +88,7 @@ class RunDir:
             return run
         if any(run.path.glob("*.safetensors")):
             raise VisionflowError(f"{run.path} already holds a run: continue it with --resume or choose another --out")
-        config = run.read_json("config.json")
-        ours = config.get("kind") == "gan" or config.get("task") == "repair" or {"train", "preprocess"} <= set(config)
-        if "version" not in config or not ours:  # someone else's config.json: not ours to replace
+        if run_task(run.read_json("config.json")) is None:  # someone else's config.json: not ours to replace
             raise VisionflowError(f"{run.path} holds a config.json that is not a visionflow run's; choose another --out")
         for name in RUN_FILES:  # what the attempt left, so nothing of it mixes with the new run
             (run.path / name).unlink(missing_ok=True)
@@ -93,19 +103,15 @@ class RunDir:
             raise VisionflowError(f"{self.path} has already finished {finished} epochs; "
                                   f"--resume --epochs N extends it to N > {finished}")
 
-    def task(self) -> str:
-        """What the run trained: "classifier", "gan" or "repair" (their config.json files say so differently)."""
-        config = self.read_json("config.json")
-        return "gan" if config.get("kind") == "gan" else config.get("task", "classifier")
-
     def require(self, task: str = "classifier") -> "RunDir":
         """Check this is a finished-enough run directory of `task` to load a model from."""
         if not self.path.is_dir():
             raise VisionflowError(f"{self.path}: no such run directory")
         if not self.exists("config.json"):
             raise VisionflowError(f"{self.path}: not a visionflow run directory (no config.json)")
-        if self.task() != task:
-            raise VisionflowError(f"{self.path}: {RUN_TASKS[self.task()]}, not {RUN_TASKS[task]}")
+        found = run_task(self.read_json("config.json"))
+        if found is not None and found != task:  # a config.json missing its parts: the loader names what is missing
+            raise VisionflowError(f"{self.path}: {RUN_TASKS[found]}, not {RUN_TASKS[task]}")
         if not (self.exists("best.safetensors") or self.exists("last.safetensors")):
             raise VisionflowError(f"{self.path}: the run has no weights yet (training never finished an epoch)")
         return self

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from visionflow.config import TrainConfig
+from visionflow.config import TrainConfig, check_seed
 from visionflow.data.clips import (CACHE_FACTOR, expand_clip_inputs, is_clip_file, sample_frames, sampling_policy,
                                    unlabelled_clips)
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
@@ -362,8 +362,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--image-size must be between 8 and 1024 (got {image_size})")
     if channels not in (None, 1, 3):
         raise VisionflowError(f"--channels must be 1 or 3 (got {channels})")
-    if not 0 <= seed < 2 ** 32:
-        raise VisionflowError(f"--seed must be between 0 and 2**32 - 1 (got {seed})")
+    check_seed(seed)
     image_format(Path(out))  # a wrong name found before the work, not after it
     spec = AugmentSpec.parse(augment)
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")

@@ -25,7 +25,7 @@ from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
 from visionflow.report.plots import is_image_name, save_image_grid
-from visionflow.runs import RunDir, atomic_write
+from visionflow.runs import RunDir, atomic_write, run_task
 
 log = logging.getLogger("visionflow")
 
@@ -65,7 +65,7 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     if not run.exists("config.json"):
         raise VisionflowError(f"{run.path}: nothing to resume (no config.json)")
     config = run.read_json("config.json")
-    if config.get("kind") != "gan":
+    if run_task(config) != "gan":
         raise VisionflowError(f"{run.path}: not a GAN run (resume classifiers with `visionflow train --resume`)")
     cfg = GanConfig.from_dict(config["gan"])
     if epochs is not None:

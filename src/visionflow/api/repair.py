@@ -27,7 +27,7 @@ from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
 from visionflow.report.plots import image_format, save_image_grid
-from visionflow.runs import RunDir, atomic_write
+from visionflow.runs import RunDir, atomic_write, run_task
 
 log = logging.getLogger("visionflow")
 
@@ -113,7 +113,7 @@ def _repair_config(run: RunDir) -> dict:
     if not run.exists("config.json"):
         raise VisionflowError(f"{run.path}: not a visionflow run directory (no config.json)")
     config = run.read_json("config.json")
-    if config.get("task") != "repair":
+    if run_task(config) != "repair":
         raise VisionflowError(f"{run.path}: not a repair run (train one with `visionflow repair train`)")
     return config
 

@@ -14,7 +14,7 @@ from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import Generator
 from visionflow.gan.train import GanConfig, noise_and_labels, to_uint8
-from visionflow.runs import RunDir
+from visionflow.runs import RunDir, run_task
 
 
 @dataclass
@@ -55,7 +55,7 @@ def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise VisionflowError(f"{run.path}: no such run directory")
-    if not run.exists("config.json") or run.read_json("config.json").get("kind") != "gan":
+    if not run.exists("config.json") or run_task(run.read_json("config.json")) != "gan":
         raise VisionflowError(f"{run.path}: not a visionflow GAN run directory (train one with `visionflow gan train`)")
     if not run.exists("generator.safetensors"):
         raise VisionflowError(f"{run.path}: the GAN has no weights yet (training never finished an epoch)")

@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from visionflow.config import TYPE_CHECKS, TYPE_NAMES
 from visionflow.errors import VisionflowError
 
 
@@ -49,22 +50,14 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a word"}
-
-
 def create_model(name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     """Build a registered model by name; options are the family's own (e.g. hidden size for RNNs)."""
     entry = model_entry(name)
     defaults = {p.name: p.default for p in inspect.signature(entry.build).parameters.values()}
     for key, value in options.items():
-        default = defaults.get(key, inspect.Parameter.empty)
-        expected = type(default)
-        fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))  # True is an int
-        if default is inspect.Parameter.empty or default is None or fits or (
-                expected is float and isinstance(value, int) and not isinstance(value, bool)):
-            continue  # an unknown option is refused below, with Python's own message
-        raise VisionflowError(f"model '{name}': option {key} takes {_KIND_NAMES.get(expected, expected.__name__)} "
-                              f"(got {value!r})")
+        kind = type(defaults.get(key)).__name__  # an unknown option is refused below, with Python's own message
+        if kind in TYPE_CHECKS and not TYPE_CHECKS[kind](value):
+            raise VisionflowError(f"model '{name}': option {key} takes {TYPE_NAMES[kind]} (got {value!r})")
     try:
         model = entry.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
     except TypeError as exc:
