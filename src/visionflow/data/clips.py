@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image, require_regular_file
+from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image, require_nonempty_file
 from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items, walk_folder
 from visionflow.errors import BrokenImage, VisionflowError
 
@@ -91,12 +91,16 @@ def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator |
 # --- decoding one clip -----------------------------------------------------------------------------------
 
 def _packets(path: str) -> int:
-    """The video packets of a file, counted without decoding: its frames, where the container keeps no count."""
+    """The video packets of a file, counted without decoding: its frames, where the container keeps no count
+    (webm, mkv); of a damaged file, those before the damage."""
+    count = 0
     try:
         with av.open(path) as container:
-            return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+            for packet in container.demux(container.streams.video[0]):
+                count += packet.size > 0
     except (av.FFmpegError, OSError, ValueError):
-        return 0  # the decoding pass says what is wrong with the file
+        pass  # the decoding pass says what is wrong with the file
+    return count
 
 
 def _video_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
@@ -106,25 +110,20 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
                 raise BrokenImage(path, "no video stream")
             stream = container.streams.video[0]
             # The frames an .npy array or a frame folder of the same clip would give, from the number of frames
-            # the container says it holds (mp4) or its packets counted (webm, mkv keep no count): only those
-            # are converted, and decoding stops after the last. Where neither can be had, memory stays flat on
-            # long videos: when 2 x count frames are kept, every other one is dropped and only every 2nd (4th,
-            # ...) frame kept from then on.
+            # the container says it holds (mp4) or its packets counted: only those are converted, so memory
+            # stays flat on long videos, and decoding stops after the last.
             total = stream.frames or _packets(path)
-            wanted = clip_indices(total, count, frames) if total > 0 else None
-            wanted_set = set(wanted.tolist()) if wanted is not None else set()
+            if total == 0:
+                raise BrokenImage(path, "video has no frames")
+            wanted = clip_indices(total, count, frames)
+            wanted_set = set(wanted.tolist())
             kept: dict[int, torch.Tensor] = {}
-            stride, decoded = 1, 0
             try:
                 for number, frame in enumerate(container.decode(stream)):
-                    decoded = number + 1
-                    if (number in wanted_set) if wanted is not None else number % stride == 0:
+                    if number in wanted_set:
                         kept[number] = pil_to_tensor(frame.to_image(), channels, size)
-                    if wanted is not None and number >= wanted[-1]:
+                    if number >= wanted[-1]:
                         break
-                    if wanted is None and len(kept) == 2 * count:
-                        stride *= 2
-                        kept = {n: t for n, t in kept.items() if n % stride == 0}
             except av.EOFError:
                 pass  # the stream ends early (no frames at all, or a cut-off last packet): what was read counts
     except BrokenImage:
@@ -134,9 +133,7 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
     if not kept:
         raise BrokenImage(path, "video has no frames")
     numbers = sorted(kept)
-    if wanted is None:
-        wanted = clip_indices(decoded, count, frames)
-    # each wanted frame, or the last one kept before it (a file that holds fewer frames than it says, or thinning)
+    # each wanted frame, or the last one decoded before it (a file that holds fewer frames than it says)
     return [kept[numbers[max(0, bisect.bisect_right(numbers, n) - 1)]] for n in wanted]
 
 
@@ -185,9 +182,7 @@ def read_clip(path: str, channels: int, size: int | None, frames: int) -> torch.
     else:
         reader = _video_frames
     if not os.path.isdir(path):
-        require_regular_file(path, path)
-        if os.path.getsize(path) == 0:
-            raise BrokenImage(path, "empty file")
+        require_nonempty_file(path, path)
     return torch.stack(reader(path, channels, size, decoded_frames(frames), frames))
 
 

@@ -106,9 +106,7 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
                 raise BrokenImage(origin, "empty file")
             img = Image.open(io.BytesIO(source))
         else:
-            if os.path.getsize(source) == 0:
-                raise BrokenImage(origin, "empty file")
-            img = Image.open(source)
+            img = Image.open(source)  # decode_image has checked that it is a file with bytes in it
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise BrokenImage(origin, f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
@@ -120,10 +118,6 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise BrokenImage(origin, f"not a readable image ({type(exc).__name__})") from None
-    except FileNotFoundError:
-        raise BrokenImage(origin, "no such file") from None
-    except IsADirectoryError:
-        raise BrokenImage(origin, "a folder, not an image file") from None
     except PermissionError:
         raise BrokenImage(origin, "no permission to read it") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -134,14 +128,14 @@ def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | N
                  origin: str | None = None) -> torch.Tensor:
     """Read one image file (or its bytes) as a uint8 tensor (channels, size, size)."""
     if not isinstance(source, bytes):
-        require_regular_file(source, origin or str(source))
-    if not isinstance(source, bytes) and os.path.splitext(str(source))[1].lower() in (".jpg", ".jpeg"):
         origin = origin or str(source)
-        try:
-            with open(source, "rb") as f:
-                source = f.read()
-        except OSError as exc:
-            raise BrokenImage(origin, f"cannot be read ({exc.strerror or exc})") from None
+        require_nonempty_file(source, origin)
+        if os.path.splitext(str(source))[1].lower() in (".jpg", ".jpeg"):
+            try:
+                with open(source, "rb") as f:
+                    source = f.read()
+            except OSError as exc:
+                raise BrokenImage(origin, f"cannot be read ({exc.strerror or exc})") from None
     if isinstance(source, bytes):
         fast = decode_plain_jpeg(source, channels, size)
         if fast is not None:
@@ -153,18 +147,21 @@ def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | N
         raise BrokenImage(origin or str(source), f"cannot convert its {image.mode} pixels ({exc})") from None
 
 
-def require_regular_file(path: str | os.PathLike, origin: str) -> None:
-    """BrokenImage unless `path` is a regular file: a FIFO would block the reader, /dev/zero would never end."""
+def require_nonempty_file(path: str | os.PathLike, origin: str) -> None:
+    """BrokenImage unless `path` is a regular file with bytes in it, from one stat: a FIFO would block the reader,
+    /dev/zero would never end, and Pillow would call an empty file merely unidentified."""
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except FileNotFoundError:
         raise BrokenImage(origin, "no such file") from None
     except OSError as exc:
         raise BrokenImage(origin, f"cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(info.st_mode):
         raise BrokenImage(origin, "a folder, not an image file")
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
         raise BrokenImage(origin, "not a regular file (a pipe, a device or a socket)")
+    if info.st_size == 0:
+        raise BrokenImage(origin, "empty file")
 
 
 def probe_image(path: str | Path) -> tuple[int, tuple[int, int]]:
