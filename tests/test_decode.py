@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visionflow.data.decode import MAX_PIXELS, decode_image, is_image_file
+from visionflow.data.decode import MAX_PIXELS, decode_image, is_image_file, probe_image
 from visionflow.errors import BrokenImage
 
 
@@ -113,12 +113,14 @@ def test_broken_files_raise_broken_image_naming_the_file(tmp_path: Path):
         assert str(path) in str(info.value), kind
 
 
-def test_decompression_bomb_is_refused(tmp_path: Path):
-    side = int(MAX_PIXELS ** 0.5) + 100
+@pytest.mark.parametrize("times", [1.01, 2.5])  # Pillow only warns up to 2x its limit, and raises its own error above
+def test_decompression_bomb_is_refused(tmp_path: Path, times: float):
+    side = int((MAX_PIXELS * times) ** 0.5)
     Image.new("1", (side, side)).save(tmp_path / "bomb.png")  # 1-bit: tiny file, huge image
-    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
-    with pytest.raises(BrokenImage, match="decompression bomb"):
-        decode_image(tmp_path / "bomb.png", channels=1)
+    assert (tmp_path / "bomb.png").stat().st_size < 5_000_000
+    for read in (lambda path: decode_image(path, channels=1), probe_image):  # probing (guessing the size) as well
+        with pytest.raises(BrokenImage, match="decompression bomb"):
+            read(tmp_path / "bomb.png")
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -157,11 +159,30 @@ def test_truncated_jpeg_is_named_not_half_decoded(tmp_path: Path):
         decode_image(path, channels=3)
 
 
-def test_what_is_not_a_regular_file_or_cannot_be_converted_is_broken_not_a_hang(tmp_path):
+def test_what_is_not_a_regular_file_is_broken_not_a_hang(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block the reader for ever
     (tmp_path / "zeros.jpg").symlink_to("/dev/zero")  # reading it would never end
-    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")  # Pillow opens it, but has no conversion for it
-    for name, reason in (("pipe.jpg", "not a regular file"), ("zeros.jpg", "not a regular file"),
-                         ("lab.tif", "cannot convert its LAB pixels")):
-        with pytest.raises(BrokenImage, match=reason):
-            decode_image(tmp_path / name, 1, 8)
+    for name in ("pipe.jpg", "zeros.jpg"):
+        for read in (lambda path: decode_image(path, 1, 8), probe_image):  # probing (guessing the size) as well
+            with pytest.raises(BrokenImage, match="not a regular file"):
+                read(tmp_path / name)
+
+
+def test_lab_images_decode_in_grey_and_colour(tmp_path):
+    lab = Image.fromarray(rgb_array()).convert("LAB")
+    lab.save(tmp_path / "lab.tif")
+    reference = lab.convert("RGB")  # Pillow converts LAB to RGB only: grey goes through RGB
+    assert decode_image(tmp_path / "lab.tif", 3).permute(1, 2, 0).numpy().tolist() == np.asarray(reference).tolist()
+    assert decode_image(tmp_path / "lab.tif", 1)[0].numpy().tolist() == np.asarray(reference.convert("L")).tolist()
+
+
+def test_deep_integer_and_float_images_scale_to_eight_bits(tmp_path):
+    ints = np.array([[-60000, -1, 0, 256, 65535, 90000]], dtype=np.int32)
+    Image.fromarray(ints, mode="I").save(tmp_path / "int.tif")
+    assert decode_image(tmp_path / "int.tif", 1)[0, 0].tolist() == [0, 0, 0, 1, 255, 255]  # negatives are black
+    unit = np.array([[0.0, 0.5, 1.0, np.nan, np.inf, 1.0]], dtype=np.float32)  # intensities in [0, 1]
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    assert decode_image(tmp_path / "unit.tif", 1)[0, 0].tolist() == [0, 128, 255, 0, 255, 255]
+    wide = np.array([[-2.0, 0.0, 2.0, -np.inf]], dtype=np.float32)  # another range: stretched over its finite values
+    Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+    assert decode_image(tmp_path / "wide.tif", 1)[0, 0].tolist() == [0, 128, 255, 0]

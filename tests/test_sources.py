@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import write_class_folder
 from visionflow.data import loading
 from visionflow.data.loading import decode_part, stratified_split
-from visionflow.data.sources import DataSource, expand_inputs, open_data
+from visionflow.data.sources import DataSource, ImageArray, expand_inputs, open_data
 from visionflow.errors import BrokenImage, VisionflowError
 
 
@@ -48,6 +48,27 @@ def test_class_folder(patterns: Path):
     assert data.train.classes == ["square", "stripes_h", "stripes_v"]
     assert len(data.train) == 61 and np.bincount(data.train.labels).tolist() == [21, 20, 20]
     assert data.train.guess_channels() == 1 and data.train.guess_size() == 16
+
+
+def test_a_small_colour_class_among_grey_ones_is_seen(tmp_path: Path):
+    """Channels are guessed from a sample of files: every class is in it, so 2 colour images in a class of their own
+    make a colour data set however many grey ones the others hold. A zip's __MACOSX folder is no class."""
+    write_class_folder(tmp_path / "d", per_class=40)
+    write_class_folder(tmp_path / "colour", per_class=2, mode="RGB")
+    (tmp_path / "colour" / "stripes_v").rename(tmp_path / "d" / "zz_colour")
+    (tmp_path / "d" / "__MACOSX" / "square").mkdir(parents=True)
+    (tmp_path / "d" / "__MACOSX" / "square" / "._000.png").write_bytes(b"\0\5\26\7")  # AppleDouble, not a PNG
+    data = open_data(tmp_path / "d")
+    assert data.train.classes == ["square", "stripes_h", "stripes_v", "zz_colour"]
+    assert data.train.guess_channels() == 3
+
+
+def test_colour_arrays_read_as_colour_files_do():
+    rgba = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 4), dtype=np.uint8)
+    source = ImageArray(rgba, np.array([0, 1]), ["a", "b"], "arrays")
+    assert source.read(1, 3, None).permute(1, 2, 0).numpy().tolist() == rgba[1, :, :, :3].tolist()
+    grey = np.asarray(Image.fromarray(rgba[1]).convert("RGB").convert("L"))
+    assert source.read(1, 1, None)[0].numpy().tolist() == grey.tolist()
 
 
 def test_split_folder_uses_given_parts(tmp_path: Path):

@@ -206,7 +206,7 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe decodes a whole video
+    probe_count = 8  # a probe decodes a frame of a video, and all the frames before it
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], frames: int, name: str = ""):

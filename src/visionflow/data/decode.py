@@ -29,7 +29,8 @@ except ImportError:  # a declared dependency; without it every JPEG goes through
     simplejpeg = None
 
 # Files with these endings are images; anything else in a folder (.txt, .DS_Store, .csv) is ignored.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".webp", ".avif",
+                              ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
 
 # Pillow's own limit (about 89 Mpx) only warns between 1x and 2x; we refuse anything above it, so a
 # decompression bomb is a broken file rather than a memory spike.
@@ -44,19 +45,27 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def _to_8bit(img: Image.Image) -> Image.Image:
     """High bit-depth modes scale down to 8 bits (Pillow's convert would clip them instead)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.uint32)
+        arr = np.asarray(img, dtype=np.int64)  # signed: a negative 32-bit value is below black, not a huge one
         return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
+        # Floats in [0, 1] are intensities; any other range is stretched from its lowest to its highest finite
+        # value. NaN counts as the lowest, +-inf as the ends.
+        arr = np.asarray(img, dtype=np.float64)
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     return img
 
 
 def pil_to_tensor(img: Image.Image, channels: int, size: int | None) -> torch.Tensor:
     """A decoded Pillow image -> uint8 (channels, size, size). Resizing squashes to a square (as Keras does)."""
     img = _to_8bit(img)
+    if channels == 1 and img.mode == "LAB":
+        img = img.convert("RGB")  # Pillow converts LAB to RGB only
     img = img.convert("L" if channels == 1 else "RGB")
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -107,21 +116,26 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
             img = Image.open(io.BytesIO(source))
         else:
             img = Image.open(source)  # decode_image has checked that it is a file with bytes in it
-        width, height = img.size
-        if width * height > MAX_PIXELS:
-            raise BrokenImage(origin, f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
+        refuse_over_max_pixels(origin, *img.size)
         img.load()
         if img.format == "JPEG" and "exif" not in img.info and "xmp" not in img.info:
             return img  # no orientation to apply; parsing for it costs a tenth of a small JPEG's decode
         return ImageOps.exif_transpose(img)
     except BrokenImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it itself
+        raise BrokenImage(origin, f"over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)") from None
+    except UnidentifiedImageError as exc:
         raise BrokenImage(origin, f"not a readable image ({type(exc).__name__})") from None
     except PermissionError:
         raise BrokenImage(origin, "no permission to read it") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BrokenImage(origin, f"truncated or corrupt image ({exc})") from None
+
+
+def refuse_over_max_pixels(origin: str, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise BrokenImage(origin, f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
 
 
 def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | None = None,
@@ -165,11 +179,16 @@ def require_nonempty_file(path: str | os.PathLike, origin: str) -> None:
 
 
 def probe_image(path: str | Path) -> tuple[int, tuple[int, int]]:
-    """(channel count the image naturally has, (width, height)) without a full decode; BrokenImage on failure."""
+    """(channel count the image naturally has, (width, height)) without a full decode; BrokenImage on failure,
+    as decoding it would fail: not a regular file, unreadable, or over MAX_PIXELS."""
+    require_nonempty_file(path, str(path))
     try:
         with Image.open(path) as img:
             mode, size = img.mode, img.size
+    except Image.DecompressionBombError:
+        raise BrokenImage(str(path), f"over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise BrokenImage(str(path), f"not a readable image ({type(exc).__name__})") from None
+    refuse_over_max_pixels(str(path), *size)
     gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
     return (1 if gray else 3), size

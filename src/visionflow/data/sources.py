@@ -1,12 +1,12 @@
 """Data sources: one interface for every kind of collection visionflow reads.
 
 A `DataSource` is an indexable labelled collection. Whatever it holds (files in class folders, MNIST IDX
-arrays, the built-in digits, later video clips or Parquet shards), `read(i, channels, size)` returns the
+arrays, the built-in digits, video clips: data/clips.py), `read(i, channels, size)` returns the
 decoded uint8 tensor of item i, `origin(i)` says where it came from and `labels[i]` is its class index.
 Errors in one item raise `BrokenImage`; the loaders in `visionflow.data.loading` decide to skip or refuse.
 
 `open_data(spec)` turns what the user typed (a path or a built-in name) into a `DataSet`: a train part and,
-when the data has one, its own test part.
+when the data has them, its own test part and validation part.
 """
 
 from __future__ import annotations
@@ -105,13 +105,19 @@ class ImageFiles(DataSource):
         return decode_image(self.paths[index], channels, size)
 
     def _probe_some(self) -> list[tuple[int, tuple[int, int]]]:
+        """probe_count files spread over the collection, and the first readable one of every class: a small colour
+        class among many grey ones would otherwise go unseen."""
         step = max(1, len(self.paths) // self.probe_count)
+        spread = list(range(0, len(self.paths), step))[:self.probe_count]
+        first_of_class = np.unique(self.labels, return_index=True)[1] if len(self.labels) else []
         found = []
-        for path in self.paths[::step][:self.probe_count]:
-            try:
-                found.append(self.probe(path))
-            except VisionflowError:
-                continue
+        for index in sorted(set(spread) | set(int(i) for i in first_of_class)):
+            for candidate in range(index, min(index + 8, len(self.paths))):  # past a broken file or two
+                try:
+                    found.append(self.probe(self.paths[candidate]))
+                    break
+                except VisionflowError:
+                    continue
         return found
 
     def guess_channels(self) -> int:
@@ -135,16 +141,18 @@ class ImageArray(DataSource):
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes, self.name = classes, name
-        self.native_channels = 1 if images.ndim == 3 else images.shape[3]
+        self.native_channels = 1 if images.ndim == 3 else min(images.shape[3], 3)  # alpha is dropped
 
     def origin(self, index: int) -> str:
         return f"{self.name}#{index}"
 
     def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
         img = torch.from_numpy(self.images[index])
-        img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)
+        img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)[:3]  # alpha dropped, as decoding files does
         if channels != img.shape[0]:
-            img = img.expand(channels, -1, -1) if img.shape[0] == 1 else img.float().mean(0, keepdim=True).round().byte()
+            # grey to colour repeats it; colour to grey is Pillow's convert("L"), so arrays and files agree
+            img = img.expand(channels, -1, -1) if img.shape[0] == 1 else (
+                (img[0].int() * 19595 + img[1].int() * 38470 + img[2].int() * 7471 + 0x8000) >> 16).byte()[None]
         if size is not None and img.shape[-1] != size:
             img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False,
                                 antialias=True)[0].round().clamp(0, 255).byte()
@@ -167,19 +175,24 @@ class DataSet:
 
 # --- folders of images -------------------------------------------------------------------------------
 
+def _ignored_folder(name: str) -> bool:
+    """Hidden folders (.git, .ipynb_checkpoints) and the __MACOSX folder that zips made on a Mac carry."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _ignored_folder(p.name))
 
 
 def walk_folder(folder: Path):
     """os.walk in name order, into symlinked sub-folders too (a class folder may link in images kept elsewhere),
     each real folder once and none that holds `folder` (a link back up would loop or read the other classes),
-    hidden ones (.git, .ipynb_checkpoints) left out."""
+    the ignored ones (_ignored_folder) left out."""
     root = os.path.realpath(folder)
     seen = {root}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         kept = []
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
+        for name in sorted(d for d in dirnames if not _ignored_folder(d)):
             real = os.path.realpath(os.path.join(dirpath, name))
             if real not in seen and os.path.commonpath([root, real]) != real:  # not `folder` or above it
                 seen.add(real)
