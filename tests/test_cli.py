@@ -192,7 +192,8 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     assert not out.exists()
     (tmp_path / "a-file").write_text("")
     assert "a-file is a file, not a folder" in user_error(capsys, ["train", str(data), "--out", str(tmp_path / "a-file" / "run")])
-    assert "is inside the data folder" in user_error(capsys, ["train", str(data), "--out", str(data / "square" / "run")])
+    for verb in (["train"], ["gan", "train"], ["repair", "train"]):  # a GAN's samples would be a class of their own
+        assert "is inside the data folder" in user_error(capsys, [*verb, str(data), "--out", str(data / "square" / "run")])
     assert not (data / "square" / "run").exists()
     # what the system refuses further on is one line naming the path too
     assert f"{tmp_path / 'a-file'}: a file stands where a folder is needed" in user_error(
@@ -306,6 +307,11 @@ def test_channel_mismatch_is_refused(tmp_path: Path):
     write_mnist(tmp_path / "mnist")
     result = run_cli("evaluate", tmp_path / "run", tmp_path / "mnist")
     assert_user_error(result, "1-channel", "3-channel")
+    # Grey data trained as colour (--channels 3) is the run's own: evaluated as it was trained.
+    assert run_cli("train", "digits", "--out", tmp_path / "grey-as-rgb", "--epochs", "1", "--channels", "3",
+                   "--quiet").returncode == 0
+    result = run_cli("evaluate", tmp_path / "grey-as-rgb", "digits")
+    assert result.returncode == 0 and float(result.stdout.split("accuracy")[1].split()[0]) > 0.5, result.stderr
 
 
 def test_demo_reaches_its_promise_and_replaces_only_its_own_folder(tmp_path: Path):
@@ -330,3 +336,34 @@ def test_threads_option_sets_the_cpu_threads_and_the_report_records_them(tmp_pat
     assert json.loads((tmp_path / "run" / "report.json").read_text())["threads"] == 1
     assert_user_error(run_cli("--threads", "0", "train", data, "--out", tmp_path / "other"), "--threads", "at least 1")
     assert not (tmp_path / "other").exists()
+
+
+def test_ctrl_c_while_torch_loads_is_an_interruption_not_a_traceback():
+    """The CLI module itself is light; torch loads inside main's error handling, so an early Ctrl-C exits 130."""
+    import signal
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-X", "importtime", "-c", "import sys; from visionflow.cli import main; sys.exit(main(['models']))"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    loaded_before_main = []
+    for line in process.stderr:  # -X importtime: one line per module, as each finishes loading
+        if "torch" in line:  # main() has started on torch
+            process.send_signal(signal.SIGINT)
+            break
+        loaded_before_main.append(line.rsplit("|", 1)[-1].strip())
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert "visionflow: interrupted" in rest and "Traceback" not in rest
+    assert "visionflow.cli" in loaded_before_main  # loaded in full before torch began
+
+
+@pytest.mark.parametrize("argv", [
+    ["datasets", "make", "moving-digits", "{out}", "--clips", "2", "--format", "npy"],
+    ["gan", "sample", "{out}", "--out", "{out}/grid.png"],
+    ["gan", "evaluate", "{out}", "digits"],
+    ["repair", "evaluate", "{out}", "digits", "--mask", "random"],
+])
+def test_a_seed_numpy_cannot_take_is_one_line_on_every_verb(tmp_path: Path, capsys, argv):
+    argv = [arg.format(out=tmp_path / "x") for arg in argv] + ["--seed", "-1"]
+    assert user_error(capsys, argv) == "visionflow: error: --seed must be between 0 and 2**32 - 1 (got -1)"

@@ -319,7 +319,9 @@ def test_cli_makes_clips_trains_evaluates_and_labels_one_row_per_clip(tmp_path: 
     assert config["train"]["model_options"] == {"cell": "gru", "hidden": 16, "temporal_pool": "mean"}
     assert config["clip_sampling"]["short_clips"] == "pad by repeating the last frame"
     held_out = json.loads((run / "split.json").read_text())["held_out"]
-    assert f"({len(held_out)} clips, best epoch 1," in trained.stdout and "train clips/s" in trained.stdout, trained.stdout
+    size, channels = config["preprocess"]["image_size"], config["preprocess"]["channels"]
+    assert f"({len(held_out)} clips of {size}x{size}x{channels}, best epoch 1," in trained.stdout, trained.stdout
+    assert "train clips/s" in trained.stdout
     assert api.evaluate(str(run), str(data))["n"] == len(held_out)  # the run's held-out clips
     evaluated = run_cli("evaluate", run, data)
     assert evaluated.returncode == 0 and " clips/s " in evaluated.stdout, evaluated.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 import shutil
 import struct
 
@@ -142,6 +143,30 @@ def test_training_writes_a_run_that_resumes_to_the_same_result(one_epoch_run, di
     assert all(torch.allclose(resumed_weights[k], straight_weights[k], atol=1e-6) for k in straight_weights)
 
 
+def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(one_epoch_run, digit_folder, tmp_path, caplog):
+    run_path = _copy(one_epoch_run, tmp_path)
+    config = json.loads((run_path / "config.json").read_text())
+    config["gan"]["data"] = str(tmp_path / "moved-away")  # the folder it trained on is gone
+    (run_path / "config.json").write_text(json.dumps(config))
+    moved = shutil.copytree(digit_folder, tmp_path / "moved")
+    assert main(["gan", "train", str(moved), "--out", str(run_path), "--resume", "--epochs", "2", "--lr", "0.1",
+                 "--no-minibatch-std", "--quiet"]) == 0
+    assert "ignored: --no-minibatch-std, --lr" in caplog.text
+    recorded = json.loads((run_path / "config.json").read_text())["gan"]
+    assert recorded["data"] == str(moved) and recorded["lr"] == config["gan"]["lr"] and recorded["minibatch_std"]
+    assert RunDir(run_path).load_checkpoint()["epoch"] == 2
+
+
+def test_mode_seeking_on_an_unconditional_gan_is_named_as_ignored(tmp_path, caplog):
+    # --epochs 0 stops it right after the flags are read: the warning comes before any training.
+    assert main(["gan", "train", "digits", "--out", str(tmp_path / "run"), "--mode-seeking", "2", "--epochs", "0"]) == 2
+    assert "applies to --conditional GANs only; ignored" in caplog.text
+    caplog.clear()
+    assert main(["gan", "train", "digits", "--out", str(tmp_path / "run"), "--mode-seeking", "2", "--conditional",
+                 "--epochs", "0"]) == 2
+    assert "ignored" not in caplog.text
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, monkeypatch):
     run_path = _copy(one_epoch_run, tmp_path)
     weights_before = (run_path / "generator.safetensors").read_bytes()
@@ -192,6 +217,14 @@ def test_a_collapsing_sample_diversity_is_reported(one_epoch_run, tmp_path, monk
     gan_api.resume_gan(str(run_path), epochs=2, show_progress=False)
     assert any("sample diversity fell" in record.getMessage() for record in caplog.records)
     assert RunDir(run_path).read_metrics()[-1]["diversity"] == 0.0
+
+
+def test_the_real_images_yardstick_spreads_over_every_class():
+    images = torch.cat([torch.zeros(300, 1, 4, 4, dtype=torch.uint8), torch.full((300, 1, 4, 4), 255, dtype=torch.uint8)])
+    # listed class by class, as a folder is: black images first, then white ones
+    # black to white is 8 apart (2 in each of 16 pixels); about half the pairs are such pairs, the first 64 none
+    assert gan_train.reference_diversity(images, None, 64, seed=0) > 3.0
+    assert gan_train.reference_diversity(images, torch.arange(600) // 300, 64, seed=0) == 0.0  # none within a class
 
 
 def test_diversity_of_a_conditional_grid_is_measured_within_each_class():
@@ -274,6 +307,9 @@ def test_gan_augment_appends_generated_images_class_by_class(one_epoch_run, digi
     assert torch.equal(torch.bincount(synthetic, minlength=10),
                        torch.tensor([round(0.5 * int(c)) for c in torch.bincount(real, minlength=10)]))
     assert len(data.val) == 100  # the validation data stays real
+    cfg.gan_ratio = 0.01  # about 30 images a class: rounds to none
+    with pytest.raises(VisionflowError, match="--gan-ratio 0.01 adds no generated image"):
+        api.load_training_data(cfg, channels=1, size=SIZE)
 
 
 def test_gan_augment_refuses_a_gan_of_another_image_format(one_epoch_run, digit_folder, tmp_path, capsys):

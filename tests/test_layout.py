@@ -56,3 +56,14 @@ def test_the_layout_check_sees_a_wrong_arrow(tmp_path):
     wrong = tmp_path / "wrong.py"
     wrong.write_text("def f():\n    from visionflow.api import train\n    from visionflow import cli, data\n")
     assert imported_parts(wrong) == {"api", "cli", "data"}
+
+
+def test_importing_the_api_leaves_the_callers_matplotlib_backend_alone():
+    """A notebook's backend stays its own: the run's pictures are drawn on figures that need no pyplot."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, sys; matplotlib.use('svg'); import visionflow.api; "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["svg", "False"], result.stderr

@@ -110,6 +110,26 @@ def test_train_writes_a_resumable_run_and_resume_extends_it(digits_run):
     assert json.loads((digits_run / "report.json").read_text())["epochs"] == 2
 
 
+def test_resume_reads_the_data_given_and_names_the_flags_it_ignores(digits_run, tmp_path, caplog):
+    run = shutil.copytree(digits_run, tmp_path / "copy")
+    before = json.loads((run / "config.json").read_text())["train"]
+    assert main(["repair", "train", "./digits", "--out", str(run), "--resume", "--epochs", "2", "--width", "4",
+                 "--hole-weight", "1", "--quiet"]) == 2  # DATA is read as given: ./digits is no folder here
+    assert main(["repair", "train", "digits", "--out", str(run), "--resume", "--epochs", "2", "--width", "4",
+                 "--hole-weight", "1", "--quiet"]) == 0
+    assert "ignored: --width, --hole-weight" in caplog.text
+    after = json.loads((run / "config.json").read_text())["train"]
+    assert after == {**before, "epochs": 2}  # the run's own settings
+
+
+@pytest.mark.parametrize("verb", [["train"], ["gan", "train"]])
+def test_another_verbs_resume_names_the_verb_that_resumes_a_repair_run(digits_run, capsys, verb):
+    assert main([*verb, "digits", "--out", str(digits_run), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "an image-repair run, not a" in err and "(resume it with `visionflow repair train --resume`)" in err
+    assert err.count("\n") == 1
+
+
 def test_resume_refuses_fewer_epochs_and_infinite_values_are_refused_before_any_folder(digits_run, tmp_path, capsys):
     run = shutil.copytree(digits_run, tmp_path / "copy")
     assert main(["repair", "train", "digits", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0

@@ -19,6 +19,11 @@ def test_spec_round_trip_and_errors():
         AugmentSpec.parse("blur=3")
     with pytest.raises(VisionflowError, match="needs a number"):
         AugmentSpec.parse("rotate=lots")
+    with pytest.raises(VisionflowError, match="'flip' takes no value"):
+        AugmentSpec.parse("flip=0")  # not a flip
+    with pytest.raises(VisionflowError, match="whole pixels"):
+        AugmentSpec.parse("translate=1.5")  # would shift by 1
+    assert AugmentSpec.parse("translate=3").translate == 3
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])

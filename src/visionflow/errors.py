@@ -1,7 +1,7 @@
-"""The one error type that travels up to the CLI and the server.
+"""The one error type that travels up to the CLI (and to any caller of the API), and its kinds.
 
 Raised where user input enters (paths, options, data, run directories). The CLI prints its message as
-one line and exits with code 2; anything else is an internal error (exit 1).
+one line and exits with code 2; anything else is an internal error (exit 1). TrainingInterrupted exits 130.
 """
 
 
@@ -20,3 +20,7 @@ class BrokenImage(VisionflowError):
     def __reduce__(self):
         # Decoding workers send it back to the main process as a value; rebuild it from both fields.
         return BrokenImage, (self.origin, self.reason)
+
+
+class TrainingInterrupted(VisionflowError):
+    """Ctrl-C during training: the last finished epoch is saved and `--resume` continues from it."""

@@ -5,10 +5,16 @@
       split.json         origins of the held-out validation items (when split from the training data)
       best.safetensors   weights with the best validation accuracy   (safetensors: tensors only, no code)
       last.safetensors   weights after the last finished epoch
-      checkpoint.pt      resumable state: weights, optimizer, schedule, epoch, RNG (loaded weights_only)
+      checkpoint.pt      resumable state: weights, optimizer, schedule, epoch, early-stopping state (loaded
+                         weights_only; the randomness needs none: every epoch is seeded from (seed, epoch))
       metrics.csv        one row per epoch
       report.json        final validation metrics, train_images_per_second, skipped_files
       curves.png, confusion.png, mistakes.png
+      best.onnx          written by `export`, and cached there by `--engine auto|onnx`
+
+A GAN run keeps the same config.json, checkpoint.pt and metrics.csv, with generator.safetensors (its EMA
+generator) and samples/ (gan/train.py); an image-repair run the same files as a classifier's but for the pictures
+(gan/repair.py).
 
 Every write goes to a temporary file in the same folder and is renamed into place, so an interrupted
 write never leaves a half-written file behind.
@@ -50,6 +56,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 RUN_FILES = ("config.json", "split.json", "checkpoint.pt", "metrics.csv", "report.json", "curves.png",
              "confusion.png", "mistakes.png")
 RUN_TASKS = {"classifier": "a classifier run", "gan": "a GAN run", "repair": "an image-repair run"}
+TRAIN_COMMANDS = {"classifier": "visionflow train", "gan": "visionflow gan train", "repair": "visionflow repair train"}
 
 
 def run_task(config: dict) -> str | None:
@@ -75,12 +82,15 @@ class RunDir:
         return (self.path / name).exists()
 
     @classmethod
-    def for_new_run(cls, path: str | os.PathLike) -> "RunDir":
-        """The folder a new run will be written to, checked before any work is done: it must not hold a run
-        already, and no file may stand where it or one of its parents should be a folder. A run that never
-        finished an epoch (no weights: it failed to start, diverged or was interrupted early) holds nothing a
-        new run would lose, so the new one replaces it."""
+    def for_new_run(cls, path: str | os.PathLike, data: str) -> "RunDir":
+        """The folder a new run on `data` will be written to, checked before any work is done: it must not hold a
+        run already, lie inside the data folder (its pictures would be read as a class the next time), and no
+        file may stand where it or one of its parents should be a folder. A run that never finished an epoch (no
+        weights: it failed to start, diverged or was interrupted early) holds nothing a new run would lose, so
+        the new one replaces it."""
         run = cls(path)
+        if os.path.isdir(data) and run.path.resolve().is_relative_to(Path(data).resolve()):
+            raise VisionflowError(f"--out {path} is inside the data folder {data}; write the run elsewhere")
         in_the_way = next((p for p in (run.path, *run.path.parents) if p.exists() and not p.is_dir()), None)
         if in_the_way is not None:
             raise VisionflowError(f"--out {run.path}: {in_the_way} is a file, not a folder")
@@ -115,6 +125,20 @@ class RunDir:
         if not (self.exists("best.safetensors") or self.exists("last.safetensors")):
             raise VisionflowError(f"{self.path}: the run has no weights yet (training never finished an epoch)")
         return self
+
+    def config_to_resume(self, task: str) -> dict:
+        """config.json of the run of `task` to continue; a one-line error for anything else, naming the verb that
+        resumes what the folder holds."""
+        if not self.exists("config.json"):
+            raise VisionflowError(f"{self.path}: nothing to resume (no config.json)")
+        config = self.read_json("config.json")
+        found = run_task(config)
+        if found is None:
+            raise VisionflowError(f"{self.path}: its config.json is not a visionflow run's; nothing to resume")
+        if found != task:
+            raise VisionflowError(f"{self.path}: {RUN_TASKS[found]}, not {RUN_TASKS[task]} "
+                                  f"(resume it with `{TRAIN_COMMANDS[found]} --resume`)")
+        return config
 
     # --- JSON ---
     def write_json(self, name: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""The Python API: what the CLI (and later the server and batch engines) call. Classification is here; the
+"""The Python API: what the CLI calls (and what a server or a batch engine would). Classification is here; the
 GAN's verbs are in `visionflow.api.gan` and the repair verbs in `visionflow.api.repair`.
 
     from visionflow import api
@@ -136,10 +136,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     cfg.validate()
     AugmentSpec.parse(cfg.augment)
     select_device(cfg.device)  # an unavailable device fails before any work
-    run = RunDir.for_new_run(cfg.out)
-    if os.path.isdir(cfg.data) and run.path.resolve().is_relative_to(Path(cfg.data).resolve()):
-        # its plots would be read as images of a class the next time the data is used
-        raise VisionflowError(f"--out {cfg.out} is inside the data folder {cfg.data}; write the run elsewhere")
+    run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset, channels, size = _data_shape(cfg)
     probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
     data = load_training_data(cfg, channels, size, dataset)
@@ -175,9 +172,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     run's data is now (moved, or given from another folder than the run's relative path); its classes must be
     the run's."""
     run = RunDir(run_dir)
-    if not run.exists("config.json"):
-        raise VisionflowError(f"{run.path}: nothing to resume (no config.json)")
-    config = run.read_json("config.json")
+    config = run.config_to_resume("classifier")
     cfg = TrainConfig.from_dict(config["train"])
     if epochs is not None:
         cfg.epochs = epochs
@@ -218,6 +213,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
     skipped = data.train.skipped + data.val.skipped
     report = {
         "model": cfg.model, "input_kind": model_entry(cfg.model).input_kind, "parameters": count_parameters(model),
+        # what --image-size and --channels were, or what was guessed from the data when they were not given
+        "image_size": preprocess.image_size, "channels": preprocess.channels,
         "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "validation": metrics,
         "validation_data": data.val_from,
         # the views "validation" above averaged, and the ones metrics.csv's per-epoch figures did
@@ -251,6 +248,15 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
         source = dataset.train
         return source.subset([i for i in range(len(source)) if source.origin(i) in held_out])
     return dataset.train
+
+
+def refuse_other_channels(run: RunDir, dataset: DataSet, source: DataSource, channels: int) -> None:
+    """A one-line error for data of a fixed channel count (MNIST, arrays) other than the run's `channels`, unless it
+    is the data the run trained on, which training converted the same way (grey digits with --channels 3)."""
+    if (source.native_channels is not None and source.native_channels != channels
+            and dataset.spec != run.read_json("config.json").get("data_spec")):
+        raise VisionflowError(f"{dataset.spec} has {source.native_channels}-channel images but the run takes "
+                              f"{channels}-channel images")
 
 
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
@@ -287,9 +293,7 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     source = evaluation_part(run, dataset)
     if source.kind != predictor.input_kind:
         raise VisionflowError(f"the run's model takes {predictor.input_kind}s but {data} holds {source.kind}s")
-    if source.native_channels is not None and source.native_channels != predictor.preprocess.channels:
-        raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run was trained on "
-                              f"{predictor.preprocess.channels}-channel images")
+    refuse_other_channels(run, dataset, source, predictor.preprocess.channels)
     source = _aligned(source, predictor.classes)
     warning = training_images_warning(run, dataset)
     if warning is not None:

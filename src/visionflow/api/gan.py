@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from visionflow.api import train as train_classifier
-from visionflow.config import TrainConfig
+from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import open_data
 from visionflow.errors import VisionflowError
@@ -25,7 +25,7 @@ from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
 from visionflow.report.plots import is_image_name, save_image_grid
-from visionflow.runs import RunDir, atomic_write, run_task
+from visionflow.runs import RunDir, atomic_write
 
 log = logging.getLogger("visionflow")
 
@@ -48,7 +48,7 @@ def _decode_training_images(cfg: GanConfig, channels: int | None = None, size: i
 def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}."""
     cfg.validate()
-    run = RunDir.for_new_run(cfg.out)
+    run = RunDir.for_new_run(cfg.out, cfg.data)
     part, spec = _decode_training_images(cfg)
     channels, size = part.images.shape[1], part.images.shape[-1]
     pair = build_pair(cfg, channels, size, len(part.classes))
@@ -59,17 +59,17 @@ def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     return {**summary, "skipped_files": len(part.skipped)}
 
 
-def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = True) -> dict:
-    """Continue an interrupted GAN run from checkpoint.pt, or extend a finished one to `epochs`."""
+def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None) -> dict:
+    """Continue an interrupted GAN run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where the
+    run's data is now (moved, or given from another folder than the run's relative path); its classes must be the
+    run's."""
     run = RunDir(run_dir)
-    if not run.exists("config.json"):
-        raise VisionflowError(f"{run.path}: nothing to resume (no config.json)")
-    config = run.read_json("config.json")
-    if run_task(config) != "gan":
-        raise VisionflowError(f"{run.path}: not a GAN run (resume classifiers with `visionflow train --resume`)")
+    config = run.config_to_resume("gan")
     cfg = GanConfig.from_dict(config["gan"])
     if epochs is not None:
         cfg.epochs = epochs
+    if data is not None:
+        cfg.data = data
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
@@ -90,6 +90,7 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
     else one PNG each in the folder `out`. Conditional models make class `label`, or cycle through every class."""
     if count < 1:
         raise VisionflowError(f"--n must be at least 1 (got {count})")
+    check_seed(seed)
     gan = load_gan_run(run_dir, device)
     labels = None
     if label is not None:
@@ -146,6 +147,7 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
     features: held-out real images (the floor) and the untrained generator (the ceiling)."""
     if count < 2:
         raise VisionflowError(f"--n must be at least 2 (got {count})")
+    check_seed(seed)
     gan = load_gan_run(run_dir)
     dataset = open_data(data)
     if gan.config.conditional and dataset.train.classes != gan.classes:

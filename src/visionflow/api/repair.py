@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part
+from visionflow.api import evaluation_part, refuse_other_channels
+from visionflow.config import check_seed
 from visionflow.data.decode import decode_image
 from visionflow.data.loading import decode_part, stratified_split
-from visionflow.data.sources import DataSource, expand_inputs, open_data
+from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data
 from visionflow.devices import select_device
 from visionflow.errors import BrokenImage, VisionflowError
 from visionflow.gan.masks import center_masks, coverage, random_masks
@@ -40,10 +41,10 @@ PERFECT_REPAIR_PSNR = 100.0
 
 # --- training ------------------------------------------------------------------------------------------
 
-def _training_sources(cfg: RepairConfig) -> tuple[DataSource, DataSource]:
+def _training_sources(cfg: RepairConfig, dataset: DataSet) -> tuple[DataSource, DataSource]:
     """(train, validation): validation is always split off the training part, so the data's test part
     stays untouched for `repair evaluate`."""
-    source = open_data(cfg.data).train
+    source = dataset.train
     if cfg.max_images is not None and cfg.max_images < len(source):
         picked = np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images, replace=False)
         source = source.subset(np.sort(picked))
@@ -58,14 +59,14 @@ def _networks(channels: int, width: int) -> tuple[RepairGenerator, PatchDiscrimi
 def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     """Train a new repair run in cfg.out; returns report.json's content."""
     cfg.validate()
-    run = RunDir.for_new_run(cfg.out)
+    run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
     dataset.train.require_kind("image", "image repair")
     channels = cfg.channels or dataset.train.guess_channels()
     size = cfg.image_size or dataset.train.guess_size()
     if size < 16:
         raise VisionflowError(f"{cfg.data}: images of {size}px are too small to repair (use --image-size 16 or more)")
-    train_source, val_source = _training_sources(cfg)
+    train_source, val_source = _training_sources(cfg, dataset)
     train_part = decode_part(train_source, channels, size, strict=cfg.strict)
     val_part = decode_part(val_source, channels, size, strict=cfg.strict)
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -79,22 +80,27 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
 
 
-def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True) -> dict:
-    """Continue an interrupted repair run from checkpoint.pt, or extend a finished one to `epochs`."""
+def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None) -> dict:
+    """Continue an interrupted repair run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where
+    the run's data is now (moved, or given from another folder than the run's relative path)."""
     run = RunDir(run_dir)
-    config = _repair_config(run)
+    config = run.config_to_resume("repair")
     cfg = RepairConfig.from_dict(config["train"])
     if epochs is not None:
         cfg.epochs = epochs
+    if data is not None:
+        cfg.data = data
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
-    train_source, val_source = _training_sources(cfg)
+    dataset = open_data(cfg.data)
+    train_source, val_source = _training_sources(cfg, dataset)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
     generator, discriminator = _networks(config["channels"], cfg.width)
-    config["train"] = cfg.to_dict()
+    config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
     run.write_json("config.json", config)
+    run.write_json("split.json", {"held_out": val_part.origins})  # the same split (seeded), under the data's paths now
     summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run, checkpoint=checkpoint,
                          show_progress=show_progress)
     return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
@@ -250,6 +256,7 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--mask must be one of {', '.join(EVALUATION_MASKS)} (got {mask})")
     if hole is not None and mask != "center":
         raise VisionflowError(f"--hole sets the size of the center mask; --mask {mask} draws its own holes")
+    check_seed(seed)
     if examples is not None:
         image_format(Path(examples))  # a wrong name found before the work, not after it
     generator, config = load_generator(run_dir, device)
@@ -259,10 +266,10 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole must be between 1 and {size - 1} for {size}px images (got {hole})")
     if limit is not None and limit < 1:
         raise VisionflowError(f"--limit must be at least 1 (got {limit})")
-    source = evaluation_part(RunDir(run_dir), open_data(data))
+    run, dataset = RunDir(run_dir), open_data(data)
+    source = evaluation_part(run, dataset)
     source.require_kind("image", "image repair")
-    if source.native_channels is not None and source.native_channels != channels:
-        raise VisionflowError(f"{data} has {source.native_channels}-channel images but the run repairs {channels}-channel images")
+    refuse_other_channels(run, dataset, source, channels)
     if limit is not None and limit < len(source):
         # a seeded spread over the whole part: folders list one class after another
         source = source.subset(np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))

@@ -13,13 +13,7 @@ import logging
 import sys
 import warnings
 
-import torch
-from PIL import Image
-
-from visionflow.cli import classify, datasets, gan, repair, export
-from visionflow.errors import VisionflowError
-
-VERB_MODULES = (classify, datasets, gan, repair, export)
+from visionflow.errors import TrainingInterrupted, VisionflowError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,23 +26,28 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> tuple[ArgumentParser, dict]:
     parser = ArgumentParser(prog="visionflow", description="Deep learning on images: train, evaluate, label, generate.")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch and ONNX Runtime (default: one per core). On a machine that "
+                        help="CPU threads for PyTorch and ONNX Runtime, and decoding workers (default: one per core). On a machine that "
                              "other jobs share, fewer threads than cores avoids threads waiting on each other")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     handlers: dict = {}
-    for module in VERB_MODULES:
+    # The verb modules bring in torch (seconds): imported here, inside main's try, so that Ctrl-C while it loads
+    # is an interruption like any other, not a traceback.
+    from visionflow.cli import classify, datasets, export, gan, repair
+
+    for module in (classify, datasets, gan, repair, export):
         handlers.update(module.register(commands))
     return parser, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
-    # The decoder refuses such files itself and names them (data/decode.py, MAX_PIXELS); Pillow's warning
-    # would say it a second time, with a line of its own source code.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    from visionflow.train.loop import TrainingInterrupted
-
     try:
+        from PIL import Image
+        import torch
+
+        # The decoder refuses such files itself and names them (data/decode.py, MAX_PIXELS); Pillow's warning
+        # would say it a second time, with a line of its own source code.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         parser, handlers = build_parser()
         args = parser.parse_args(argv)
         if args.threads is not None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 import sys
 from contextlib import nullcontext
 
-from visionflow.cli.options import add_engine_options, add_precision_option, add_run_options
+from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, given_flags,
+                                    warn_ignored_on_resume)
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
 from visionflow.errors import VisionflowError
+from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, write_rows
 from visionflow.train.presets import PRESETS, train_config
-
-log = logging.getLogger("visionflow")
 
 
 def _model_options(text: str | None) -> dict:
@@ -93,24 +92,20 @@ def run_train(args) -> int:
     from visionflow import api
 
     if args.resume:
-        ignored = [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
-                   if name != "epochs" and getattr(args, name) is not None and getattr(args, name) is not False]
-        if ignored:
-            log.warning("--resume continues with the run's own settings; ignored: %s",
-                        ", ".join("--" + name.replace("_", "-") for name in ignored))
+        warn_ignored_on_resume(args, (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool"))
         report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
     else:
         model_options = _model_options(args.model_options)
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...
             model_options["temporal_pool"] = args.temporal_pool
-        given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-        cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given)
+        cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given_flags(args, TRAIN_FLAGS))
         report = api.train(cfg, show_progress=not args.quiet)
     validation = report["validation"]
     noun, rate = _units(report["input_kind"])
     print(f"{args.out}: validation accuracy {validation['accuracy']:.4f}  top-{validation['top_k']} "
           f"{validation['top_k_accuracy']:.4f}  macro-F1 {validation['macro_f1']:.4f}  "
-          f"({validation['n']} {noun}, best epoch {report['best_epoch']}, "
+          f"({validation['n']} {noun} of {report['image_size']}x{report['image_size']}x{report['channels']}, "
+          f"best epoch {report['best_epoch']}, "
           f"{report['train_images_per_second']:,.0f} train {rate}, {report['skipped_files']} skipped files)")
     return 0
 
@@ -139,7 +134,6 @@ def run_evaluate(args) -> int:
 
 def run_predict(args) -> int:
     from visionflow import api
-    from visionflow.infer.predict import write_rows
     from visionflow.train.progress import make_console, make_progress
 
     console = make_console()
@@ -219,7 +213,7 @@ def register(commands) -> dict:
     p.add_argument("run_dir")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--format", default="table", choices=("table", "csv", "jsonl"))
+    p.add_argument("--format", default="table", choices=PREDICT_FORMATS)
     p.add_argument("--output", default=None, help="write rows to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", default="best", choices=("best", "last"))

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from visionflow.cli.options import add_run_options
+from visionflow.cli.options import add_run_options, given_flags, warn_ignored_on_resume
 from visionflow.gan.losses import GAN_LOSSES
+
+log = logging.getLogger("visionflow")
+
+# The `gan train` flags that set GanConfig fields (--no-minibatch-std sets minibatch_std). They parse as None unless
+# given, so GanConfig's defaults apply and --resume can name the ones it ignores.
+GAN_FLAGS = ("epochs", "conditional", "image_size", "channels", "loss", "spectral_norm", "no_minibatch_std",
+             "mode_seeking", "batch_size", "lr", "seed", "strict", "device")
 
 
 def run_gan_train(args) -> int:
     from visionflow.api import gan as api
     from visionflow.gan.train import GanConfig
 
+    given = given_flags(args, GAN_FLAGS)
     if args.resume:
-        summary = api.resume_gan(args.out, epochs=args.epochs, show_progress=not args.quiet)
+        warn_ignored_on_resume(args, GAN_FLAGS)
+        summary = api.resume_gan(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
     else:
-        cfg = GanConfig(data=args.data, out=args.out, epochs=20 if args.epochs is None else args.epochs,
-                        conditional=args.conditional, image_size=args.image_size, channels=args.channels,
-                        loss=args.loss, spectral_norm=args.spectral_norm,
-                        minibatch_std=not args.no_minibatch_std, mode_seeking=args.mode_seeking, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, strict=args.strict, device=args.device)
-        summary = api.train_gan(cfg, show_progress=not args.quiet)
+        if "no_minibatch_std" in given:
+            given["minibatch_std"] = not given.pop("no_minibatch_std")
+        if "mode_seeking" in given and not given.get("conditional"):
+            log.warning("--mode-seeking keeps the samples of one class apart: it applies to --conditional GANs only; ignored")
+        summary = api.train_gan(GanConfig(data=args.data, out=args.out, **given), show_progress=not args.quiet)
     last = summary["rows"][-1] if summary["rows"] else {}
     print(f"{args.out}: {summary['epochs']} epochs  D loss {last.get('d_loss', float('nan')):.4f}  "
           f"G loss {last.get('g_loss', float('nan')):.4f}  diversity {last.get('diversity', float('nan')):.3f}  "
@@ -76,6 +85,7 @@ def register(commands) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     add_run_options(p)
+    p.set_defaults(**{name: None for name in GAN_FLAGS})  # the defaults above are GanConfig's own
 
     p = verbs.add_parser("sample", help="write N generated images: one grid (.png, .jpg, ...) or a folder of PNGs")
     p.add_argument("run_dir")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from visionflow.config import EVAL_AUGMENTS, PRECISIONS
+from visionflow.infer.predictor import ENGINES
+
+log = logging.getLogger("visionflow")
 
 
 def add_run_options(parser) -> None:
@@ -17,7 +22,7 @@ def add_run_options(parser) -> None:
 def add_engine_options(parser) -> None:
     """--device, --engine, --precision and --augment-eval for a verb that labels images with a trained run."""
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
                         help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX) and for "
                              "recurrent models, else ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx)")
     add_precision_option(parser)
@@ -28,3 +33,17 @@ def add_engine_options(parser) -> None:
 def add_precision_option(parser) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 autocast where the hardware computes bf16 (CUDA, AVX512-BF16, AMX), else fp32")
+
+
+def given_flags(args, names) -> dict:
+    """The flags among `names` the command line gave. A training verb's parser defaults its config flags to None
+    (`set_defaults`), so that the config's own defaults apply to the others and `--resume` can tell what it ignores."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def warn_ignored_on_resume(args, names) -> None:
+    """--resume continues with the run's recorded settings: name the flags given that it will not use."""
+    ignored = [name for name in given_flags(args, names) if name != "epochs"]
+    if ignored:
+        log.warning("--resume continues with the run's own settings; ignored: %s",
+                    ", ".join("--" + name.replace("_", "-") for name in ignored))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
-from visionflow.cli.options import add_run_options
+from visionflow.cli.options import add_run_options, given_flags, warn_ignored_on_resume
 from visionflow.gan.losses import GAN_LOSSES
+
+# The `repair train` flags that set RepairConfig fields. They parse as None unless given, so RepairConfig's defaults
+# apply and --resume can name the ones it ignores.
+REPAIR_FLAGS = ("epochs", "image_size", "channels", "batch_size", "lr", "width", "hole_weight", "adversarial_weight",
+                "gan_loss", "val_split", "max_images", "seed", "strict", "device")
 
 
 def add_repair_parsers(commands) -> None:
@@ -27,6 +32,7 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--val-split", type=float, default=0.1, help="validation fraction held out of the training part")
     p.add_argument("--max-images", type=int, default=None, help="train on a seeded subset of this many images")
     add_run_options(p)
+    p.set_defaults(**{name: None for name in REPAIR_FLAGS})  # the defaults above are RepairConfig's own
 
     p = verbs.add_parser("run", help="repair images: writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png "
                                       "(<number>_<name>_... when there are several)")
@@ -66,14 +72,10 @@ def run_repair(args) -> int:
 
     if args.repair_command == "train":
         if args.resume:
-            report = repair_api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet)
+            warn_ignored_on_resume(args, REPAIR_FLAGS)
+            report = repair_api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
         else:
-            cfg = RepairConfig(
-                data=args.data, out=args.out, epochs=10 if args.epochs is None else args.epochs,
-                batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, channels=args.channels,
-                width=args.width, hole_weight=args.hole_weight, adversarial_weight=args.adversarial_weight,
-                gan_loss=args.gan_loss, val_split=args.val_split, max_images=args.max_images, seed=args.seed,
-                strict=args.strict, device=args.device)
+            cfg = RepairConfig(data=args.data, out=args.out, **given_flags(args, REPAIR_FLAGS))
             report = repair_api.train(cfg, show_progress=not args.quiet)
         print(f"{args.out}: best validation PSNR {report['best_val_psnr']:.2f} dB (epoch {report['best_epoch']} of "
               f"{report['epochs']}, {report['parameters']:,} generator parameters, {report['skipped_files']} skipped files)")

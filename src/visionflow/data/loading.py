@@ -26,7 +26,8 @@ log = logging.getLogger("visionflow")
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """One decoding worker per PyTorch thread (one per core unless `--threads` says fewer), at most 8."""
+    return max(1, min(8, torch.get_num_threads()))
 
 
 @dataclass

@@ -20,6 +20,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from visionflow.config import check_seed
 from visionflow.data.sources import DataSource, builtin_digits, open_data
 from visionflow.errors import VisionflowError
 
@@ -52,6 +53,7 @@ class MovingDigitsSpec:
         for ok, message in checks:
             if not ok:
                 raise VisionflowError(message)
+        check_seed(self.seed)
         return self
 
 

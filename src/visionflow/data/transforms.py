@@ -50,6 +50,8 @@ class AugmentSpec:
             if key not in known:
                 raise VisionflowError(f"--augment: unknown operation '{key}' (known: {', '.join(known)}, none)")
             if known[key].type in (bool, "bool"):
+                if value:  # flip=0 would otherwise read as flip
+                    raise VisionflowError(f"--augment: '{key}' takes no value (got '{item.strip()}'); leave it out to turn it off")
                 values[key] = True
                 continue
             try:
@@ -61,6 +63,8 @@ class AugmentSpec:
             raise VisionflowError(f"--augment: crop={spec.crop} must be between 0.05 and 1")
         if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0 or spec.translate < 0:
             raise VisionflowError("--augment: rotate, shift, elastic and translate take non-negative numbers")
+        if spec.translate != int(spec.translate):
+            raise VisionflowError(f"--augment: translate={spec.translate:g} shifts by whole pixels; give a whole number")
         return spec
 
     def __str__(self) -> str:

@@ -86,5 +86,8 @@ def synthetic_images(run_dir: str, classes: list[str], channels: int, image_size
                               f"images but the classifier trains on {channels}x{image_size}x{image_size}")
     counts = torch.bincount(real_labels, minlength=len(classes))
     labels = torch.cat([torch.full((int(round(ratio * int(c))),), k, dtype=torch.int64) for k, c in enumerate(counts)])
+    if len(labels) == 0:
+        raise VisionflowError(f"--gan-ratio {ratio:g} adds no generated image: the largest class has {int(counts.max())} "
+                              f"training images, so the ratio must be above {0.5 / int(counts.max()):.2g}")
     images, _ = gan.images(len(labels), labels, seed=seed)
     return images, labels

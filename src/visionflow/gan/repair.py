@@ -21,11 +21,11 @@ from torch import nn
 
 from visionflow.config import RunConfig
 from visionflow.devices import select_device
-from visionflow.errors import VisionflowError
+from visionflow.errors import TrainingInterrupted, VisionflowError
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.gan.masks import center_masks, random_masks
 from visionflow.runs import RunDir
-from visionflow.train.loop import TrainingInterrupted, epoch_seed
+from visionflow.train.loop import epoch_seed
 from visionflow.train.progress import make_console, make_progress
 
 

@@ -25,12 +25,12 @@ from torch import nn
 from visionflow.data.loading import DecodedPart
 from visionflow.config import RunConfig
 from visionflow.devices import select_device
-from visionflow.errors import VisionflowError
+from visionflow.errors import TrainingInterrupted, VisionflowError
 from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.report.plots import save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.loop import TrainingInterrupted, epoch_seed
+from visionflow.train.loop import epoch_seed
 from visionflow.train.progress import make_console, make_progress
 
 log = logging.getLogger("visionflow")
@@ -162,6 +162,13 @@ def sample_diversity(images: torch.Tensor, labels: torch.Tensor | None = None) -
     return float(torch.stack(distances).mean()) if distances else 0.0
 
 
+def reference_diversity(images: torch.Tensor, labels: torch.Tensor | None, count: int, seed: int) -> float:
+    """sample_diversity of `count` real uint8 images drawn at random (seeded): the yardstick of the samples'. Not the
+    first ones: a folder lists its images class by class, and one or two classes do not spread as the data does."""
+    picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return sample_diversity(to_unit_range(images[picked]), None if labels is None else labels[picked])
+
+
 def fixed_noise(cfg: GanConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The noise behind every epoch's sample grid; conditional grids put one class per column."""
     rng = torch.Generator().manual_seed(cfg.seed + 7_919)
@@ -194,8 +201,8 @@ def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, check
         epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
         rows = [r for r in run.read_metrics() if r["epoch"] <= epoch]
     grid_noise, grid_labels = fixed_noise(cfg, num_classes)
-    real_diversity = sample_diversity(to_unit_range(part.images[:len(grid_noise) * 4]),
-                                      part.labels[:len(grid_noise) * 4] if cfg.conditional else None)
+    real_diversity = reference_diversity(part.images, part.labels if cfg.conditional else None, len(grid_noise) * 4,
+                                         cfg.seed)
 
     def save_checkpoint() -> None:
         run.save_checkpoint({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),

@@ -1,7 +1,7 @@
 """The ONNX Runtime engine: the run's exported graph behind the ordinary `Predictor`.
 
 `OnnxRuntimeModel` is an `nn.Module` whose forward runs an ONNX Runtime session, so `Predictor` (and
-everything that calls it: evaluate, predict, the server) works unchanged with `--engine onnx`, applying
+everything that calls it: evaluate, predict) works unchanged with `--engine onnx`, applying
 the run's own recorded `Preprocess` before the graph.
 """
 

@@ -12,6 +12,7 @@ from typing import IO, Iterable, Iterator
 
 from visionflow.data.loading import stream_batches
 from visionflow.data.sources import DataSource
+from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 
 FORMATS = ("table", "csv", "jsonl")
@@ -38,6 +39,8 @@ def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch
 
 def write_rows(rows: Iterable[dict], out: IO[str], fmt: str) -> int:
     """Write rows as they come; returns how many were written."""
+    if fmt not in FORMATS:
+        raise VisionflowError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
     count = 0
     if fmt == "csv":
         writer = csv.writer(out)

@@ -1,7 +1,7 @@
 """The predictor: one object that turns decoded uint8 images into class probabilities.
 
-The CLI's `predict` and `evaluate`, validation during training, the HTTP service and batch engines all
-call it, so every path applies exactly the preprocessing recorded in the run.
+The CLI's `predict` and `evaluate`, validation during training and the GAN's feature classifier all call it, so
+every path applies exactly the preprocessing recorded in the run.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Predictor:
         Runtime runs the exported fp32 graph. `augment_eval` overrides the test-time augmentation the run
         recorded (None keeps it). `evaluate`
         and `predict` ask for "auto"; the default stays "torch" for callers that need the nn.Module itself
-        (features for FID, Grad-CAM).
+        (the GAN's domain-FID features).
         """
         if engine not in ENGINES:
             raise VisionflowError(f"--engine must be one of {', '.join(ENGINES)} (got {engine})")

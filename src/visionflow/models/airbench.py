@@ -7,7 +7,8 @@ GELU), a global max-pool and a linear head scaled down by 1/9. Each trick is a s
   from training images; they are frozen, so they are ordinary saved weights and `predict` rebuilds the
   network from config.json + weights like any other;
 - identity (dirac) init of every 3x3 conv: each block starts close to passing its input through;
-- BatchNorm with a frozen scale of 1 and a bias that learns 64x faster than the other parameters.
+- BatchNorm with a frozen scale of 1 and a bias that learns 64x faster than the other parameters under SGD
+  (the presets' optimizer; see BIAS_LR_SCALE).
 """
 
 from __future__ import annotations

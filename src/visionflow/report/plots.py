@@ -1,29 +1,28 @@
-"""The pictures a run leaves behind: learning curves, confusion matrix, image grids (matplotlib, Agg)."""
+"""The pictures a run leaves behind: learning curves, confusion matrix, image grids (matplotlib figures, PNG files)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from visionflow.errors import VisionflowError  # noqa: E402
-from visionflow.runs import atomic_write  # noqa: E402
+from visionflow.errors import VisionflowError
+from visionflow.runs import atomic_write
 
 
-def _save(fig, path: Path) -> None:
+# Figures made directly, not through pyplot: files only, never a window, and the caller's matplotlib backend
+# (a notebook's) is left as it was.
+def _save(fig: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
 
 
 def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -39,7 +38,8 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
     matrix = np.asarray(confusion)
     size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title="Confusion matrix")
     ax.set_xticklabels(classes, rotation=90)
@@ -58,7 +58,8 @@ def plot_image_grid(images: torch.Tensor, titles: list[str], path: Path, columns
         return
     rows = (n + columns - 1) // columns
     cols = min(columns, n)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):

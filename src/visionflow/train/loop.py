@@ -22,16 +22,12 @@ from visionflow.data.loading import DecodedPart
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.devices import (autocast, compiled_or_eager, fused_optimizer_available, memory_format, resolve_precision,
                                 select_device)
-from visionflow.errors import VisionflowError
+from visionflow.errors import TrainingInterrupted, VisionflowError
 from visionflow.infer.predictor import Predictor
 from visionflow.runs import RunDir
 from visionflow.train.progress import make_console, make_progress
 
 log = logging.getLogger("visionflow")
-
-
-class TrainingInterrupted(VisionflowError):
-    """Ctrl-C during training: the last finished epoch is saved and `--resume` continues from it."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
