@@ -68,9 +68,14 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     exif = image.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
-    out = decode_image(tmp_path / "rotated.jpg", channels=1)
-    assert out.shape == (1, 20, 10)  # displayed upright: taller than wide
-    assert out[0, :10].float().mean() > 200 and out[0, 10:].float().mean() < 50  # left became top
+    data = (tmp_path / "rotated.jpg").read_bytes()
+    comment = b"\xff\xfe" + (65_000).to_bytes(2, "big") + b"c" * 64_998
+    (tmp_path / "comments-first.jpg").write_bytes(data[:2] + comment * 2 + data[2:])  # EXIF 130 KB in
+    for name in ("rotated.jpg", "comments-first.jpg"):
+        for channels in (1, 3):  # colour kept is libjpeg-turbo's fast path, unless the header may rotate it
+            out = decode_image(tmp_path / name, channels=channels)
+            assert out.shape == (channels, 20, 10), name  # displayed upright: taller than wide
+            assert out[0, :10].float().mean() > 200 and out[0, 10:].float().mean() < 50  # left became top
 
 
 def test_resize_to_square(tmp_path: Path):

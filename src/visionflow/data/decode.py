@@ -81,13 +81,36 @@ def _hwc_to_tensor(arr: np.ndarray) -> torch.Tensor:
 _ORIENTATION_MARKERS = (b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/")  # EXIF or XMP could rotate it
 
 
+def _may_be_rotated(data: bytes) -> bool:
+    """Whether a JPEG's header may hold an EXIF or XMP segment (either may carry an orientation). A search of the
+    first 64 KB answers for most files at a byte search's speed (1.3 us a CIFAR image, where walking the segments
+    took 2.7); past 64 KB the segments are walked up to the image data, so that one behind long comments is found."""
+    if any(marker in data[:65536] for marker in _ORIENTATION_MARKERS):
+        return True
+    if len(data) <= 65536:
+        return False
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+        elif marker in (0xDA, 0xD9):  # start of scan (or end of image): the header is over
+            return False
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            if marker == 0xE1 and data[i + 4:i + 40].startswith(_ORIENTATION_MARKERS):
+                return True
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return True  # a header that cannot be walked: Pillow decides
+
+
 def decode_plain_jpeg(data: bytes, channels: int, size: int | None) -> torch.Tensor | None:
     """A JPEG with nothing for Pillow to do (no orientation tag, RGB or greyscale, the channel count
     kept or grey repeated) decoded by libjpeg-turbo directly; None to send it through Pillow instead."""
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
         return None
-    head = data[:65536]
-    if any(marker in head for marker in _ORIENTATION_MARKERS):
+    if _may_be_rotated(data):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
