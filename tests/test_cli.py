@@ -81,7 +81,7 @@ def test_predict_formats_and_broken_rows(trained):
     assert sum(r["label"] == "square" for r in good) >= 27
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["score"] >= r["top_k"][1]["score"] for r in good)
     assert_user_error(run_cli("predict", run, data / "square", "--strict"), "broken.png", "--strict")
-    out = run.parent / "predictions.csv"
+    out = run.parent / "new" / "predictions.csv"  # its folder made, as for every other output
     result = run_cli("predict", run, str(data / "stripes_*" / "00*.png"), "--format", "csv", "--output", out)
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(out.read_text())))
@@ -187,6 +187,7 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     assert "--lr must be a finite number (got inf)" in user_error(capsys, [*train, "--lr", "inf"])
     assert "'none' stands alone" in user_error(capsys, [*train, "--augment", "none,flip"])
     assert "--seed must be between 0 and 2**32 - 1" in user_error(capsys, [*train, "--seed", "-1"])
+    assert "--gan-ratio 2 needs --gan-augment RUN" in user_error(capsys, [*train, "--gan-ratio", "2"])
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in user_error(capsys, [*train, "--device", "cuda"])
     assert not out.exists()
@@ -194,7 +195,9 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     assert "a-file is a file, not a folder" in user_error(capsys, ["train", str(data), "--out", str(tmp_path / "a-file" / "run")])
     for verb in (["train"], ["gan", "train"], ["repair", "train"]):  # a GAN's samples would be a class of their own
         assert "is inside the data folder" in user_error(capsys, [*verb, str(data), "--out", str(data / "square" / "run")])
-    assert not (data / "square" / "run").exists()
+        if not torch.cuda.is_available():
+            assert "no CUDA GPU" in user_error(capsys, [*verb, str(data), "--out", str(out), "--device", "cuda"])
+    assert not (data / "square" / "run").exists() and not out.exists()
     # what the system refuses further on is one line naming the path too
     assert f"{tmp_path / 'a-file'}: a file stands where a folder is needed" in user_error(
         capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path / "a-file" / "x.png")])
@@ -249,12 +252,17 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     assert "already finished 2 epochs" in user_error(capsys, ["train", str(moved), "--out", str(out), "--resume", "--epochs", "1"])
     copy = shutil.copytree(moved, tmp_path / "copy")
     caplog.clear()
-    assert main(["evaluate", str(out), str(copy), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 30 and "looks like a copy of the data the run trained on" in caplog.text
+    assert main(["evaluate", str(out), str(copy), "--json"]) == 0  # a copy: its held-out part, not training images
+    assert json.loads(capsys.readouterr().out)["n"] == 3 and "moved or copied: scoring the 3 images" in caplog.text
     fresh = write_class_folder(tmp_path / "fresh", per_class=10, seed=7)  # new images under the same names
     caplog.clear()
     assert main(["evaluate", str(out), str(fresh), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 30 and "copy" not in caplog.text
+    assert json.loads(capsys.readouterr().out)["n"] == 30 and "moved or copied" not in caplog.text
+    assert "is not the data the run trained on" in user_error(
+        capsys, ["train", str(fresh), "--out", str(out), "--resume", "--epochs", "3"])
+    moved_again = moved.rename(tmp_path / "moved-again")  # the original gone: nothing to compare bytes with
+    assert main(["evaluate", str(out), str(moved_again), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
 
 
 def test_val_chooses_the_epoch_and_test_is_what_evaluate_scores(tmp_path: Path, capsys, caplog):
@@ -298,20 +306,16 @@ def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path
     assert not marker.exists()
 
 
-def test_channel_mismatch_is_refused(tmp_path: Path):
-    rgb = write_class_folder(tmp_path / "rgb", per_class=6, mode="RGB")
-    for name in ("0", "1"):  # MNIST class names, so only the channels differ
-        (rgb / ("square" if name == "0" else "stripes_h")).rename(rgb / name)
-    (rgb / "stripes_v").rename(rgb / "2")
-    assert run_cli("train", rgb, "--out", tmp_path / "run", "--epochs", "1", "--channels", "3", "--quiet").returncode == 0
-    write_mnist(tmp_path / "mnist")
-    result = run_cli("evaluate", tmp_path / "run", tmp_path / "mnist")
-    assert_user_error(result, "1-channel", "3-channel")
-    # Grey data trained as colour (--channels 3) is the run's own: evaluated as it was trained.
+def test_grey_data_is_evaluated_by_a_colour_run_as_files_are(tmp_path: Path):
+    """Grey arrays (MNIST, digits) given to a run trained on colour are converted as grey image files are: the grey
+    repeated in each channel, as training did for grey data with --channels 3."""
     assert run_cli("train", "digits", "--out", tmp_path / "grey-as-rgb", "--epochs", "1", "--channels", "3",
                    "--quiet").returncode == 0
     result = run_cli("evaluate", tmp_path / "grey-as-rgb", "digits")
     assert result.returncode == 0 and float(result.stdout.split("accuracy")[1].split()[0]) > 0.5, result.stderr
+    write_mnist(tmp_path / "mnist")  # other grey data, with digit classes
+    result = run_cli("evaluate", tmp_path / "grey-as-rgb", tmp_path / "mnist", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["n"] > 0, result.stderr
 
 
 def test_demo_reaches_its_promise_and_replaces_only_its_own_folder(tmp_path: Path):
@@ -367,3 +371,13 @@ def test_ctrl_c_while_torch_loads_is_an_interruption_not_a_traceback():
 def test_a_seed_numpy_cannot_take_is_one_line_on_every_verb(tmp_path: Path, capsys, argv):
     argv = [arg.format(out=tmp_path / "x") for arg in argv] + ["--seed", "-1"]
     assert user_error(capsys, argv) == "visionflow: error: --seed must be between 0 and 2**32 - 1 (got -1)"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["gan"], "required: {train,sample,evaluate} (see `visionflow gan --help`)"),  # not argparse's "gan_command"
+    (["datasets", "make"], "required: {moving-digits} (see `visionflow datasets make --help`)"),
+    (["train", "digits", "--out", "x", "--bogus"], "unrecognized arguments: --bogus (see `visionflow train --help`)"),
+    (["repair", "train", "digits", "--out", "x", "--bogus", "1"], "(see `visionflow repair train --help`)"),
+])
+def test_usage_errors_name_the_verb_and_its_help(capsys, argv, message):
+    assert message in user_error(capsys, argv)

@@ -133,6 +133,12 @@ def test_float_arrays_outside_0_1_are_broken_not_clipped(tmp_path: Path, values,
     assert reason in caught.value.reason
 
 
+def test_a_file_named_npy_that_is_no_array_is_named_as_such(tmp_path: Path):
+    (tmp_path / "notes.npy").write_text("not an array")  # numpy alone would call it pickled data to load unsafely
+    with pytest.raises(BrokenImage, match="not a .npy array file"):
+        ClipFiles([str(tmp_path / "notes.npy")], [0], ["a"], frames=5).read(0, 1, 8)
+
+
 def test_a_clip_folder_with_no_frames_is_skipped_and_named(tmp_path: Path, caplog):
     for name in ("a", "b"):
         for clip in range(2):

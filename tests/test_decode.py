@@ -185,9 +185,11 @@ def test_deep_integer_and_float_images_scale_to_eight_bits(tmp_path):
     ints = np.array([[-60000, -1, 0, 256, 65535, 90000]], dtype=np.int32)
     Image.fromarray(ints, mode="I").save(tmp_path / "int.tif")
     assert decode_image(tmp_path / "int.tif", 1)[0, 0].tolist() == [0, 0, 0, 1, 255, 255]  # negatives are black
-    unit = np.array([[0.0, 0.5, 1.0, np.nan, np.inf, 1.0]], dtype=np.float32)  # intensities in [0, 1]
+    unit = np.array([[0.2, 0.4, 1.02, np.nan, np.inf, -0.01]], dtype=np.float32)  # intensities, not stretched
     Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
-    assert decode_image(tmp_path / "unit.tif", 1)[0, 0].tolist() == [0, 128, 255, 0, 255, 255]
+    assert decode_image(tmp_path / "unit.tif", 1)[0, 0].tolist() == [51, 102, 255, 0, 255, 0]
+    Image.fromarray(np.full((1, 3), 5.0, dtype=np.float32), mode="F").save(tmp_path / "flat.tif")
+    assert decode_image(tmp_path / "flat.tif", 1)[0, 0].tolist() == [255, 255, 255]  # one value: clipped
     wide = np.array([[-2.0, 0.0, 2.0, -np.inf]], dtype=np.float32)  # another range: stretched over its finite values
     Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
     assert decode_image(tmp_path / "wide.tif", 1)[0, 0].tolist() == [0, 128, 255, 0]

@@ -152,8 +152,10 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(one_epo
     assert main(["gan", "train", str(moved), "--out", str(run_path), "--resume", "--epochs", "2", "--lr", "0.1",
                  "--no-minibatch-std", "--quiet"]) == 0
     assert "ignored: --no-minibatch-std, --lr" in caplog.text
-    recorded = json.loads((run_path / "config.json").read_text())["gan"]
+    after = json.loads((run_path / "config.json").read_text())
+    recorded = after["gan"]
     assert recorded["data"] == str(moved) and recorded["lr"] == config["gan"]["lr"] and recorded["minibatch_std"]
+    assert after["data_spec"] == str(moved)
     assert RunDir(run_path).load_checkpoint()["epoch"] == 2
 
 
@@ -243,6 +245,10 @@ def test_gan_sample_writes_the_requested_images(one_epoch_run, tmp_path):
     files = sorted(folder.iterdir())
     assert len(files) == 5 and all(f.name.endswith("_3.png") for f in files)
     assert all(Image.open(f).size == (SIZE, SIZE) for f in files)
+    before = [f.read_bytes() for f in files]
+    assert main(["gan", "sample", str(one_epoch_run), "--n", "5", "--out", str(folder), "--label", "3",
+                 "--seed", "1"]) == 2  # the folder's files stay as they were
+    assert [f.read_bytes() for f in sorted(folder.iterdir())] == before
 
     grid = tmp_path / "grid.png"
     assert main(["gan", "sample", str(one_epoch_run), "--n", "12", "--out", str(grid)]) == 0

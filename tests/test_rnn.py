@@ -85,7 +85,7 @@ def test_cnn_rnn_encodes_every_frame_with_the_same_weights():
     ("cnn-rnn", {"temporal_pool": "max"}, "temporal_pool must be one of rnn, mean"),
     ("cnn-rnn", {"encoder": "cnn-rnn"}, "not an image model"),
     ("gru", {"hidden": 0}, "hidden and layers must be at least 1"),
-    ("lstm", {"depth": 3}, "unexpected keyword argument 'depth'"),
+    ("lstm", {"depth": 3}, r"unknown option\(s\) depth \(its options: hidden, layers, bidirectional\)"),
     ("gru", {"hidden": "abc"}, "option hidden takes a whole number"),
     ("gru", {"bidirectional": 2}, "option bidirectional takes true or false"),
 ])

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import write_class_folder
+from visionflow import api
+from visionflow.config import TrainConfig
 from visionflow.data import loading
 from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import DataSource, ImageArray, expand_inputs, open_data
@@ -69,6 +71,9 @@ def test_colour_arrays_read_as_colour_files_do():
     assert source.read(1, 3, None).permute(1, 2, 0).numpy().tolist() == rgba[1, :, :, :3].tolist()
     grey = np.asarray(Image.fromarray(rgba[1]).convert("RGB").convert("L"))
     assert source.read(1, 1, None)[0].numpy().tolist() == grey.tolist()
+    grey_alpha = ImageArray(rgba[..., 2:], np.array([0, 1]), ["a", "b"], "arrays")  # (N, H, W, 2): LA
+    assert grey_alpha.native_channels == 1
+    assert grey_alpha.read(0, 3, None).numpy().tolist() == [rgba[0, :, :, 2].tolist()] * 3
 
 
 def test_split_folder_uses_given_parts(tmp_path: Path):
@@ -155,11 +160,16 @@ def test_unusable_folders_are_one_line_errors(tmp_path: Path, make, message: str
         open_data(tmp_path / "bad")
 
 
-def test_single_class_is_refused(tmp_path: Path):
+def test_a_single_class_is_data_but_no_classifier(tmp_path: Path):
     (tmp_path / "one" / "cat").mkdir(parents=True)
     Image.new("L", (8, 8)).save(tmp_path / "one" / "cat" / "a.png")
+    assert open_data(tmp_path / "one").train.classes == ["cat"]  # a GAN or a repair model trains on it
     with pytest.raises(VisionflowError, match="only one class"):
-        open_data(tmp_path / "one")
+        api.train(TrainConfig(data=str(tmp_path / "one"), out=str(tmp_path / "run")), show_progress=False)
+    (tmp_path / "one" / "cat").rename(tmp_path / "one" / "train")
+    with pytest.raises(VisionflowError, match="a folder of train/ alone is one class"):
+        api.train(TrainConfig(data=str(tmp_path / "one"), out=str(tmp_path / "run")), show_progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_path_is_refused(tmp_path: Path):

@@ -69,6 +69,8 @@ def test_run_files_hold_no_code(tmp_path: Path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # would raise on pickled objects
     assert state["state"]["epoch"] == 1
     assert not list((tmp_path / "run").glob(".*.tmp"))  # atomic writes leave no temporaries
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "run").iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # ordinary files others may read, the weights too
 
 
 def train_command(data: str, out: Path, epochs: int) -> list[str]:
@@ -221,3 +223,16 @@ def test_adamw_takes_the_weight_decay_given_zero_included():
     for decay in (0.0, 0.05):
         cfg = TrainConfig(data="x", out="-", optimizer="adamw", weight_decay=decay)
         assert build_optimizer(cfg, nn.Linear(2, 2)).param_groups[0]["weight_decay"] == decay
+
+
+def test_sgd_takes_the_momentum_given_zero_included(capsys):
+    from torch import nn
+
+    from visionflow.cli import main
+    from visionflow.train.loop import build_optimizer
+
+    for momentum, nesterov in ((0.0, False), (0.5, True)):
+        group = build_optimizer(TrainConfig(data="x", out="-", optimizer="sgd", momentum=momentum), nn.Linear(2, 2)).param_groups[0]
+        assert (group["momentum"], group["nesterov"]) == (momentum, nesterov)
+    assert main(["train", "digits", "--out", "-", "--momentum", "1"]) == 2  # a flag now, checked like the others
+    assert "--momentum must be in [0, 1) (got 1.0)" in capsys.readouterr().err

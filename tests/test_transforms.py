@@ -24,6 +24,14 @@ def test_spec_round_trip_and_errors():
     with pytest.raises(VisionflowError, match="whole pixels"):
         AugmentSpec.parse("translate=1.5")  # would shift by 1
     assert AugmentSpec.parse("translate=3").translate == 3
+    for text in ("translate=inf", "rotate=nan"):
+        with pytest.raises(VisionflowError, match="needs a finite number"):
+            AugmentSpec.parse(text)
+    with pytest.raises(VisionflowError, match="'rotate' is given twice"):
+        AugmentSpec.parse("rotate=15,rotate=30")
+    with pytest.raises(VisionflowError, match="below 1"):
+        AugmentSpec.parse("shift=2")  # would move every image off its canvas
+    assert AugmentSpec.parse("rotate,crop") == AugmentSpec(rotate=15.0, crop=0.8)  # the defaults --help names
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])

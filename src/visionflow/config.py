@@ -118,6 +118,8 @@ class TrainConfig(RunConfig):
             (self.image_size is None or 8 <= self.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {self.image_size})"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (self.gan_ratio > 0, f"--gan-ratio must be positive (got {self.gan_ratio})"),
+            (self.gan_augment is not None or self.gan_ratio == 1.0,
+             f"--gan-ratio {self.gan_ratio:g} needs --gan-augment RUN: the GAN whose images it adds"),
             (self.frames >= 1, f"--frames must be at least 1 (got {self.frames})"),
             (self.lookahead >= 0, f"--lookahead must be 0 (off) or a number of steps (got {self.lookahead})"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision})"),

@@ -42,9 +42,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; run outputs are ordinary files others may read
     try:
         write(tmp)
+        # mkstemp makes 0600, and a writer may make the file anew (safetensors does): run outputs are ordinary
+        # files others may read
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -89,7 +91,8 @@ class RunDir:
         weights: it failed to start, diverged or was interrupted early) holds nothing a new run would lose, so
         the new one replaces it."""
         run = cls(path)
-        if os.path.isdir(data) and run.path.resolve().is_relative_to(Path(data).resolve()):
+        folder = Path(data).expanduser()  # as open_data reads it
+        if folder.is_dir() and run.path.resolve().is_relative_to(folder.resolve()):
             raise VisionflowError(f"--out {path} is inside the data folder {data}; write the run elsewhere")
         in_the_way = next((p for p in (run.path, *run.path.parents) if p.exists() and not p.is_dir()), None)
         if in_the_way is not None:

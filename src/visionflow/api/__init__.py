@@ -62,7 +62,7 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, 
     validation data comes from in words)."""
     if cfg.val is not None:
         val_set = open_data(cfg.val, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
-        val = val_set.test or val_set.train
+        val = val_set.val or val_set.test or val_set.train  # its validation part when it has one
         return dataset.train, _aligned(val, dataset.train.classes), None, f"--val {cfg.val}"
     if dataset.val is not None:  # train/ + val/ + test/: test/ is kept for `evaluate`
         return dataset.train, dataset.val, None, "the data's val/ part"
@@ -94,7 +94,12 @@ def _aligned(source: DataSource, classes: list[str]) -> DataSource:
 
 
 def open_training_data(cfg: TrainConfig) -> DataSet:
-    return open_data(cfg.data, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
+    dataset = open_data(cfg.data, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
+    classes = dataset.train.classes
+    if len(classes) < 2:  # a GAN or a repair model trains on one class folder; a classifier cannot
+        hint = "; a folder of train/ alone is one class: add val/ or test/ beside it" if classes == ["train"] else ""
+        raise VisionflowError(f"{cfg.data}: only one class ('{classes[0]}'); a classifier needs at least two{hint}")
+    return dataset
 
 
 def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: DataSet | None = None) -> TrainingData:
@@ -188,6 +193,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
                     finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
+    require_same_data(run, dataset)
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset)
     if data.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
@@ -238,46 +244,63 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
 
 # --- evaluation and labelling ----------------------------------------------------------------------------
 
+def held_out_in(run: RunDir, dataset: DataSet) -> list[str] | None:
+    """The run's held-out items as `dataset` names them: as split.json records them when it is the data the run
+    trained on, or at the same paths below its folder when it is that data moved or copied (every one of them there,
+    and any whose original is still in place with the same bytes); None when the run held nothing out or `dataset`
+    is other data."""
+    if not run.exists("split.json"):
+        return None
+    held_out = run.read_json("split.json")["held_out"]
+    recorded = run.read_json("config.json").get("data_spec")
+    if dataset.spec == recorded:
+        return held_out
+    if not held_out or not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
+        return None  # a built-in data set is never moved
+    moved = [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in held_out]
+    source = dataset.train
+    if not set(moved) <= {source.origin(i) for i in range(len(source))}:
+        return None
+    originals = [(origin, copy) for origin, copy in zip(held_out[:100], moved) if os.path.isfile(origin)]
+    if not all(filecmp.cmp(origin, copy, shallow=False) for origin, copy in originals):
+        return None  # other data under the same names: a data set generated again
+    return moved
+
+
 def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
-    """The data's own test part; else the held-out part the run recorded (same data); else all of it."""
+    """The data's own test part; else the part the run held out, when the data is the run's own (moved or not);
+    else all of it."""
     if dataset.test is not None:
         return dataset.test
-    config = run.read_json("config.json")
-    if dataset.spec == config.get("data_spec") and run.exists("split.json"):
-        held_out = set(run.read_json("split.json")["held_out"])
-        source = dataset.train
-        return source.subset([i for i in range(len(source)) if source.origin(i) in held_out])
-    return dataset.train
+    held_out = held_out_in(run, dataset)
+    if held_out is None:
+        return dataset.train
+    recorded = run.read_json("config.json").get("data_spec")
+    if dataset.spec != recorded:
+        log.warning("%s holds the data the run trained on (%s), moved or copied: scoring the %d images it held out",
+                    dataset.spec, recorded, len(held_out))
+    keep, source = set(held_out), dataset.train
+    return source.subset([i for i in range(len(source)) if source.origin(i) in keep])
 
 
-def refuse_other_channels(run: RunDir, dataset: DataSet, source: DataSource, channels: int) -> None:
-    """A one-line error for data of a fixed channel count (MNIST, arrays) other than the run's `channels`, unless it
-    is the data the run trained on, which training converted the same way (grey digits with --channels 3)."""
-    if (source.native_channels is not None and source.native_channels != channels
-            and dataset.spec != run.read_json("config.json").get("data_spec")):
-        raise VisionflowError(f"{dataset.spec} has {source.native_channels}-channel images but the run takes "
-                              f"{channels}-channel images")
+def require_same_data(run: RunDir, dataset: DataSet) -> None:
+    """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data."""
+    recorded = run.read_json("config.json").get("data_spec")
+    if dataset.spec == recorded:
+        return
+    if not run.exists("split.json"):  # nothing held out to recognise it by
+        log.warning("resuming on %s; the run trained on %s (if that is other data, the epochs will not compare)",
+                    dataset.spec, recorded)
+    elif held_out_in(run, dataset) is None:
+        raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): the images it held "
+                              "out are not in it. Resume on that data, moved or not, or train a new run")
 
 
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
-    """Why the part evaluation_part gives may hold the run's training images, or None: the run's own training data
-    when it validated on other data (--val), or a copy of it (the run's held-out files found in it, by path
-    below the data folder, same bytes) when it held its validation part out of its own. New data is not a copy."""
-    if dataset.test is not None:
-        return None
-    recorded = run.read_json("config.json").get("data_spec")
-    if not run.exists("split.json"):
-        if dataset.spec == recorded:
-            return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
-        return None
-    if dataset.spec == recorded or not (os.path.isdir(dataset.spec) and os.path.isdir(str(recorded))):
-        return None
-    checked = [(origin, os.path.join(dataset.spec, os.path.relpath(origin, recorded)))
-               for origin in run.read_json("split.json")["held_out"][:100] if os.path.isfile(origin)]
-    same = sum(os.path.isfile(copy) and filecmp.cmp(origin, copy, shallow=False) for origin, copy in checked)
-    if checked and same * 2 >= len(checked):  # most of them: a few shared files could be chance
-        return (f"scoring all of {dataset.spec}: it looks like a copy of the data the run trained on ({recorded}), "
-                "so the figures include training images")
+    """Why evaluation_part may give the run's training images, or None: all of the run's own training data when it
+    validated on other data (--val)."""
+    if dataset.test is None and not run.exists("split.json") and dataset.spec == run.read_json("config.json").get("data_spec"):
+        return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
     return None
 
 
@@ -293,7 +316,6 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     source = evaluation_part(run, dataset)
     if source.kind != predictor.input_kind:
         raise VisionflowError(f"the run's model takes {predictor.input_kind}s but {data} holds {source.kind}s")
-    refuse_other_channels(run, dataset, source, predictor.preprocess.channels)
     source = _aligned(source, predictor.classes)
     warning = training_images_warning(run, dataset)
     if warning is not None:

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visionflow.api import train as train_classifier
+from visionflow.api import require_same_data, train as train_classifier
 from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
-from visionflow.data.sources import open_data
+from visionflow.data.sources import DataSet, open_data
+from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import upsampling_plan
 from visionflow.gan.fid import classifier_features, feature_distance
@@ -32,8 +33,8 @@ log = logging.getLogger("visionflow")
 
 # --- training --------------------------------------------------------------------------------------------
 
-def _decode_training_images(cfg: GanConfig, channels: int | None = None, size: int | None = None) -> tuple[DecodedPart, str]:
-    dataset = open_data(cfg.data)
+def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | None = None,
+                            size: int | None = None) -> DecodedPart:
     source = dataset.train
     source.require_kind("image", "the GAN")
     channels = channels or cfg.channels or source.guess_channels()
@@ -42,19 +43,21 @@ def _decode_training_images(cfg: GanConfig, channels: int | None = None, size: i
     part = decode_part(source, channels, size, strict=cfg.strict)
     if cfg.conditional and bool((part.labels < 0).any()):
         raise VisionflowError(f"{cfg.data}: --conditional needs labelled images (class folders or MNIST files)")
-    return part, dataset.spec
+    return part
 
 
 def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}."""
     cfg.validate()
+    select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
-    part, spec = _decode_training_images(cfg)
+    dataset = open_data(cfg.data)
+    part = _decode_training_images(cfg, dataset)
     channels, size = part.images.shape[1], part.images.shape[-1]
     pair = build_pair(cfg, channels, size, len(part.classes))
     run.create()
     run.write_json("config.json", {"version": 1, "kind": "gan", "gan": cfg.to_dict(), "classes": part.classes,
-                                   "channels": channels, "image_size": size, "data_spec": spec})
+                                   "channels": channels, "image_size": size, "data_spec": dataset.spec})
     summary = fit_gan(pair, cfg, part, run, show_progress=show_progress)
     return {**summary, "skipped_files": len(part.skipped)}
 
@@ -73,11 +76,13 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
-    part, _ = _decode_training_images(cfg, config["channels"], config["image_size"])
+    dataset = open_data(cfg.data)
+    require_same_data(run, dataset)
+    part = _decode_training_images(cfg, dataset, config["channels"], config["image_size"])
     if part.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")
     pair = build_pair(cfg, config["channels"], config["image_size"], len(part.classes))
-    config["gan"] = cfg.to_dict()
+    config["gan"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
     run.write_json("config.json", config)
     summary = fit_gan(pair, cfg, part, run, checkpoint=checkpoint, show_progress=show_progress)
     return {**summary, "skipped_files": len(part.skipped)}
@@ -97,23 +102,25 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
         labels = torch.full((count,), gan.label_index(label), dtype=torch.int64)
     elif gan.config.conditional:
         labels = torch.arange(count) % len(gan.classes)  # a grid column per class
-    images, labels = gan.images(count, labels, seed=seed)
     path = Path(out)
     if is_image_name(path):
+        images, _ = gan.images(count, labels, seed=seed)
         columns = len(gan.classes) if gan.config.conditional and label is None else 8
         save_image_grid(images, path, columns=min(columns, count))
         return [path]
     if path.exists() and not path.is_dir():
         raise VisionflowError(f"--out {out}: is a file; give a folder, or an image file name for one grid")
+    names = [f"{i:05d}_{gan.classes[int(labels[i])]}.png" if labels is not None else f"{i:05d}.png" for i in range(count)]
+    taken = next((name for name in names if (path / name).exists()), None)
+    if taken is not None:  # a folder of samples is written anew, never over files already there
+        raise VisionflowError(f"--out {out}: already holds {taken}; choose a new folder")
+    images, _ = gan.images(count, labels, seed=seed)
     path.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, image in enumerate(images):
-        name = f"{i:05d}_{gan.classes[int(labels[i])]}.png" if labels is not None else f"{i:05d}.png"
+    for name, image in zip(names, images):
         array = image.permute(1, 2, 0).numpy()
         picture = Image.fromarray(array[:, :, 0] if gan.channels == 1 else array)
         atomic_write(path / name, lambda tmp: picture.save(tmp, format="PNG"))
-        written.append(path / name)
-    return written
+    return [path / name for name in names]
 
 
 # --- domain FID ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part, refuse_other_channels
+from visionflow.api import evaluation_part, require_same_data
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -59,6 +59,7 @@ def _networks(channels: int, width: int) -> tuple[RepairGenerator, PatchDiscrimi
 def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     """Train a new repair run in cfg.out; returns report.json's content."""
     cfg.validate()
+    select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
     dataset.train.require_kind("image", "image repair")
@@ -94,6 +95,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)
+    require_same_data(run, dataset)
     train_source, val_source = _training_sources(cfg, dataset)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
@@ -266,10 +268,8 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole must be between 1 and {size - 1} for {size}px images (got {hole})")
     if limit is not None and limit < 1:
         raise VisionflowError(f"--limit must be at least 1 (got {limit})")
-    run, dataset = RunDir(run_dir), open_data(data)
-    source = evaluation_part(run, dataset)
+    source = evaluation_part(RunDir(run_dir), open_data(data))
     source.require_kind("image", "image repair")
-    refuse_other_channels(run, dataset, source, channels)
     if limit is not None and limit < len(source):
         # a seeded spread over the whole part: folders list one class after another
         source = source.subset(np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))

@@ -22,11 +22,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise VisionflowError(f"{message} (see `{self.prog} --help`)")
 
+    def add_argument(self, *names, **options):
+        """Every option's --help says its default: written here, where it is declared, because the training verbs
+        then reset their config flags to None (a preset or the config supplies the value unless one is given)."""
+        default = options.get("default")
+        if (names and names[0].startswith("-") and default is not None and default is not False
+                and default != argparse.SUPPRESS and "default" not in options.get("help", "")):
+            options["help"] = f"{options.get('help', '')} (default {default})".strip()
+        return super().add_argument(*names, **options)
+
 
 def build_parser() -> tuple[ArgumentParser, dict]:
     parser = ArgumentParser(prog="visionflow", description="Deep learning on images: train, evaluate, label, generate.")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch and ONNX Runtime, and decoding workers (default: one per core). On a machine that "
+                        help="CPU threads for PyTorch and ONNX Runtime (default: one per core). On a machine that "
                              "other jobs share, fewer threads than cores avoids threads waiting on each other")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     handlers: dict = {}
@@ -36,7 +45,30 @@ def build_parser() -> tuple[ArgumentParser, dict]:
 
     for module in (classify, datasets, gan, repair, export):
         handlers.update(module.register(commands))
+    _name_verbs(parser)
     return parser, handlers
+
+
+def _verb_groups(parser: argparse.ArgumentParser) -> list:
+    # argparse keeps its sub-commands in a private action type; read only, to name verbs in messages
+    return [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+
+
+def _name_verbs(parser: argparse.ArgumentParser) -> None:
+    """A missing verb is named by its choices ({train,sample,evaluate}), not by argparse's dest (gan_command)."""
+    for group in _verb_groups(parser):
+        group.metavar = group.metavar or "{" + ",".join(group.choices) + "}"
+        for sub in group.choices.values():
+            _name_verbs(sub)
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the verb the command line chose (`visionflow gan train`), for its --help."""
+    for group in _verb_groups(parser):
+        chosen = getattr(args, group.dest, None)
+        if chosen in group.choices:
+            return _chosen_parser(group.choices[chosen], args)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         # would say it a second time, with a line of its own source code.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         parser, handlers = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would send the user to the top-level help; the verb's own says what it takes
+            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.threads is not None:
             if args.threads < 1:
                 raise VisionflowError(f"--threads must be at least 1 (got {args.threads})")

@@ -7,10 +7,12 @@ import itertools
 import json
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
-from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, given_flags,
-                                    warn_ignored_on_resume)
-from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES
+from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
+                                    given_flags, warn_ignored_on_resume)
+from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
+from visionflow.data.transforms import DEFAULT_STRENGTHS
 from visionflow.errors import VisionflowError
 from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, write_rows
 from visionflow.train.presets import PRESETS, train_config
@@ -44,34 +46,36 @@ def _model_options(text: str | None) -> dict:
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train a classifier on DATA")
     p.add_argument("data", help="class folders, train/+val/ folders, an MNIST folder, or a built-in name (digits)")
-    p.add_argument("--model", default="seed-cnn", help="a registered model (see `visionflow models`)")
+    p.add_argument("--model", default=TrainConfig.model, help="a registered model (see `visionflow models`)")
     p.add_argument("--model-options", default=None, help="family options as key=value,... (e.g. hidden=128)")
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--val", default=None, help="separate validation DATA")
-    p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction when DATA has no val/test part")
+    p.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="held-out fraction when DATA has no val/test part")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 10; with --resume: extend to this many)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a better validation accuracy (0 = off)")
-    p.add_argument("--class-weights", default="none", choices=("none", "auto"))
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--momentum", type=float, default=TrainConfig.momentum, help="--optimizer sgd: its Nesterov momentum (0 = plain SGD)")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--schedule", default=TrainConfig.schedule, choices=SCHEDULES)
+    p.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
+    p.add_argument("--patience", type=int, default=TrainConfig.patience, help="early stopping: epochs without a better validation accuracy (0 = off)")
+    p.add_argument("--class-weights", default=TrainConfig.class_weights, choices=("none", "auto"))
     p.add_argument("--balanced-sampler", action="store_true", help="sample classes equally often")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
-    p.add_argument("--augment", default="none", help="e.g. flip,rotate=15,crop=0.8,elastic=0.5 (none = off)")
+    add_shape_options(p)
+    p.add_argument("--augment", default=TrainConfig.augment,
+                   help="e.g. flip,rotate=15,crop=0.8,elastic=0.5 (none = off); a bare name takes its default: "
+                        + ", ".join(f"{name}={value:g}" for name, value in DEFAULT_STRENGTHS.items()))
     p.add_argument("--gan-augment", default=None, help="a conditional GAN run: add its samples to the training images")
-    p.add_argument("--gan-ratio", type=float, default=1.0, help="with --gan-augment: generated images per real image")
-    p.add_argument("--frames", type=int, default=16, help="clips: frames sampled per clip")
+    p.add_argument("--gan-ratio", type=float, default=TrainConfig.gan_ratio, help="with --gan-augment: generated images per real image")
+    p.add_argument("--frames", type=int, default=TrainConfig.frames, help="clips: frames sampled per clip")
     p.add_argument("--temporal-pool", default=None, choices=("rnn", "mean"),
                    help="cnn-rnn: mean = average frame features, no recurrence (the order-blind control)")
     add_run_options(p)
     p.add_argument("--preset", default=None,
                    help=f"a training recipe ({', '.join(sorted(PRESETS))}); flags given override it")
-    p.add_argument("--lookahead", type=int, default=0, help="every N steps pull the weights to their running average (0 = off)")
-    p.add_argument("--augment-eval", default="none", choices=EVAL_AUGMENTS,
+    p.add_argument("--lookahead", type=int, default=TrainConfig.lookahead, help="every N steps pull the weights to their running average (0 = off)")
+    p.add_argument("--augment-eval", default=TrainConfig.augment_eval, choices=EVAL_AUGMENTS,
                    help="test-time augmentation recorded in the run: flip = mean of the image and its mirror; "
                         "flip-translate = airbench's 6 views (flips of the image and of two 1-pixel shifts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on long runs)")
@@ -82,7 +86,7 @@ def add_train_parser(commands) -> None:
 
 
 # The train flags that map one to one onto TrainConfig fields.
-TRAIN_FLAGS = ("model", "val", "val_split", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
+TRAIN_FLAGS = ("model", "val", "val_split", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule",
                "label_smoothing", "patience", "class_weights", "balanced_sampler", "image_size", "channels", "augment",
                "frames", "seed", "strict", "device", "lookahead", "augment_eval", "gan_augment", "gan_ratio",
                "compile", "precision")
@@ -151,6 +155,8 @@ def run_predict(args) -> int:
         # surrogateescape: file names that are not UTF-8 are written byte for byte
         if not args.output and isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(errors="surrogateescape")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as every other --out
         out = open(args.output, "w", newline="", errors="surrogateescape") if args.output else nullcontext(sys.stdout)
         with out as stream:
             count = write_rows(rows, stream, args.format)
@@ -229,8 +235,7 @@ def register(commands) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
+    add_shape_options(p)
     p.add_argument("--frames", type=int, default=None, help="clip data: frames per clip, one clip per row (default 16)")
 
     p = commands.add_parser("demo", help="train, evaluate and label on the built-in digits (offline, < 1 min)")

@@ -6,8 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-from visionflow.cli.options import add_run_options, given_flags, warn_ignored_on_resume
+from visionflow.cli.options import add_run_options, add_shape_options, given_flags, warn_ignored_on_resume
 from visionflow.gan.losses import GAN_LOSSES
+from visionflow.gan.train import GanConfig
 
 log = logging.getLogger("visionflow")
 
@@ -19,8 +20,6 @@ GAN_FLAGS = ("epochs", "conditional", "image_size", "channels", "loss", "spectra
 
 def run_gan_train(args) -> int:
     from visionflow.api import gan as api
-    from visionflow.gan.train import GanConfig
-
     given = given_flags(args, GAN_FLAGS)
     if args.resume:
         warn_ignored_on_resume(args, GAN_FLAGS)
@@ -28,7 +27,7 @@ def run_gan_train(args) -> int:
     else:
         if "no_minibatch_std" in given:
             given["minibatch_std"] = not given.pop("no_minibatch_std")
-        if "mode_seeking" in given and not given.get("conditional"):
+        if given.get("mode_seeking") and not given.get("conditional"):  # 0 (off) is what it is anyway
             log.warning("--mode-seeking keeps the samples of one class apart: it applies to --conditional GANs only; ignored")
         summary = api.train_gan(GanConfig(data=args.data, out=args.out, **given), show_progress=not args.quiet)
     last = summary["rows"][-1] if summary["rows"] else {}
@@ -74,16 +73,15 @@ def register(commands) -> dict:
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 20; with --resume: extend to this many)")
     p.add_argument("--conditional", action="store_true", help="condition both networks on the class label")
-    p.add_argument("--image-size", type=int, default=None, help="4-8 times a power of two, e.g. 28, 32, 64")
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
-    p.add_argument("--loss", default="ns", choices=GAN_LOSSES, help="ns: non-saturating (default), hinge")
+    add_shape_options(p, size_help="4-8 times a power of two, e.g. 28, 32, 64")
+    p.add_argument("--loss", default=GanConfig.loss, choices=GAN_LOSSES, help="ns: non-saturating (default), hinge")
     p.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on the discriminator")
     p.add_argument("--no-minibatch-std", action="store_true",
                    help="leave out the discriminator's minibatch standard deviation channel (on by default)")
-    p.add_argument("--mode-seeking", type=float, default=1.0,
+    p.add_argument("--mode-seeking", type=float, default=GanConfig.mode_seeking,
                    help="weight of the mode-seeking term that keeps samples of one class apart (0 = off)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=GanConfig.batch_size)
+    p.add_argument("--lr", type=float, default=GanConfig.lr)
     add_run_options(p)
     p.set_defaults(**{name: None for name in GAN_FLAGS})  # the defaults above are GanConfig's own
 
@@ -93,7 +91,7 @@ def register(commands) -> dict:
     p.add_argument("--out", required=True, help="grid.png (or .jpg, .webp, ...), or a folder for one PNG per image")
     p.add_argument("--label", default=None, help="conditional GANs: the class to generate (default: every class)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     p = verbs.add_parser("evaluate", help="domain FID against DATA, beside the real-data floor and the untrained ceiling")
     p.add_argument("run_dir")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from visionflow.cli.options import add_run_options, given_flags, warn_ignored_on_resume
+from visionflow.cli.options import add_run_options, add_shape_options, given_flags, warn_ignored_on_resume
 from visionflow.gan.losses import GAN_LOSSES
+from visionflow.gan.repair import RepairConfig
 
 # The `repair train` flags that set RepairConfig fields. They parse as None unless given, so RepairConfig's defaults
 # apply and --resume can name the ones it ignores.
@@ -21,15 +22,14 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("data", help="class folders, train/+test/ folders, an MNIST folder, or a built-in name (digits)")
     p.add_argument("--out", required=True, help="the run directory")
     p.add_argument("--epochs", type=int, default=None, help="default 10; with --resume: extend the run to this many")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--width", type=int, default=16, help="generator channels at full resolution")
-    p.add_argument("--hole-weight", type=float, default=6.0, help="L1 weight of hole pixels (known pixels: 1)")
-    p.add_argument("--adversarial-weight", type=float, default=0.01)
-    p.add_argument("--gan-loss", default="ns", choices=GAN_LOSSES)
-    p.add_argument("--val-split", type=float, default=0.1, help="validation fraction held out of the training part")
+    add_shape_options(p)
+    p.add_argument("--batch-size", type=int, default=RepairConfig.batch_size)
+    p.add_argument("--lr", type=float, default=RepairConfig.lr)
+    p.add_argument("--width", type=int, default=RepairConfig.width, help="generator channels at full resolution")
+    p.add_argument("--hole-weight", type=float, default=RepairConfig.hole_weight, help="L1 weight of hole pixels (known pixels: 1)")
+    p.add_argument("--adversarial-weight", type=float, default=RepairConfig.adversarial_weight)
+    p.add_argument("--gan-loss", default=RepairConfig.gan_loss, choices=GAN_LOSSES)
+    p.add_argument("--val-split", type=float, default=RepairConfig.val_split, help="validation fraction held out of the training part")
     p.add_argument("--max-images", type=int, default=None, help="train on a seeded subset of this many images")
     add_run_options(p)
     p.set_defaults(**{name: None for name in REPAIR_FLAGS})  # the defaults above are RepairConfig's own
@@ -42,7 +42,7 @@ def add_repair_parsers(commands) -> None:
     hole.add_argument("--mask", help="a PNG of the image's size: white (>= 128) = missing pixels")
     hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
 
     p = verbs.add_parser("evaluate", help="PSNR and SSIM of the model and of biharmonic inpainting on held-out images",
@@ -62,14 +62,12 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random masks")
     p.add_argument("--examples", default=None, help="also write a grid picture (.png, .jpg, ...): damaged | biharmonic | model | original")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--strict", action="store_true")
 
 
 def run_repair(args) -> int:
     from visionflow.api import repair as repair_api
-    from visionflow.gan.repair import RepairConfig
-
     if args.repair_command == "train":
         if args.resume:
             warn_ignored_on_resume(args, REPAIR_FLAGS)

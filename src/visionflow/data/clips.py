@@ -148,9 +148,13 @@ def _folder_frames(path: str, channels: int, size: int | None, count: int, frame
 
 def _array_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            is_npy = f.read(6) == b"\x93NUMPY"  # numpy would take anything else for a pickle, and say so
+        array = np.load(path, mmap_mode="r", allow_pickle=False) if is_npy else None
     except (OSError, ValueError) as exc:
         raise BrokenImage(path, f"not a readable .npy array ({exc})") from None
+    if array is None:
+        raise BrokenImage(path, "not a .npy array file (no NumPy header)")
     if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3, 4)):
         raise BrokenImage(path, f"array shape {array.shape} is not T x H x W [x C] with C 1, 3 or 4")
     if len(array) == 0:
@@ -187,7 +191,7 @@ def read_clip(path: str, channels: int, size: int | None, frames: int) -> torch.
 
 
 def probe_clip(path: str) -> tuple[int, tuple[int, int]]:
-    """(channels the clip naturally has, (width, height) of its first frame); BrokenImage on failure."""
+    """(channels the clip naturally has, (width, height) of its frames), from one frame; BrokenImage on failure."""
     if os.path.isdir(path):
         files = _frame_files(path)
         if not files:
@@ -206,7 +210,7 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe decodes a frame of a video, and all the frames before it
+    probe_count = 8  # a probe decodes a video up to its middle frame (mkv, webm: after counting its packets)
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], frames: int, name: str = ""):

@@ -48,15 +48,16 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.int64)  # signed: a negative 32-bit value is below black, not a huge one
         return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
     if img.mode == "F":
-        # Floats in [0, 1] are intensities; any other range is stretched from its lowest to its highest finite
+        # Floats are intensities in [0, 1], clipped, when their finite values lie within it give or take 5% (or all
+        # are one value); another range (0..255, a depth map) is stretched from its lowest to its highest finite
         # value. NaN counts as the lowest, +-inf as the ends.
         arr = np.asarray(img, dtype=np.float64)
         finite = arr[np.isfinite(arr)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if lo >= 0.0 and hi <= 1.0:
+        if (lo >= -0.05 and hi <= 1.05) or lo == hi:
             lo, hi = 0.0, 1.0
         arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        scaled = (arr - lo) / (hi - lo) * 255.0
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     return img
 

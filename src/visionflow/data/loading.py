@@ -26,8 +26,7 @@ log = logging.getLogger("visionflow")
 
 
 def default_workers() -> int:
-    """One decoding worker per PyTorch thread (one per core unless `--threads` says fewer), at most 8."""
-    return max(1, min(8, torch.get_num_threads()))
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -254,7 +253,7 @@ def stream_batches(source: DataSource, channels: int, size: int | None, batch_si
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split holding out `fraction` of each class (at least one item of any class with two or more)."""
     if not 0.0 < fraction < 1.0:
-        raise VisionflowError(f"--val-split must be between 0 and 1 (got {fraction})")
+        raise VisionflowError(f"--val-split must be above 0 and below 1 (got {fraction})")
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
     for cls in np.unique(labels):

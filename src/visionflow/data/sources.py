@@ -22,8 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from visionflow.data.decode import decode_image, is_image_file, probe_image
+from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image
 from visionflow.errors import VisionflowError
 
 BUILTIN_DATASETS = ("digits",)
@@ -141,18 +142,19 @@ class ImageArray(DataSource):
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes, self.name = classes, name
-        self.native_channels = 1 if images.ndim == 3 else min(images.shape[3], 3)  # alpha is dropped
+        self.native_channels = 1 if images.ndim == 3 or images.shape[3] <= 2 else 3  # alpha is dropped
 
     def origin(self, index: int) -> str:
         return f"{self.name}#{index}"
 
     def read(self, index: int, channels: int, size: int | None) -> torch.Tensor:
-        img = torch.from_numpy(self.images[index])
-        img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)[:3]  # alpha dropped, as decoding files does
-        if channels != img.shape[0]:
-            # grey to colour repeats it; colour to grey is Pillow's convert("L"), so arrays and files agree
-            img = img.expand(channels, -1, -1) if img.shape[0] == 1 else (
-                (img[0].int() * 19595 + img[1].int() * 38470 + img[2].int() * 7471 + 0x8000) >> 16).byte()[None]
+        array = self.images[index]
+        if array.ndim == 3:  # (H, W, C): converted as an image file of that mode would be
+            return pil_to_tensor(Image.fromarray(np.ascontiguousarray(array.squeeze(2) if array.shape[2] == 1 else array)),
+                                 channels, size)
+        img = torch.from_numpy(array)[None]
+        if channels != 1:
+            img = img.expand(channels, -1, -1)
         if size is not None and img.shape[-1] != size:
             img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False,
                                 antialias=True)[0].round().clamp(0, 255).byte()
@@ -227,8 +229,6 @@ def labelled_items(root: Path, classes: list[str] | None, items_below, what: str
             raise VisionflowError(f"{folder}: class folder '{folder.name}' holds no {what}")
         paths.extend(files)
         labels.extend([classes.index(folder.name)] * len(files))
-    if len(classes) < 2:
-        raise VisionflowError(f"{root}: only one class ('{classes[0]}'); a classifier needs at least two")
     return paths, labels, classes
 
 

@@ -25,6 +25,10 @@ from visionflow.data.clips import sample_frames
 from visionflow.errors import VisionflowError
 
 
+# What a bare operation name means: `rotate` is rotate=15.
+DEFAULT_STRENGTHS = {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5, "translate": 2.0}
+
+
 @dataclass(frozen=True)
 class AugmentSpec:
     flip: bool = False       # random horizontal flip
@@ -49,20 +53,26 @@ class AugmentSpec:
                 raise VisionflowError("--augment: 'none' stands alone (it means no augmentation); drop it or the others")
             if key not in known:
                 raise VisionflowError(f"--augment: unknown operation '{key}' (known: {', '.join(known)}, none)")
+            if key in values:
+                raise VisionflowError(f"--augment: '{key}' is given twice")
             if known[key].type in (bool, "bool"):
                 if value:  # flip=0 would otherwise read as flip
                     raise VisionflowError(f"--augment: '{key}' takes no value (got '{item.strip()}'); leave it out to turn it off")
                 values[key] = True
                 continue
             try:
-                values[key] = float(value) if value else {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5, "translate": 2.0}[key]
+                values[key] = float(value) if value else DEFAULT_STRENGTHS[key]
             except ValueError:
                 raise VisionflowError(f"--augment: '{item.strip()}' needs a number, e.g. {key}=0.5") from None
+            if not math.isfinite(values[key]):
+                raise VisionflowError(f"--augment: '{item.strip()}' needs a finite number")
         spec = cls(**values)
         if not 0.05 <= spec.crop <= 1.0:
             raise VisionflowError(f"--augment: crop={spec.crop} must be between 0.05 and 1")
         if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0 or spec.translate < 0:
             raise VisionflowError("--augment: rotate, shift, elastic and translate take non-negative numbers")
+        if spec.shift >= 1:
+            raise VisionflowError(f"--augment: shift={spec.shift:g} is a fraction of the side: below 1 (0.1 = 10%)")
         if spec.translate != int(spec.translate):
             raise VisionflowError(f"--augment: translate={spec.translate:g} shifts by whole pixels; give a whole number")
         return spec

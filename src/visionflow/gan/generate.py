@@ -6,6 +6,7 @@ exactly the same thing: N images (of requested classes) in the data's own uint8 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,8 @@ def synthetic_images(run_dir: str, classes: list[str], channels: int, image_size
     counts = torch.bincount(real_labels, minlength=len(classes))
     labels = torch.cat([torch.full((int(round(ratio * int(c))),), k, dtype=torch.int64) for k, c in enumerate(counts)])
     if len(labels) == 0:
-        raise VisionflowError(f"--gan-ratio {ratio:g} adds no generated image: the largest class has {int(counts.max())} "
-                              f"training images, so the ratio must be above {0.5 / int(counts.max()):.2g}")
+        largest = int(counts.max())
+        raise VisionflowError(f"--gan-ratio {ratio:g} adds no generated image: the largest class has {largest} "
+                              f"training images, so the ratio must be at least {math.ceil(1000 / largest) / 1000:g}")
     images, _ = gan.images(len(labels), labels, seed=seed)
     return images, labels

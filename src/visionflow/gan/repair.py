@@ -59,7 +59,7 @@ class RepairConfig(RunConfig):
             (self.width >= 4, f"--width must be at least 4 (got {self.width})"),
             (self.gan_loss in GAN_LOSSES, f"--gan-loss must be one of {', '.join(GAN_LOSSES)} (got {self.gan_loss})"),
             (self.hole_weight > 0 and self.adversarial_weight >= 0, "--hole-weight must be positive and --adversarial-weight non-negative"),
-            (0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})"),
+            (0.0 < self.val_split < 1.0, f"--val-split must be above 0 and below 1 (got {self.val_split})"),
             (self.max_images is None or self.max_images >= 20, f"--max-images must be at least 20 (got {self.max_images})"),
         ]
         self.require(checks)

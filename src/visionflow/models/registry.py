@@ -53,15 +53,17 @@ def list_models() -> list[str]:
 def create_model(name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     """Build a registered model by name; options are the family's own (e.g. hidden size for RNNs)."""
     entry = model_entry(name)
-    defaults = {p.name: p.default for p in inspect.signature(entry.build).parameters.values()}
+    defaults = {p.name: p.default for p in inspect.signature(entry.build).parameters.values()
+                if p.name not in ("num_classes", "in_channels", "image_size")}  # the family's own options
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise VisionflowError(f"model '{name}': unknown option(s) {', '.join(unknown)} "
+                              f"(its options: {', '.join(defaults) or 'none'})")
     for key, value in options.items():
-        kind = type(defaults.get(key)).__name__  # an unknown option is refused below, with Python's own message
+        kind = type(defaults[key]).__name__
         if kind in TYPE_CHECKS and not TYPE_CHECKS[kind](value):
             raise VisionflowError(f"model '{name}': option {key} takes {TYPE_NAMES[kind]} (got {value!r})")
-    try:
-        model = entry.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
-    except TypeError as exc:
-        raise VisionflowError(f"model '{name}': {exc}") from None
+    model = entry.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
     model.input_kind = entry.input_kind
     return model
 
