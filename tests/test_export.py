@@ -12,6 +12,8 @@ from torch import nn
 from visionflow import api
 from visionflow.cli import main
 from visionflow.config import TrainConfig
+from visionflow.data.loading import decode_part
+from visionflow.data.sources import open_data
 from visionflow.data.transforms import Preprocess
 from visionflow.infer.export import export_model_onnx
 from visionflow.devices import cpu_has_native_bf16, resolve_precision
@@ -19,6 +21,7 @@ from visionflow.errors import VisionflowError
 from visionflow.infer.onnx_engine import OnnxRuntimeModel
 from visionflow.infer.predictor import Predictor
 from visionflow.models import create_model, list_models, model_entry
+from visionflow.runs import RunDir
 
 from conftest import SHARED_DATASETS
 
@@ -53,7 +56,7 @@ def _random_inputs(predictor: Predictor, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_exports_with_fp32_parity(name, tmp_path):
     torch_predictor = _small_predictor(name)
-    path = export_model_onnx(torch_predictor, tmp_path / f"{name}.onnx")
+    path = export_model_onnx(torch_predictor, tmp_path / f"{name}.onnx", digest="-")
     onnx_predictor = Predictor(OnnxRuntimeModel(str(path)), torch_predictor.preprocess, torch_predictor.classes,
                                torch.device("cpu"), input_kind=torch_predictor.input_kind, frames=torch_predictor.frames)
     images = _random_inputs(torch_predictor, 7)  # an odd batch: the batch axis is dynamic
@@ -194,6 +197,38 @@ def test_auto_engine_falls_back_to_torch_when_the_export_cannot_be_written(digit
     assert main(["evaluate", str(run), "digits", "--engine", "onnx"]) == 2  # asked for explicitly: an error, not a fallback
 
 
+def test_the_cached_graph_is_used_only_for_the_weights_it_holds(digits_run, tmp_path):
+    """A graph cached in the run folder says which weights it holds; other weights are exported anew, whatever the
+    files' times (a copy keeps its old time), and so is a graph from elsewhere or a damaged one."""
+    import os
+    import shutil
+
+    import onnx as onnx_format
+
+    from visionflow.infer.export import WEIGHTS_KEY, weights_digest
+
+    run = RunDir(shutil.copytree(digits_run, tmp_path / "run"))
+    images = decode_part(open_data("digits").train, 1, 28).images[:64]
+
+    def onnx_and_torch() -> tuple[torch.Tensor, torch.Tensor]:
+        onnx = Predictor.from_run(str(run.path), engine="onnx", weights="last").probabilities(images)
+        return onnx, Predictor.from_run(str(run.path), engine="torch", precision="fp32", weights="last").probabilities(images)
+
+    onnx, reference = onnx_and_torch()  # exports last.onnx
+    assert (onnx - reference).abs().max() < 1e-4
+    old_time = os.stat(run / "last.onnx").st_mtime - 60
+    weights = run.load_weights("last.safetensors")
+    run.save_weights("last.safetensors", {k: v * 0.5 if v.is_floating_point() else v for k, v in weights.items()})
+    os.utime(run / "last.safetensors", (old_time, old_time))  # older than the cached graph, as after `cp -p`
+    onnx, reference = onnx_and_torch()
+    assert (onnx - reference).abs().max() < 1e-4  # the new weights' graph, not the cached one
+    metadata = {p.key: p.value for p in onnx_format.load(str(run / "last.onnx")).metadata_props}
+    assert metadata[WEIGHTS_KEY] == weights_digest(run / "last.safetensors")
+    (run / "last.onnx").write_bytes(b"damaged")
+    onnx, reference = onnx_and_torch()
+    assert (onnx - reference).abs().max() < 1e-4
+
+
 def test_tied_scores_label_an_image_as_evaluate_counts_it():
     """bf16 logits tie now and then: predict's label must be the class evaluate's argmax scores."""
     class Tied(nn.Module):
@@ -228,3 +263,11 @@ def test_the_c_kernel_is_not_given_an_input_of_other_channels_than_its_weights()
     grey = torch.zeros(2, 1, 12, 12)
     assert kernel_applies(grey, conv) == kernel_runs_here(grey)  # where the library is built, it takes this one
     assert not kernel_applies(torch.zeros(2, 3, 12, 12), conv)
+
+
+def test_a_precision_that_does_not_exist_is_refused_for_recurrent_models_too(tmp_path):
+    out = tmp_path / "rnn"
+    api.train(TrainConfig(data="digits", out=str(out), model="seed-rnn", epochs=1), show_progress=False)
+    for engine in ("torch", "onnx", "auto"):
+        with pytest.raises(VisionflowError, match="--precision must be one of"):
+            Predictor.from_run(str(out), engine=engine, precision="fp16")

@@ -23,8 +23,9 @@ def add_engine_options(parser) -> None:
     """--device, --engine, --precision and --augment-eval for a verb that labels images with a trained run."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--engine", default="auto", choices=ENGINES,
-                        help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX) and for "
-                             "recurrent models, else ONNX Runtime on the CPU (cached as RUN_DIR/best.onnx)")
+                        help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX) and for recurrent "
+                             "and clip models, else ONNX Runtime on the CPU (its graph cached as RUN_DIR/best.onnx or "
+                             "last.onnx, and exported again when the weights change)")
     add_precision_option(parser)
     parser.add_argument("--augment-eval", default=None, choices=EVAL_AUGMENTS,
                         help="test-time augmentation instead of the one the run recorded")

@@ -1,13 +1,14 @@
 """Export a run's model to ONNX, for ONNX Runtime here (`--engine onnx`) or any other ONNX consumer.
 
 The graph takes the *preprocessed* float batch (what `Preprocess` returns) and gives logits, with a
-dynamic batch axis. The recorded preprocessing (size, channels, mean, std, centre crop) and the class
-names travel in the file's metadata, so the file alone says how to feed it; inside visionflow the
+dynamic batch axis. The recorded preprocessing (size, channels, mean, std), the class names and the
+sha256 of the weights it holds travel in the file's metadata, so the file alone says how to feed it; inside visionflow the
 ONNX engine applies the run's own `Preprocess`, the same code the PyTorch path runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -27,6 +28,20 @@ def default_onnx_path(run: RunDir, weights: str) -> Path:
     return run / f"{weights}.onnx"
 
 
+def weights_file(run: RunDir, weights: str) -> Path:
+    return run / (run.best_weights_name() if weights == "best" else "last.safetensors")
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a weights file: the exported graph records it, so a cached graph of other weights is never used
+    (times are no proof: a copy keeps its old one, a coarse filesystem gives two files the same)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def example_input(predictor: Predictor, batch: int = 2) -> torch.Tensor:
     """A preprocessed batch of the run's shape: (N, C, H, W), or (N, T, C, H, W) for clip models."""
     p = predictor.preprocess
@@ -36,8 +51,9 @@ def example_input(predictor: Predictor, batch: int = 2) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32)
 
 
-def export_model_onnx(predictor: Predictor, path: Path) -> Path:
-    """Write `predictor.model` as ONNX (fp32, dynamic batch) with the preprocessing in its metadata."""
+def export_model_onnx(predictor: Predictor, path: Path, digest: str) -> Path:
+    """Write `predictor.model` as ONNX (fp32, dynamic batch) with the preprocessing and `digest` (weights_digest of
+    the weights it holds) in its metadata."""
     model = predictor.model.to("cpu").eval()
     model = model.to(memory_format=torch.contiguous_format)
 
@@ -49,7 +65,7 @@ def export_model_onnx(predictor: Predictor, path: Path) -> Path:
             torch.onnx.export(model, (example_input(predictor),), tmp, dynamo=False, opset_version=OPSET,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        _add_metadata(tmp, predictor)
+        _add_metadata(tmp, predictor, digest)
 
     try:
         atomic_write(path, write)
@@ -60,14 +76,18 @@ def export_model_onnx(predictor: Predictor, path: Path) -> Path:
     return path
 
 
-def _add_metadata(path: str, predictor: Predictor) -> None:
+WEIGHTS_KEY = "visionflow.weights_sha256"
+
+
+def _add_metadata(path: str, predictor: Predictor, digest: str) -> None:
     import onnx
 
     model = onnx.load(path)
     values = {"visionflow.classes": json.dumps(predictor.classes),
               "visionflow.preprocess": json.dumps(predictor.preprocess.to_dict()),
               "visionflow.input_kind": predictor.input_kind,
-              "visionflow.input": "float32, preprocessed: (uint8 / 255 [centre crop] - mean) / std"}
+              "visionflow.input": "float32, preprocessed: (uint8 / 255 - mean) / std",
+              WEIGHTS_KEY: digest}
     for key, value in values.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -81,4 +101,5 @@ def export_run(run_dir: str, fmt: str = "onnx", out: str | None = None, weights:
     run = RunDir(run_dir).require()
     model, predictor_fields = load_run_model(run, weights)
     predictor = Predictor(model, device=torch.device("cpu"), **predictor_fields)
-    return export_model_onnx(predictor, Path(out) if out else default_onnx_path(run, weights))
+    return export_model_onnx(predictor, Path(out) if out else default_onnx_path(run, weights),
+                             weights_digest(weights_file(run, weights)))

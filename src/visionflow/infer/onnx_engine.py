@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from visionflow.errors import VisionflowError
-from visionflow.infer.export import default_onnx_path, export_model_onnx
+from visionflow.infer.export import WEIGHTS_KEY, default_onnx_path, export_model_onnx, weights_digest, weights_file
 from visionflow.infer.predictor import Predictor
 from visionflow.runs import RunDir
 
@@ -38,6 +38,7 @@ class OnnxRuntimeModel(nn.Module):
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
             raise VisionflowError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -45,9 +46,16 @@ class OnnxRuntimeModel(nn.Module):
 
 
 def onnx_runtime_model(run: RunDir, weights: str, torch_predictor: Predictor) -> OnnxRuntimeModel:
-    """The run's ONNX graph (RUN_DIR/best.onnx or last.onnx), exported first when missing or older than the weights."""
+    """The run's ONNX graph (RUN_DIR/best.onnx or last.onnx), exported again unless the cached one says it holds
+    these weights (the sha256 in its metadata): missing, damaged, of other weights or from elsewhere."""
     path = default_onnx_path(run, weights)
-    weights_file = run / (run.best_weights_name() if weights == "best" else "last.safetensors")
-    if not path.exists() or path.stat().st_mtime < weights_file.stat().st_mtime:
-        export_model_onnx(torch_predictor, path)
+    digest = weights_digest(weights_file(run, weights))
+    if path.exists():
+        try:
+            cached = OnnxRuntimeModel(str(path))
+            if cached.metadata.get(WEIGHTS_KEY) == digest:
+                return cached
+        except VisionflowError:
+            pass  # damaged: written anew below
+    export_model_onnx(torch_predictor, path, digest)
     return OnnxRuntimeModel(str(path))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from visionflow.config import EVAL_AUGMENTS
+from visionflow.config import EVAL_AUGMENTS, PRECISIONS
 from visionflow.data.transforms import Preprocess
 from visionflow.devices import autocast, is_recurrent, memory_format, resolve_precision, select_device
 from visionflow.errors import VisionflowError
@@ -80,6 +80,8 @@ class Predictor:
         """
         if engine not in ENGINES:
             raise VisionflowError(f"--engine must be one of {', '.join(ENGINES)} (got {engine})")
+        if precision not in PRECISIONS:  # checked here for every model: resolve_precision is not reached for all
+            raise VisionflowError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision})")
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         run.require()
         model, fields = load_run_model(run, weights)
