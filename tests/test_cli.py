@@ -265,6 +265,18 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     assert json.loads(capsys.readouterr().out)["n"] == 3
 
 
+def test_resume_reads_val_where_it_is_now(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    val = write_class_folder(tmp_path / "val", per_class=2, seed=3)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--val", str(val), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    moved = val.rename(tmp_path / "val-moved")
+    assert main(["train", str(data), "--val", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert "ignored" not in caplog.text
+    assert json.loads((out / "config.json").read_text())["train"]["val"] == str(moved)
+    assert json.loads((out / "report.json").read_text())["validation"]["n"] == 6  # the moved validation images
+
+
 def test_val_chooses_the_epoch_and_test_is_what_evaluate_scores(tmp_path: Path, capsys, caplog):
     for part, count in (("train", 8), ("val", 3), ("test", 4)):
         write_class_folder(tmp_path / "d" / part, per_class=count, seed=len(part))

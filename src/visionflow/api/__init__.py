@@ -172,10 +172,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     return write_report(run, model, cfg, data, preprocess, summary)
 
 
-def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None) -> dict:
-    """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where the
-    run's data is now (moved, or given from another folder than the run's relative path); its classes must be
-    the run's."""
+def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
+           val: str | None = None) -> dict:
+    """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`. `data` (and `val`,
+    for a run validated on --val): where the run's data is now (moved, or given from another folder than the run's
+    relative path); its classes must be the run's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("classifier")
     cfg = TrainConfig.from_dict(config["train"])
@@ -183,6 +184,10 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
         cfg.epochs = epochs
     if data is not None:
         cfg.data = data
+    if val is not None:
+        if cfg.val is None:
+            raise VisionflowError(f"{run.path} validated on a part of its own data, not on --val; resume without --val")
+        cfg.val = val
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     finished = checkpoint["state"]["epoch"]

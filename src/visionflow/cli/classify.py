@@ -96,8 +96,9 @@ def run_train(args) -> int:
     from visionflow import api
 
     if args.resume:
-        warn_ignored_on_resume(args, (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool"))
-        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
+        warn_ignored_on_resume(args, [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
+                                      if name != "val"])
+        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data, val=args.val)
     else:
         model_options = _model_options(args.model_options)
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...

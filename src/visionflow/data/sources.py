@@ -92,12 +92,14 @@ class ImageFiles(DataSource):
 
     probe = staticmethod(probe_image)  # path -> (channels, (width, height)); clips bring their own
     probe_count = 32                   # files sampled to guess channels and size
+    probe_each_class = True            # and the first of each class (cheap: a probe reads a header)
     max_guessed_size = 224
     decode_in_processes = True
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], name: str = ""):
         self.paths, self.classes, self.name = paths, classes, name
         self.labels = np.asarray(labels, dtype=np.int64)
+        self._probed: list[tuple[int, tuple[int, int]]] | None = None
 
     def origin(self, index: int) -> str:
         return self.paths[index]
@@ -106,20 +108,25 @@ class ImageFiles(DataSource):
         return decode_image(self.paths[index], channels, size)
 
     def _probe_some(self) -> list[tuple[int, tuple[int, int]]]:
-        """probe_count files spread over the collection, and the first readable one of every class: a small colour
-        class among many grey ones would otherwise go unseen."""
-        step = max(1, len(self.paths) // self.probe_count)
-        spread = list(range(0, len(self.paths), step))[:self.probe_count]
-        first_of_class = np.unique(self.labels, return_index=True)[1] if len(self.labels) else []
-        found = []
-        for index in sorted(set(spread) | set(int(i) for i in first_of_class)):
-            for candidate in range(index, min(index + 8, len(self.paths))):  # past a broken file or two
-                try:
-                    found.append(self.probe(self.paths[candidate]))
-                    break
-                except VisionflowError:
-                    continue
-        return found
+        """probe_count files spread over the collection and, for images, the first readable one of every class: a
+        small colour class among many grey ones would otherwise go unseen. Probed once per source."""
+        if self._probed is None:
+            step = max(1, len(self.paths) // self.probe_count)
+            picked = set(range(0, len(self.paths), step)[:self.probe_count])
+            if self.probe_each_class and len(self.labels):
+                picked |= {int(i) for i in np.unique(self.labels, return_index=True)[1]}
+            self._probed, tried = [], set()
+            for index in sorted(picked):
+                for candidate in range(index, min(index + 8, len(self.paths))):  # past a broken file or two
+                    if candidate in tried:
+                        break
+                    tried.add(candidate)
+                    try:
+                        self._probed.append(self.probe(self.paths[candidate]))
+                        break
+                    except VisionflowError:
+                        continue
+        return self._probed
 
     def guess_channels(self) -> int:
         """1 when every sampled image is grayscale, otherwise 3."""
