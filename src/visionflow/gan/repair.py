@@ -24,6 +24,7 @@ from visionflow.devices import select_device
 from visionflow.errors import TrainingInterrupted, VisionflowError
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.gan.masks import center_masks, random_masks
+from visionflow.gan.train import to_uint8, to_unit_range
 from visionflow.runs import RunDir
 from visionflow.train.loop import epoch_seed
 from visionflow.train.progress import make_console, make_progress
@@ -132,15 +133,6 @@ class PatchDiscriminator(nn.Module):
 
 
 # --- images and masks --------------------------------------------------------------------------------------
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
 
 def damage(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Zero the hole: the network must not see what was there."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from visionflow.errors import VisionflowError
@@ -23,13 +24,18 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(9, 3.4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+    style = {"marker": "o", "markersize": 3}  # one epoch is one point, which a bare line would not draw
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train", **style)
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation", **style)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
-    ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], label="validation")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train", **style)
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], label="validation", **style)
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
+        if len(epochs) <= 20:  # epochs are whole: a tick each
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
