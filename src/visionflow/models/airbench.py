@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from visionflow.errors import VisionflowError
-from visionflow.models.layers import MaxPool2x2
+from visionflow.models.layers import Classifier, MaxPool2x2
 from visionflow.models.registry import register_model
 
 # airbench's BatchNorm biases learn 64x faster than the weights. Storing the bias as b = 8 * theta gives
@@ -62,7 +62,7 @@ class ConvGroup(nn.Module):
         return self.activation(self.norm2(self.conv2(x)))
 
 
-class AirbenchNet(nn.Module):
+class AirbenchNet(Classifier):
     def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, int, int], whiten_kernel: int = 2):
         super().__init__()
         whiten_width = 2 * in_channels * whiten_kernel ** 2
@@ -83,9 +83,6 @@ class AirbenchNet(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features) * self.logit_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from visionflow.models.conv_pool import conv_pool_relu
-from visionflow.models.layers import MaxPool2x2
+from visionflow.models.layers import Classifier, MaxPool2x2
 from visionflow.models.registry import register_model
 from visionflow.errors import VisionflowError
 
@@ -23,7 +23,7 @@ def glorot_init(module: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-class SeedCNN(nn.Module):
+class SeedCNN(Classifier):
     def __init__(self, num_classes: int, in_channels: int, image_size: int):
         super().__init__()
         side = ((image_size - 2) // 2 - 2) // 2
@@ -61,11 +61,6 @@ class SeedCNN(nn.Module):
             x = layer(x)
         return x
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model("seed-cnn")

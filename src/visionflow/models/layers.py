@@ -6,6 +6,22 @@ import torch
 from torch import nn
 
 
+class Classifier(nn.Module):
+    """The registry's interface (models/registry.py), shared by every family: `forward_features` (theirs) gives
+    (N, num_features), `forward_head` a linear head on it, and forward is the two."""
+
+    head: nn.Linear
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 class MaxPool2x2(nn.MaxPool2d):
     """nn.MaxPool2d(2), with a faster way to the same values where no gradient is needed.
 

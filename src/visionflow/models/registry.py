@@ -1,6 +1,6 @@
 """One model registry (after timm): models are created by name with the same arguments.
 
-Every registered model is an `nn.Module` with
+Every registered model is a `models.layers.Classifier` (an `nn.Module`) with
 - `forward_features(x)` -> a (N, num_features) tensor and `forward_head(features)` -> logits, so export,
   feature extraction (domain FID) and the clip encoder reuse any model without special cases;
 - `num_features` and `input_kind` ("image": (N, C, H, W) or "clip": (N, T, C, H, W)).

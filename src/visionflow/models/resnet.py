@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visionflow.models.layers import Classifier
 from visionflow.models.registry import register_model
 
 
@@ -27,7 +28,7 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     def __init__(self, blocks: list[int], num_classes: int, in_channels: int, image_size: int, width: int = 64):
         super().__init__()
         if image_size <= 64:
@@ -56,11 +57,6 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.layers(self.stem(x))), 1)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model("resnet18")

@@ -12,6 +12,7 @@ from torch import nn
 
 from visionflow.errors import VisionflowError
 from visionflow.models.cnn import glorot_init
+from visionflow.models.layers import Classifier
 from visionflow.models.registry import create_model, model_entry, register_model
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -51,19 +52,7 @@ def last_state(rnn: nn.RNNBase, sequence: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(hidden[-directions:]), dim=1)
 
 
-class SequenceClassifier(nn.Module):
-    """The registry interface shared by the recurrent families: a linear head on the sequence's features."""
-
-    head: nn.Linear
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class RowRNN(SequenceClassifier):
+class RowRNN(Classifier):
     """A recurrent network over the rows of an image, then a linear classifier on its last state."""
 
     def __init__(self, rnn: nn.RNNBase, num_classes: int):
@@ -96,7 +85,7 @@ def gated_rnn(cell: str, input_size: int, hidden: int, layers: int, bidirectiona
     return CELLS[cell](input_size, hidden, num_layers=layers, batch_first=True, bidirectional=bool(bidirectional))
 
 
-class CNNRNN(SequenceClassifier):
+class CNNRNN(Classifier):
     """A registered image model encodes every frame (shared weights); an LSTM/GRU reads the frame features.
 
     temporal_pool="mean" replaces the recurrence by the average of the frame features: the same encoder and
