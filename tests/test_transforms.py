@@ -32,6 +32,7 @@ def test_spec_round_trip_and_errors():
     with pytest.raises(VisionflowError, match="below 1"):
         AugmentSpec.parse("shift=2")  # would move every image off its canvas
     assert AugmentSpec.parse("rotate,crop") == AugmentSpec(rotate=15.0, crop=0.8)  # the defaults --help names
+    assert AugmentSpec.parse("flip,,rotate=5,") == AugmentSpec(flip=True, rotate=5.0)
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])
@@ -106,3 +107,16 @@ def test_preprocess_normalises_with_training_statistics():
     x = Preprocess(image_size=8, channels=3, mean=mean, std=std)(images)
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3)
     assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2)
+
+
+def test_translate_copies_whole_pixels_with_reflect_padding_and_leaves_other_borders_black():
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    out = Augment(AugmentSpec.parse("translate=2"))(x, torch.Generator().manual_seed(1))
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")  # as airbench pads, and as test-time augmentation does
+    windows = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    found = [next((w for w in windows if torch.equal(out[i], padded[i, :, 2 - w[0]:14 - w[0], 2 - w[1]:14 - w[1]])), None)
+             for i in range(16)]
+    assert None not in found and len(set(found)) > 4  # each a window of the padded image, not all the same one
+    white = torch.ones(8, 1, 32, 32)
+    rotated = Augment(AugmentSpec.parse("rotate=45,translate=1"))(white, torch.Generator().manual_seed(2))
+    assert (rotated == 0).float().mean() > 0.03  # the rotation's uncovered corners stay black, translate or not

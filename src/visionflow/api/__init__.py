@@ -381,10 +381,11 @@ def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:
 
 def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, image_size: int | None = None,
             channels: int | None = None, frames: int | None = None) -> Path:
-    """A grid of augmented training samples, exactly as the training loop would see them (before normalising).
+    """A grid of training samples with the augmentation the training loop applies (before normalising).
 
-    Clips take one row each, `frames` (default 16, as in training) frames wide; giving `frames` also reads
-    folders of frame folders as clips rather than as nested images."""
+    Clips take one row each, `frames` (default 16, as in training) frames wide, at the segment centres evaluation
+    takes (training draws each segment's start or centre); giving `frames` also reads folders of frame folders as
+    clips rather than as nested images."""
     if count < 1:
         raise VisionflowError(f"--count must be at least 1 (got {count})")
     if frames is not None and frames < 1:

@@ -37,7 +37,7 @@ class AugmentSpec:
     shift: float = 0.0       # max translation, fraction of the side
     crop: float = 1.0        # random-resized crop: smallest area fraction kept (1 = off)
     elastic: float = 0.0     # elastic deformation strength: displacements up to about elastic x 5% of the side
-    translate: float = 0.0   # max shift in whole pixels, edges mirrored (airbench's random translate: no blur)
+    translate: float = 0.0   # max shift in whole pixels, edges reflect-padded (airbench's random translate: no blur)
 
     @classmethod
     def parse(cls, text: str | None) -> "AugmentSpec":
@@ -46,7 +46,7 @@ class AugmentSpec:
             return cls()
         known = {f.name: f for f in fields(cls)}
         values: dict[str, object] = {}
-        for item in text.split(","):
+        for item in filter(str.strip, text.split(",")):  # a stray comma ("flip,") is no operation
             key, _, value = item.strip().partition("=")
             key = key.strip().lower().replace("hflip", "flip")
             if key == "none":
@@ -112,18 +112,44 @@ class Augment:
             x = x.flatten(1, 2)
         n, _, h, w = x.shape
         theta = self._affine(n, generator)
-        if self.spec.translate > 0:
-            # Whole-pixel steps land exactly on pixel centres, so bilinear sampling copies pixels unblurred.
-            pixels = int(self.spec.translate)
-            steps = torch.randint(-pixels, pixels + 1, (n, 2), generator=generator).float()
-            theta[:, :, 2] += steps * torch.tensor([2.0 / w, 2.0 / h])
-        grid = affine_grid(theta.to(x.device, x.dtype), h, w)
-        if self.spec.elastic > 0:
-            grid = grid + self._elastic_field(n, h, w, generator).to(x.device, x.dtype)
-        # translate mirrors the edges it uncovers (as airbench's reflect padding); everything else fills black
-        padding = "reflection" if self.spec.translate > 0 else "zeros"
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+        s = self.spec
+        if s.rotate or s.shift or s.crop < 1.0 or s.elastic:
+            grid = affine_grid(theta.to(x.device, x.dtype), h, w)
+            if s.elastic > 0:
+                grid = grid + self._elastic_field(n, h, w, generator).to(x.device, x.dtype)
+            out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # borders black
+        else:  # flips at most: theta is diag(+-1, +-1), applied exactly rather than resampled
+            flip_x = (theta[:, 0, 0] < 0).to(x.device)[:, None, None, None]
+            flip_y = (theta[:, 1, 1] < 0).to(x.device)[:, None, None, None]
+            out = torch.where(flip_x, x.flip(-1), x)
+            out = torch.where(flip_y, out.flip(-2), out)
+        if s.translate > 0:
+            out = self._translate(out, generator)
         return out.view(clip_shape) if clip_shape is not None else out
+
+    def _translate(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """airbench's random translate: whole-pixel shifts of up to `translate` pixels, the uncovered edge filled by
+        reflect padding (F.pad's, as test-time augmentation pads). A gather, not a resampling: pixels are copied
+        unblurred, and the other operations' borders stay black."""
+        n, _, h, w = x.shape
+        pixels = min(int(self.spec.translate), h - 1, w - 1)  # reflect padding takes less than the side
+        if pixels < 1:
+            return x
+        side = 2 * pixels + 1
+        offset = torch.randint(0, side * side, (n,), generator=g)  # (dy, dx) in [-pixels, pixels], as one number
+        padded = F.pad(x, (pixels,) * 4, mode="reflect")
+        out = torch.empty_like(x)
+        # One slice per offset, for the images that drew it: 3.7 ms for 1,024 CIFAR images, where a gather of
+        # every pixel's source took 5-10.
+        order, counts = torch.argsort(offset), torch.bincount(offset, minlength=side * side).tolist()
+        start = 0
+        for k, count in enumerate(counts):
+            if count:
+                dy, dx = k // side - pixels, k % side - pixels
+                picked = order[start:start + count].to(x.device)
+                out[picked] = padded[picked, :, pixels - dy:pixels - dy + h, pixels - dx:pixels - dx + w]
+                start += count
+        return out
 
     def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Per-sample 2x3 matrices mapping output coordinates to input coordinates (normalised [-1, 1]).
