@@ -120,3 +120,13 @@ def test_translate_copies_whole_pixels_with_reflect_padding_and_leaves_other_bor
     white = torch.ones(8, 1, 32, 32)
     rotated = Augment(AugmentSpec.parse("rotate=45,translate=1"))(white, torch.Generator().manual_seed(2))
     assert (rotated == 0).float().mean() > 0.03  # the rotation's uncovered corners stay black, translate or not
+
+
+def test_rotation_turns_pixels_on_non_square_images_too():
+    x = torch.zeros(6, 1, 32, 96)
+    x[:, 0, 16, 60] = 1.0  # 12.5 px right of the centre (47.5, 15.5)
+    out = Augment(AugmentSpec(rotate=90.0))(x, torch.Generator().manual_seed(0))
+    rows, cols = torch.arange(32.0)[:, None], torch.arange(96.0)[None]
+    for image in out[:, 0]:
+        cy, cx = (image * rows).sum() / image.sum() - 15.5, (image * cols).sum() / image.sum() - 47.5
+        assert abs(float(torch.hypot(cy, cx)) - 12.5) < 0.6  # the normalised square's turn had sheared it to 4

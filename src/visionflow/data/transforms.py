@@ -111,7 +111,7 @@ class Augment:
         if clip_shape is not None:
             x = x.flatten(1, 2)
         n, _, h, w = x.shape
-        theta = self._affine(n, generator)
+        theta = self._affine(n, generator, h / w)
         s = self.spec
         if s.rotate or s.shift or s.crop < 1.0 or s.elastic:
             grid = affine_grid(theta.to(x.device, x.dtype), h, w)
@@ -151,8 +151,9 @@ class Augment:
                 start += count
         return out
 
-    def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """Per-sample 2x3 matrices mapping output coordinates to input coordinates (normalised [-1, 1]).
+    def _affine(self, n: int, g: torch.Generator, aspect: float = 1.0) -> torch.Tensor:
+        """Per-sample 2x3 matrices mapping output coordinates to input coordinates (normalised [-1, 1]; `aspect` is
+        height / width, so that a rotation turns pixels, not the normalised square, on a non-square image).
         One draw from the generator for all of it, and the arithmetic on 32 or so numbers in numpy: as some
         thirty torch ops it took 0.18 ms per batch, 43% of augmenting a batch of 32 CIFAR images."""
         s = self.spec
@@ -176,7 +177,7 @@ class Augment:
         # theta = [R(angle) @ diag(scale_x * flip_x, scale_y * flip_y) | t]
         cos, sin = np.cos(angle), np.sin(angle)
         sx, sy = scale_x * flip_x, scale_y * flip_y
-        theta = np.stack([cos * sx, -sin * sy, tx, sin * sx, cos * sy, ty], axis=1).reshape(n, 2, 3)
+        theta = np.stack([cos * sx, -sin * sy * aspect, tx, sin * sx / aspect, cos * sy, ty], axis=1).reshape(n, 2, 3)
         return torch.from_numpy(theta.astype(np.float32))
 
     def _elastic_field(self, n: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
