@@ -82,10 +82,11 @@ def test_predict_formats_and_broken_rows(trained):
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["score"] >= r["top_k"][1]["score"] for r in good)
     assert_user_error(run_cli("predict", run, data / "square", "--strict"), "broken.png", "--strict")
     out = run.parent / "new" / "predictions.csv"  # its folder made, as for every other output
-    result = run_cli("predict", run, str(data / "stripes_*" / "00*.png"), "--format", "csv", "--output", out)
+    result = run_cli("predict", run, str(data / "stripes_*" / "00*.png"), "--output", out)  # CSV, as named
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(table) == 20 and {r["label"] for r in table} <= {"square", "stripes_h", "stripes_v"}
+    assert "wrote 20 rows to" in result.stderr
 
 
 def test_a_decompression_bomb_is_named_once(trained, tmp_path: Path):

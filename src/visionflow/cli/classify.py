@@ -137,6 +137,12 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def _output_format(output: str | None) -> str:
+    """The format an --output file's name asks for: rows.csv is CSV, rows.jsonl JSON lines, anything else a table."""
+    suffix = Path(output).suffix.lower().lstrip(".") if output else ""
+    return suffix if suffix in PREDICT_FORMATS else "table"
+
+
 def run_predict(args) -> int:
     from visionflow import api
     from visionflow.train.progress import make_console, make_progress
@@ -160,9 +166,9 @@ def run_predict(args) -> int:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as every other --out
         out = open(args.output, "w", newline="", errors="surrogateescape") if args.output else nullcontext(sys.stdout)
         with out as stream:
-            count = write_rows(rows, stream, args.format)
+            count = write_rows(rows, stream, args.format or _output_format(args.output))
     if args.output:
-        print(f"wrote {count} rows to {args.output}", file=sys.stderr)
+        print(f"wrote {count} row{'' if count == 1 else 's'} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -220,7 +226,8 @@ def register(commands) -> dict:
     p.add_argument("run_dir")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--format", default="table", choices=PREDICT_FORMATS)
+    p.add_argument("--format", default=None, choices=PREDICT_FORMATS,
+                   help="default: what --output's name says (.csv, .jsonl), else table")
     p.add_argument("--output", default=None, help="write rows to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", default="best", choices=("best", "last"))
