@@ -249,15 +249,14 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
 
 # --- evaluation and labelling ----------------------------------------------------------------------------
 
-def held_out_in(run: RunDir, dataset: DataSet) -> list[str] | None:
+def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str] | None:
     """The run's held-out items as `dataset` names them: as split.json records them when it is the data the run
-    trained on, or at the same paths below its folder when it is that data moved or copied (every one of them there,
-    and any whose original is still in place with the same bytes); None when the run held nothing out or `dataset`
-    is other data."""
+    trained on (`recorded`, config.json's data_spec), or at the same paths below its folder when it is that data
+    moved or copied (every one of them there, and any whose original is still in place with the same bytes); None
+    when the run held nothing out or `dataset` is other data."""
     if not run.exists("split.json"):
         return None
     held_out = run.read_json("split.json")["held_out"]
-    recorded = run.read_json("config.json").get("data_spec")
     if dataset.spec == recorded:
         return held_out
     if not held_out or not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
@@ -277,10 +276,10 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     else all of it."""
     if dataset.test is not None:
         return dataset.test
-    held_out = held_out_in(run, dataset)
+    recorded = run.read_json("config.json").get("data_spec")
+    held_out = held_out_in(run, dataset, recorded)
     if held_out is None:
         return dataset.train
-    recorded = run.read_json("config.json").get("data_spec")
     if dataset.spec != recorded:
         log.warning("%s holds the data the run trained on (%s), moved or copied: scoring the %d images it held out",
                     dataset.spec, recorded, len(held_out))
@@ -296,7 +295,7 @@ def require_same_data(run: RunDir, dataset: DataSet) -> None:
     if not run.exists("split.json"):  # nothing held out to recognise it by
         log.warning("resuming on %s; the run trained on %s (if that is other data, the epochs will not compare)",
                     dataset.spec, recorded)
-    elif held_out_in(run, dataset) is None:
+    elif held_out_in(run, dataset, recorded) is None:
         raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): the images it held "
                               "out are not in it. Resume on that data, moved or not, or train a new run")
 
@@ -319,8 +318,7 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
                                    augment_eval=augment_eval)
     dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
     source = evaluation_part(run, dataset)
-    if source.kind != predictor.input_kind:
-        raise VisionflowError(f"the run's model takes {predictor.input_kind}s but {data} holds {source.kind}s")
+    source.require_kind(predictor.input_kind, "the run's model")
     source = _aligned(source, predictor.classes)
     warning = training_images_warning(run, dataset)
     if warning is not None:

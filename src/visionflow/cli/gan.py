@@ -6,7 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from visionflow.cli.options import add_run_options, add_shape_options, given_flags, warn_ignored_on_resume
+from visionflow.cli.options import (add_device_option, add_run_options, add_shape_options, given_flags,
+                                    warn_ignored_on_resume)
 from visionflow.gan.losses import GAN_LOSSES
 from visionflow.gan.train import GanConfig
 
@@ -91,7 +92,7 @@ def register(commands) -> dict:
     p.add_argument("--out", required=True, help="grid.png (or .jpg, .webp, ...), or a folder for one PNG per image")
     p.add_argument("--label", default=None, help="conditional GANs: the class to generate (default: every class)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
 
     p = verbs.add_parser("evaluate", help="domain FID against DATA, beside the real-data floor and the untrained ceiling")
     p.add_argument("run_dir")

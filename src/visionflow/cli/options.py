@@ -14,14 +14,14 @@ def add_run_options(parser) -> None:
     """--seed, --strict, --device, --resume and --quiet for a verb that trains into --out."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument("--resume", action="store_true", help="continue (or extend with --epochs) the run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_engine_options(parser) -> None:
     """--device, --engine, --precision and --augment-eval for a verb that labels images with a trained run."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument("--engine", default="auto", choices=ENGINES,
                         help="auto: PyTorch where it runs bf16 (a GPU, a CPU with AVX512-BF16/AMX) and for recurrent "
                              "and clip models, else ONNX Runtime on the CPU (its graph cached as RUN_DIR/best.onnx or "
@@ -55,3 +55,7 @@ def add_shape_options(parser, size_help: str = "side in pixels") -> None:
     parser.add_argument("--image-size", type=int, default=None, help=f"{size_help} (default: measured from the data)")
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3),
                         help="1 grey, 3 colour (default: measured from the data)")
+
+
+def add_device_option(parser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

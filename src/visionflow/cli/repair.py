@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from visionflow.cli.options import add_run_options, add_shape_options, given_flags, warn_ignored_on_resume
+from visionflow.cli.options import (add_device_option, add_run_options, add_shape_options, given_flags,
+                                    warn_ignored_on_resume)
 from visionflow.gan.losses import GAN_LOSSES
 from visionflow.gan.repair import RepairConfig
 
@@ -42,7 +43,7 @@ def add_repair_parsers(commands) -> None:
     hole.add_argument("--mask", help="a PNG of the image's size: white (>= 128) = missing pixels")
     hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
 
     p = verbs.add_parser("evaluate", help="PSNR and SSIM of the model and of biharmonic inpainting on held-out images",
@@ -62,7 +63,7 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random masks")
     p.add_argument("--examples", default=None, help="also write a grid picture (.png, .jpg, ...): damaged | biharmonic | model | original")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--strict", action="store_true")
 
 

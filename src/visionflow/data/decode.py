@@ -137,18 +137,15 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
         if isinstance(source, bytes):
             if not source:
                 raise BrokenImage(origin, "empty file")
-            img = Image.open(io.BytesIO(source))
+            img = open_within_limit(io.BytesIO(source), origin)
         else:
-            img = Image.open(source)  # decode_image has checked that it is a file with bytes in it
-        refuse_over_max_pixels(origin, *img.size)
+            img = open_within_limit(source, origin)  # decode_image has checked that it is a file with bytes in it
         img.load()
         if img.format == "JPEG" and "exif" not in img.info and "xmp" not in img.info:
             return img  # no orientation to apply; parsing for it costs a tenth of a small JPEG's decode
         return ImageOps.exif_transpose(img)
     except BrokenImage:
         raise
-    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it itself
-        raise BrokenImage(origin, f"over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)") from None
     except UnidentifiedImageError as exc:
         raise BrokenImage(origin, f"not a readable image ({type(exc).__name__})") from None
     except PermissionError:
@@ -157,9 +154,18 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
         raise BrokenImage(origin, f"truncated or corrupt image ({exc})") from None
 
 
-def refuse_over_max_pixels(origin: str, width: int, height: int) -> None:
+def open_within_limit(source, origin: str) -> Image.Image:
+    """Image.open (the header only), refusing an image over MAX_PIXELS as a broken file: between 1x and 2x Pillow
+    only warns, above it raises its own error, and both are the same decompression bomb here."""
+    try:
+        img = Image.open(source)
+    except Image.DecompressionBombError:
+        raise BrokenImage(origin, f"over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)") from None
+    width, height = img.size
     if width * height > MAX_PIXELS:
+        img.close()
         raise BrokenImage(origin, f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
+    return img
 
 
 def decode_image(source: str | os.PathLike | bytes, channels: int, size: int | None = None,
@@ -207,12 +213,9 @@ def probe_image(path: str | Path) -> tuple[int, tuple[int, int]]:
     as decoding it would fail: not a regular file, unreadable, or over MAX_PIXELS."""
     require_nonempty_file(path, str(path))
     try:
-        with Image.open(path) as img:
+        with open_within_limit(path, str(path)) as img:
             mode, size = img.mode, img.size
-    except Image.DecompressionBombError:
-        raise BrokenImage(str(path), f"over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise BrokenImage(str(path), f"not a readable image ({type(exc).__name__})") from None
-    refuse_over_max_pixels(str(path), *size)
     gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
     return (1 if gray else 3), size
