@@ -216,7 +216,7 @@ def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
         capsys, ["train", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1"])
 
 
-def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Path):
+def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Path, capsys):
     data = write_class_folder(tmp_path / "data", per_class=6)
     out = tmp_path / "run"
     out.mkdir()
@@ -230,7 +230,9 @@ def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Pat
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert", "version": "4.1"}))  # a version, like many
     (other / "metrics.csv").write_text("theirs\n")
-    assert main(["train", str(data), "--out", str(other), "--epochs", "1", "--quiet"]) == 2
+    capsys.readouterr()
+    assert "holds a config.json that is not a visionflow run's" in user_error(
+        capsys, ["train", str(data), "--out", str(other), "--epochs", "1", "--quiet"])
     assert json.loads((other / "config.json").read_text()) == {"model_type": "bert", "version": "4.1"}
     assert (other / "metrics.csv").read_text() == "theirs\n"
 
@@ -357,8 +359,8 @@ def test_threads_option_sets_the_cpu_threads_and_the_report_records_them(tmp_pat
 
 def test_ctrl_c_while_torch_loads_is_an_interruption_not_a_traceback(monkeypatch, capsys):
     """The CLI module itself is light: torch (seconds) loads inside main's error handling, where Ctrl-C is an
-    interruption (exit 130, one line). Sending a real SIGINT while torch loads was timing-dependent: an import
-    that catches BaseException can swallow it."""
+    interruption (exit 130, one line). The interruption is raised where main imports torch: a real SIGINT sent while
+    torch loads was timing-dependent (an import that catches BaseException can swallow it)."""
     import subprocess
     import sys
 
@@ -367,11 +369,17 @@ def test_ctrl_c_while_torch_loads_is_an_interruption_not_a_traceback(monkeypatch
     code = "import sys, visionflow.cli; print(sorted(m for m in ('torch', 'PIL') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip() == "[]"
 
-    def interrupted():
-        raise KeyboardInterrupt
+    import builtins
 
-    monkeypatch.setattr(cli, "build_parser", interrupted)  # where the verb modules, and torch with them, load
-    assert main(["models"]) == 130
+    real_import = builtins.__import__
+
+    def ctrl_c_while_torch_loads(name, *args, **kwargs):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", ctrl_c_while_torch_loads)
+    assert cli.main(["models"]) == 130
     assert capsys.readouterr().err == "visionflow: interrupted\n"
 
 

@@ -165,12 +165,25 @@ def test_truncated_jpeg_is_named_not_half_decoded(tmp_path: Path):
 
 
 def test_what_is_not_a_regular_file_is_broken_not_a_hang(tmp_path):
+    """In a child process with a timeout: broken, this would block the reader for ever, not fail."""
+    import subprocess
+    import sys
+
     os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block the reader for ever
     (tmp_path / "zeros.jpg").symlink_to("/dev/zero")  # reading it would never end
-    for name in ("pipe.jpg", "zeros.jpg"):
-        for read in (lambda path: decode_image(path, 1, 8), probe_image):  # probing (guessing the size) as well
-            with pytest.raises(BrokenImage, match="not a regular file"):
-                read(tmp_path / name)
+    code = f"""
+from visionflow.data.decode import decode_image, probe_image
+from visionflow.errors import BrokenImage
+for name in ("pipe.jpg", "zeros.jpg"):
+    for read in (lambda path: decode_image(path, 1, 8), probe_image):  # probing (guessing the size) as well
+        try:
+            read({str(tmp_path)!r} + "/" + name)
+            print("read", name)
+        except BrokenImage as exc:
+            print(exc.reason)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == ["not a regular file (a pipe, a device or a socket)"] * 4, result.stderr
 
 
 def test_lab_images_decode_in_grey_and_colour(tmp_path):

@@ -216,6 +216,10 @@ def test_the_cached_graph_is_used_only_for_the_weights_it_holds(digits_run, tmp_
 
     onnx, reference = onnx_and_torch()  # exports last.onnx
     assert (onnx - reference).abs().max() < 1e-4
+    exported = os.stat(run / "last.onnx").st_mtime_ns
+    Predictor.from_run(str(run.path), engine="onnx", weights="last")
+    assert os.stat(run / "last.onnx").st_mtime_ns == exported  # the same weights: the cached graph is used
+    graph_of_other_weights = (run / "last.onnx").read_bytes()
     old_time = os.stat(run / "last.onnx").st_mtime - 60
     weights = run.load_weights("last.safetensors")
     run.save_weights("last.safetensors", {k: v * 0.5 if v.is_floating_point() else v for k, v in weights.items()})
@@ -224,6 +228,9 @@ def test_the_cached_graph_is_used_only_for_the_weights_it_holds(digits_run, tmp_
     assert (onnx - reference).abs().max() < 1e-4  # the new weights' graph, not the cached one
     metadata = {p.key: p.value for p in onnx_format.load(str(run / "last.onnx")).metadata_props}
     assert metadata[WEIGHTS_KEY] == weights_digest(run / "last.safetensors")
+    (run / "last.onnx").write_bytes(graph_of_other_weights)  # newer than the weights, as a graph copied in
+    onnx, reference = onnx_and_torch()
+    assert (onnx - reference).abs().max() < 1e-4
     (run / "last.onnx").write_bytes(b"damaged")
     onnx, reference = onnx_and_torch()
     assert (onnx - reference).abs().max() < 1e-4
@@ -261,8 +268,10 @@ def test_the_c_kernel_is_not_given_an_input_of_other_channels_than_its_weights()
 
     conv = nn.Conv2d(1, 32, 3)
     grey = torch.zeros(2, 1, 12, 12)
-    assert kernel_applies(grey, conv) == kernel_runs_here(grey)  # where the library is built, it takes this one
-    assert not kernel_applies(torch.zeros(2, 3, 12, 12), conv)
+    if not kernel_runs_here(grey):
+        pytest.skip("the C kernel is not built here (no compiler)")
+    assert kernel_applies(grey, conv) is True  # its own channel count
+    assert kernel_applies(torch.zeros(2, 3, 12, 12), conv) is False
 
 
 def test_a_precision_that_does_not_exist_is_refused_for_recurrent_models_too(tmp_path):

@@ -113,13 +113,16 @@ def test_train_writes_a_resumable_run_and_resume_extends_it(digits_run):
 def test_resume_reads_the_data_given_and_names_the_flags_it_ignores(digits_run, tmp_path, caplog, capsys):
     run = shutil.copytree(digits_run, tmp_path / "copy")
     before = json.loads((run / "config.json").read_text())["train"]
+    config = (run / "config.json").read_text()
+    capsys.readouterr()
     assert main(["repair", "train", "./digits", "--out", str(run), "--resume", "--epochs", "2", "--width", "4",
                  "--hole-weight", "1", "--quiet"]) == 2  # DATA is read as given: ./digits is no folder here
+    assert capsys.readouterr().err.startswith("visionflow: error: ./digits: ")
+    assert (run / "config.json").read_text() == config
     other = tmp_path / "other" / "a"
     other.mkdir(parents=True)
     for i in range(8):
         Image.new("L", (28, 28), color=i * 30).save(other / f"{i}.png")
-    capsys.readouterr()
     assert main(["repair", "train", str(other.parent), "--out", str(run), "--resume", "--epochs", "2"]) == 2
     assert "is not the data the run trained on (digits)" in capsys.readouterr().err  # its PSNRs would not compare
     assert main(["repair", "train", "digits", "--out", str(run), "--resume", "--epochs", "2", "--width", "4",

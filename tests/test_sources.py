@@ -16,6 +16,7 @@ from conftest import write_class_folder
 from visionflow import api
 from visionflow.config import TrainConfig
 from visionflow.data import loading
+from visionflow.data.decode import decode_image
 from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import DataSource, ImageArray, expand_inputs, open_data
 from visionflow.errors import BrokenImage, VisionflowError
@@ -65,7 +66,11 @@ def test_a_small_colour_class_among_grey_ones_is_seen(tmp_path: Path):
     assert data.train.guess_channels() == 3
 
 
-def test_colour_arrays_read_as_colour_files_do():
+def test_colour_arrays_read_as_colour_files_do(tmp_path: Path):
+    grey = np.random.default_rng(1).integers(0, 256, size=(1, 5, 7), dtype=np.uint8)  # MNIST's, digits' layout
+    Image.fromarray(grey[0]).save(tmp_path / "grey.png")
+    from_array = ImageArray(grey, np.array([0]), ["a"], "arrays").read(0, 3, None)
+    assert torch.equal(from_array, decode_image(tmp_path / "grey.png", 3))  # for a colour run: grey in every channel
     rgba = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 4), dtype=np.uint8)
     source = ImageArray(rgba, np.array([0, 1]), ["a", "b"], "arrays")
     assert source.read(1, 3, None).permute(1, 2, 0).numpy().tolist() == rgba[1, :, :, :3].tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,7 +128,11 @@ def test_rotation_turns_pixels_on_non_square_images_too():
     x = torch.zeros(6, 1, 32, 96)
     x[:, 0, 16, 60] = 1.0  # 12.5 px right of the centre (47.5, 15.5)
     out = Augment(AugmentSpec(rotate=90.0))(x, torch.Generator().manual_seed(0))
+    # the angles Augment draws: the first of nine uniform numbers per image, from the same seed
+    angles = (2 * torch.rand(6, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)[:, 0] - 1) * 90
     rows, cols = torch.arange(32.0)[:, None], torch.arange(96.0)[None]
-    for image in out[:, 0]:
+    for image, angle in zip(out[:, 0], angles):
         cy, cx = (image * rows).sum() / image.sum() - 15.5, (image * cols).sum() / image.sum() - 47.5
-        assert abs(float(torch.hypot(cy, cx)) - 12.5) < 0.6  # the normalised square's turn had sheared it to 4
+        turn = math.radians(float(angle))
+        expected = (12.5 * math.cos(turn), -12.5 * math.sin(turn))  # (x, y), y down
+        assert math.dist((float(cx), float(cy)), expected) < 0.75  # the normalised square's turn had sheared it
