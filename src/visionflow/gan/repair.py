@@ -21,13 +21,12 @@ from torch import nn
 
 from visionflow.config import RunConfig
 from visionflow.devices import select_device
-from visionflow.errors import TrainingInterrupted, VisionflowError
+from visionflow.errors import VisionflowError
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.gan.masks import center_masks, random_masks
 from visionflow.gan.train import to_uint8, to_unit_range
 from visionflow.runs import RunDir
-from visionflow.train.loop import epoch_seed
-from visionflow.train.progress import make_console, make_progress
+from visionflow.train.epochs import ShowProgress, run_epochs
 
 
 @dataclass
@@ -198,7 +197,7 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 def train_repair_epoch(generator: RepairGenerator, discriminator: PatchDiscriminator, images: torch.Tensor,
                        g_optimizer: torch.optim.Optimizer, d_optimizer: torch.optim.Optimizer, cfg: RepairConfig,
                        first_step: int, total_steps: int, device: torch.device, random: torch.Generator,
-                       on_step) -> dict:
+                       show: ShowProgress) -> dict:
     """One pass over uint8 `images` with fresh random masks; returns mean losses and speed."""
     generator.train()
     discriminator.train()
@@ -236,7 +235,7 @@ def train_repair_epoch(generator: RepairGenerator, discriminator: PatchDiscrimin
         for name, value in (("d_loss", d_loss), ("g_adversarial", g_adversarial), ("l1_hole", l1_hole), ("l1_known", l1_known)):
             totals[name] += float(value.detach())
         steps += 1
-        on_step(len(index))
+        show(first + len(index), f"l1_hole {totals['l1_hole'] / steps:.4f}")
     seconds = time.perf_counter() - start
     means = {name: total / max(1, steps) for name, total in totals.items()}
     if not all(math.isfinite(v) for v in means.values()):
@@ -271,64 +270,71 @@ def steps_per_epoch(count: int, batch_size: int) -> int:
     return count // batch_size + (1 if count % batch_size >= 2 else 0)  # a 1-image last batch is skipped
 
 
+class RepairTrainer:
+    """What `run_epochs` trains for image repair: the generator and its discriminator, each with Adam, the best
+    epoch by mean PSNR on the validation images under fixed masks (best.safetensors)."""
+
+    name = "repair epoch"
+
+    def __init__(self, generator: RepairGenerator, discriminator: PatchDiscriminator, cfg: RepairConfig,
+                 train_images: torch.Tensor, val_images: torch.Tensor, run: RunDir, checkpoint: dict | None):
+        self.generator, self.discriminator, self.cfg, self.train_images, self.val_images, self.run = (
+            generator, discriminator, cfg, train_images, val_images, run)
+        self.device = select_device(cfg.device)
+        generator.to(self.device)
+        discriminator.to(self.device)
+        # beta1 = 0.5: the usual GAN setting (Radford et al. 2016); the default 0.9 lets the two players oscillate
+        self.g_optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.per_epoch = steps_per_epoch(len(train_images), cfg.batch_size)
+        self.state = RepairState()
+        if checkpoint is not None:
+            generator.load_state_dict(checkpoint["generator"])
+            discriminator.load_state_dict(checkpoint["discriminator"])
+            self.g_optimizer.load_state_dict(checkpoint["g_optimizer"])
+            self.d_optimizer.load_state_dict(checkpoint["d_optimizer"])
+            self.state = RepairState(**checkpoint["state"])
+        self.val_masks = validation_masks(len(val_images), val_images.shape[-1], cfg.seed)
+        self.items, self.epochs_done = len(train_images), self.state.epoch
+        self.resume_command = f"visionflow repair train {cfg.data} --out {run.path} --resume"
+
+    def stop_early(self) -> bool:
+        return False
+
+    def train_epoch(self, random: torch.Generator, show: ShowProgress) -> dict:
+        cfg, epoch = self.cfg, self.state.epoch
+        return train_repair_epoch(self.generator, self.discriminator, self.train_images, self.g_optimizer,
+                                  self.d_optimizer, cfg, epoch * self.per_epoch, cfg.epochs * self.per_epoch, self.device,
+                                  random, show)
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
+        val_psnr = mean_psnr(self.val_images, repair_images(self.generator, self.val_images, self.val_masks))
+        state, cfg = self.state, self.cfg
+        state.epoch = epoch
+        weights = self.generator.state_dict()
+        if val_psnr > state.best_val_psnr:
+            state.best_val_psnr, state.best_epoch = val_psnr, epoch
+            self.run.save_weights("best.safetensors", weights)
+        self.run.save_weights("last.safetensors", weights)
+        row = {**{k: round(stats[k], 6) for k in ("d_loss", "g_adversarial", "l1_hole", "l1_known")},
+               "val_psnr": round(val_psnr, 4), "lr": cosine_lr(cfg.lr, epoch * self.per_epoch, cfg.epochs * self.per_epoch),
+               "images_per_second": round(stats["images_per_second"], 1), "seconds": round(stats["seconds"], 3)}
+        summary = (f"l1_hole {stats['l1_hole']:.4f}  l1_known {stats['l1_known']:.4f}  d_loss {stats['d_loss']:.3f}  "
+                   f"val_psnr {val_psnr:.2f} dB  {stats['images_per_second']:,.0f} img/s")
+        return row, summary
+
+    def checkpoint(self) -> dict:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+                "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
+                "state": asdict(self.state)}
+
+
 def fit_repair(generator: RepairGenerator, discriminator: PatchDiscriminator, cfg: RepairConfig,
                train_images: torch.Tensor, val_images: torch.Tensor, run: RunDir, checkpoint: dict | None = None,
                show_progress: bool = True) -> dict:
-    """Train both networks, writing the run directory as it goes (same files and resume rules as `fit`)."""
-    device = select_device(cfg.device)
-    generator.to(device)
-    discriminator.to(device)
-    # beta1 = 0.5: the usual GAN setting (Radford et al. 2016); the default 0.9 lets the two players oscillate
-    g_optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    per_epoch = steps_per_epoch(len(train_images), cfg.batch_size)
-    state, rows = RepairState(), []
-    if checkpoint is not None:
-        generator.load_state_dict(checkpoint["generator"])
-        discriminator.load_state_dict(checkpoint["discriminator"])
-        g_optimizer.load_state_dict(checkpoint["g_optimizer"])
-        d_optimizer.load_state_dict(checkpoint["d_optimizer"])
-        state = RepairState(**checkpoint["state"])
-        rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
-    val_masks = validation_masks(len(val_images), val_images.shape[-1], cfg.seed)
-    console = make_console()
-
-    def save_checkpoint() -> None:
-        run.save_checkpoint({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                             "g_optimizer": g_optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
-                             "state": asdict(state)})
-
-    if state.epoch == 0:
-        save_checkpoint()  # even an interruption in the first epoch leaves something to resume
-    with make_progress(console, show_progress) as progress:
-        for epoch in range(state.epoch, cfg.epochs):
-            task = progress.add_task(f"repair epoch {epoch + 1}/{cfg.epochs}", total=len(train_images), status="")
-            torch.manual_seed(epoch_seed(cfg.seed, epoch))
-            random = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # order and masks
-            try:
-                stats = train_repair_epoch(generator, discriminator, train_images, g_optimizer, d_optimizer, cfg,
-                                           epoch * per_epoch, cfg.epochs * per_epoch, device, random,
-                                           lambda count: progress.update(task, advance=count))
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch + 1}; {state.epoch} finished epoch(s) saved in {run.path} "
-                    f"- continue with: visionflow repair train ... --out {run.path} --resume") from None
-            val_psnr = mean_psnr(val_images, repair_images(generator, val_images, val_masks))
-            progress.remove_task(task)
-            state.epoch = epoch + 1
-            rows.append({"epoch": epoch + 1, **{k: round(stats[k], 6) for k in ("d_loss", "g_adversarial", "l1_hole", "l1_known")},
-                         "val_psnr": round(val_psnr, 4), "lr": cosine_lr(cfg.lr, (epoch + 1) * per_epoch, cfg.epochs * per_epoch),
-                         "images_per_second": round(stats["images_per_second"], 1), "seconds": round(stats["seconds"], 3)})
-            console.print(f"repair epoch {epoch + 1}/{cfg.epochs}  l1_hole {stats['l1_hole']:.4f}  "
-                          f"l1_known {stats['l1_known']:.4f}  d_loss {stats['d_loss']:.3f}  "
-                          f"val_psnr {val_psnr:.2f} dB  {stats['images_per_second']:,.0f} img/s",
-                          highlight=False, soft_wrap=True)
-            weights = generator.state_dict()
-            if val_psnr > state.best_val_psnr:
-                state.best_val_psnr, state.best_epoch = val_psnr, epoch + 1
-                run.save_weights("best.safetensors", weights)
-            run.save_weights("last.safetensors", weights)
-            run.write_metrics(rows)
-            save_checkpoint()
+    """Train both networks, writing the run directory as it goes (the same files and resume rules as `fit`)."""
+    trainer = RepairTrainer(generator, discriminator, cfg, train_images, val_images, run, checkpoint)
+    rows = run_epochs(trainer, run, cfg.epochs, cfg.seed, show_progress)
+    state = trainer.state
     return {"epochs": state.epoch, "best_epoch": state.best_epoch, "best_val_psnr": round(state.best_val_psnr, 4),
             "rows": rows}

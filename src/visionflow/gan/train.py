@@ -1,4 +1,5 @@
-"""The GAN training loop: its own step (two networks, two optimizers), the run directory of classification.
+"""GAN training: its own step (two networks, two optimizers) in the epoch loop and run directory every
+training shares (train/epochs.py).
 
     RUN_DIR/
       config.json                "kind": "gan", GanConfig, classes, channels, image size
@@ -7,9 +8,9 @@
       metrics.csv                per epoch: losses, discriminator scores, sample diversity, speed
       samples/epoch_NNN.png      the same fixed noise through the EMA generator after every epoch
 
-Each epoch's shuffle and noise draw from a generator seeded by (seed, epoch), so a resumed run continues
-the random stream exactly where the uninterrupted one would have been. A step whose loss is NaN or
-explodes stops training at once; the checkpoint on disk is then still the last finished (good) epoch.
+Each epoch's shuffle and noise draw from the loop's generator seeded by (seed, epoch), so a resumed run
+continues the random stream exactly where the uninterrupted one would have been. A step whose loss is NaN
+or explodes stops training at once; the checkpoint on disk is then still the last finished (good) epoch.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from torch import nn
 from visionflow.data.loading import DecodedPart
 from visionflow.config import RunConfig
 from visionflow.devices import select_device
-from visionflow.errors import TrainingInterrupted, VisionflowError
+from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.report.plots import save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.loop import epoch_seed
-from visionflow.train.progress import make_console, make_progress
+from visionflow.train.epochs import ShowProgress, run_epochs
 
 log = logging.getLogger("visionflow")
 
@@ -183,98 +183,109 @@ def grid_columns(cfg: GanConfig, num_classes: int) -> int:
     return num_classes if cfg.conditional else 8
 
 
+class GanTrainer:
+    """What `run_epochs` trains for a GAN: the generator, the discriminator and the generator's EMA, which
+    after each epoch draws the sample grid and is saved as generator.safetensors. A step whose loss is NaN or
+    explodes stops training at once (`GanDiverged`): the checkpoint on disk is then the last good epoch's."""
+
+    name = "epoch"
+
+    def __init__(self, pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, checkpoint: dict | None):
+        self.cfg, self.part, self.run = cfg, part, run
+        self.device = device = select_device(cfg.device)
+        self.generator, self.discriminator, self.ema = (m.to(device) for m in (pair.generator, pair.discriminator, pair.ema))
+        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.num_classes = len(part.classes)
+        self.epoch, self.step = 0, 0
+        self.best_diversity = None  # the highest sample diversity so far, for the collapse warning
+        if checkpoint is not None:
+            self.generator.load_state_dict(checkpoint["generator"])
+            self.discriminator.load_state_dict(checkpoint["discriminator"])
+            self.ema.load_state_dict(checkpoint["ema"])
+            self.optimizer_g.load_state_dict(checkpoint["optimizer_g"])
+            self.optimizer_d.load_state_dict(checkpoint["optimizer_d"])
+            self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
+            self.best_diversity = max((r["diversity"] for r in run.read_metrics() if r["epoch"] <= self.epoch),
+                                      default=None)
+        self.grid_noise, self.grid_labels = fixed_noise(cfg, self.num_classes)
+        self.real_diversity = reference_diversity(part.images, part.labels if cfg.conditional else None,
+                                                  len(self.grid_noise) * 4, cfg.seed)
+        self.items, self.epochs_done = len(part), self.epoch
+        self.resume_command = f"visionflow gan train {cfg.data} --out {run.path} --resume"
+
+    def stop_early(self) -> bool:
+        return False
+
+    def train_epoch(self, random: torch.Generator, show: ShowProgress) -> dict:
+        cfg, part, device = self.cfg, self.part, self.device
+        order = torch.randperm(len(part), generator=random)
+        totals = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
+        batches, start = 0, time.perf_counter()
+        self.generator.train()
+        self.discriminator.train()
+        for first in range(0, len(order) - 1, cfg.batch_size):
+            index = order[first:first + cfg.batch_size]
+            if len(index) < 2:
+                continue  # a 1-item batch breaks batch norm and adds nothing
+            real = to_unit_range(part.images[index]).to(device)
+            labels = part.labels[index].to(device) if cfg.conditional else None
+            noise = torch.randn(len(index), cfg.latent_dim, generator=random).to(device)
+            stats = gan_step(self.generator, self.discriminator, self.optimizer_g, self.optimizer_d, real, labels, noise,
+                             cfg.loss, cfg.mode_seeking)
+            bad = next((k for k in ("d_loss", "g_loss") if not abs(stats[k]) < EXPLODING_LOSS), None)
+            if bad is not None:
+                raise GanDiverged(
+                    f"training diverged in epoch {self.epoch + 1} ({bad.replace('_', ' ')} {stats[bad]:.4g}); "
+                    f"kept the last good checkpoint (epoch {self.epoch}) in {self.run.path} - "
+                    "train again with a lower --lr, --loss hinge or --spectral-norm (a new run: --resume "
+                    "keeps the run's settings; a folder with no finished epoch gives way to a new run)")
+            self.step += 1
+            # EMA warm-up: early weights move fast, so the average starts short and lengthens
+            update_ema(self.ema, self.generator, min(cfg.ema_decay, (1 + self.step) / (10 + self.step)))
+            for key in totals:
+                totals[key] += stats[key]
+            batches += 1
+            show(first + len(index), f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
+        seconds = time.perf_counter() - start
+        return {**{k: v / max(1, batches) for k, v in totals.items()},
+                "images_per_second": batches * cfg.batch_size / seconds, "seconds": seconds}
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
+        self.epoch = epoch
+        standing_statistics(self.ema, self.cfg.seed)
+        with torch.no_grad():
+            grid = self.ema(self.grid_noise.to(self.device),
+                            None if self.grid_labels is None else self.grid_labels.to(self.device)).cpu()
+        diversity = sample_diversity(grid, self.grid_labels) / max(self.real_diversity, 1e-9)
+        best = diversity if self.best_diversity is None else self.best_diversity
+        if diversity < DIVERSITY_DROP * best:
+            log.warning("sample diversity fell from %.3f to %.3f of the real data's in epoch %d: "
+                        "the generator may be collapsing onto a few modes (look at %s)",
+                        best, diversity, epoch, self.run / "samples" / f"epoch_{epoch:03d}.png")
+        self.best_diversity = max(best, diversity)
+        save_image_grid(to_uint8(grid), self.run / "samples" / f"epoch_{epoch:03d}.png",
+                        columns=grid_columns(self.cfg, self.num_classes))
+        self.run.save_weights("generator.safetensors", self.ema.state_dict())
+        row = {**{k: round(stats[k], 6) for k in ("d_loss", "g_loss", "d_real", "d_fake")},
+               "diversity": round(diversity, 4), "images_per_second": round(stats["images_per_second"], 1),
+               "seconds": round(stats["seconds"], 3)}
+        summary = (f"D {row['d_loss']:.4f}  G {row['g_loss']:.4f}  D(real) {row['d_real']:.3f}  "
+                   f"D(fake) {row['d_fake']:.3f}  diversity {diversity:.3f}  {row['images_per_second']:,.0f} img/s")
+        return row, summary
+
+    def checkpoint(self) -> dict:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer_g": self.optimizer_g.state_dict(),
+                "optimizer_d": self.optimizer_d.state_dict(), "epoch": self.epoch, "step": self.step}
+
+
 def fit_gan(pair: GanPair, cfg: GanConfig, part: DecodedPart, run: RunDir, checkpoint: dict | None = None,
             show_progress: bool = True) -> dict:
     """Train `pair` on the decoded `part`, writing the run directory as it goes; returns a summary."""
-    device = select_device(cfg.device)
-    generator, discriminator, ema = (m.to(device) for m in (pair.generator, pair.discriminator, pair.ema))
-    optimizer_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    num_classes = len(part.classes)
-    epoch, step, rows = 0, 0, []
-    if checkpoint is not None:
-        generator.load_state_dict(checkpoint["generator"])
-        discriminator.load_state_dict(checkpoint["discriminator"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer_g.load_state_dict(checkpoint["optimizer_g"])
-        optimizer_d.load_state_dict(checkpoint["optimizer_d"])
-        epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        rows = [r for r in run.read_metrics() if r["epoch"] <= epoch]
-    grid_noise, grid_labels = fixed_noise(cfg, num_classes)
-    real_diversity = reference_diversity(part.images, part.labels if cfg.conditional else None, len(grid_noise) * 4,
-                                         cfg.seed)
-
-    def save_checkpoint() -> None:
-        run.save_checkpoint({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                             "ema": ema.state_dict(), "optimizer_g": optimizer_g.state_dict(),
-                             "optimizer_d": optimizer_d.state_dict(), "epoch": epoch, "step": step})
-
-    if epoch == 0:
-        save_checkpoint()  # even an interruption (or divergence) in the first epoch leaves something to resume
-    console = make_console()
-    with make_progress(console, show_progress) as progress:
-        while epoch < cfg.epochs:
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(part), status="")
-            rng = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-            order = torch.randperm(len(part), generator=rng)
-            totals = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
-            batches, start = 0, time.perf_counter()
-            generator.train()
-            discriminator.train()
-            try:
-                for first in range(0, len(order) - 1, cfg.batch_size):
-                    index = order[first:first + cfg.batch_size]
-                    if len(index) < 2:
-                        continue  # a 1-item batch breaks batch norm and adds nothing
-                    real = to_unit_range(part.images[index]).to(device)
-                    labels = part.labels[index].to(device) if cfg.conditional else None
-                    noise = torch.randn(len(index), cfg.latent_dim, generator=rng).to(device)
-                    stats = gan_step(generator, discriminator, optimizer_g, optimizer_d, real, labels, noise, cfg.loss,
-                                     cfg.mode_seeking)
-                    bad = next((k for k in ("d_loss", "g_loss") if not abs(stats[k]) < EXPLODING_LOSS), None)
-                    if bad is not None:
-                        raise GanDiverged(
-                            f"training diverged in epoch {epoch + 1} ({bad.replace('_', ' ')} {stats[bad]:.4g}); "
-                            f"kept the last good checkpoint (epoch {epoch}) in {run.path} - "
-                            "train again with a lower --lr, --loss hinge or --spectral-norm (a new run: --resume "
-                            "keeps the run's settings; a folder with no finished epoch gives way to a new run)")
-                    step += 1
-                    # EMA warm-up: early weights move fast, so the average starts short and lengthens
-                    update_ema(ema, generator, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                    for key in totals:
-                        totals[key] += stats[key]
-                    batches += 1
-                    progress.update(task, advance=len(index),
-                                    status=f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch + 1}; {epoch} finished epoch(s) saved in {run.path} "
-                    f"- continue with: visionflow gan train ... --out {run.path} --resume") from None
-            seconds = time.perf_counter() - start
-            progress.remove_task(task)
-            epoch += 1
-            standing_statistics(ema, cfg.seed)
-            with torch.no_grad():
-                grid = ema(grid_noise.to(device), None if grid_labels is None else grid_labels.to(device)).cpu()
-            diversity = sample_diversity(grid, grid_labels) / max(real_diversity, 1e-9)
-            best_diversity = max([r["diversity"] for r in rows], default=diversity)
-            if diversity < DIVERSITY_DROP * best_diversity:
-                log.warning("sample diversity fell from %.3f to %.3f of the real data's in epoch %d: "
-                            "the generator may be collapsing onto a few modes (look at %s)",
-                            best_diversity, diversity, epoch, run / "samples" / f"epoch_{epoch:03d}.png")
-            row = {"epoch": epoch, **{k: round(v / max(1, batches), 6) for k, v in totals.items()},
-                   "diversity": round(diversity, 4), "images_per_second": round(batches * cfg.batch_size / seconds, 1),
-                   "seconds": round(seconds, 3)}
-            rows.append(row)
-            console.print(f"epoch {epoch}/{cfg.epochs}  D {row['d_loss']:.4f}  G {row['g_loss']:.4f}  "
-                          f"D(real) {row['d_real']:.3f}  D(fake) {row['d_fake']:.3f}  diversity {diversity:.3f}  "
-                          f"{row['images_per_second']:,.0f} img/s", highlight=False, soft_wrap=True)
-            save_image_grid(to_uint8(grid), run / "samples" / f"epoch_{epoch:03d}.png",
-                            columns=grid_columns(cfg, num_classes))
-            run.save_weights("generator.safetensors", ema.state_dict())
-            run.write_metrics(rows)
-            save_checkpoint()
-    return {"epochs": epoch, "rows": rows}
+    trainer = GanTrainer(pair, cfg, part, run, checkpoint)
+    rows = run_epochs(trainer, run, cfg.epochs, cfg.seed, show_progress)
+    return {"epochs": trainer.epoch, "rows": rows}
 
 
 def gan_step(generator: Generator, discriminator: Discriminator, optimizer_g: torch.optim.Optimizer,

@@ -1,18 +1,16 @@
-"""The one training loop for classifiers: images and clips alike (a clip is just a 5-D batch).
+"""Training a classifier: images and clips alike (a clip is just a 5-D batch).
 
-Written out top to bottom: `fit` runs epochs and scores each on the validation part, `train_one_epoch` runs steps. What is
-trained (model, loss) is kept apart from how it runs (device, checkpoints, resume). Each epoch's shuffle,
-augmentation and dropout draw from a generator seeded by (seed, epoch), so a resumed run continues the
-random stream exactly where the uninterrupted run would have been.
+`train_one_epoch` runs the steps of one epoch; `ClassifierTrainer` is what the shared epoch loop
+(train/epochs.py: seeding, checkpoints, resume, Ctrl-C) trains for a classifier: the optimizer and its
+schedule, validation after each epoch, best.safetensors by validation accuracy, early stopping; `fit` runs it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -22,17 +20,10 @@ from visionflow.data.loading import DecodedPart
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.devices import (autocast, compiled_or_eager, fused_optimizer_available, memory_format, resolve_precision,
                                 select_device)
-from visionflow.errors import TrainingInterrupted, VisionflowError
+from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 from visionflow.runs import RunDir
-from visionflow.train.progress import make_console, make_progress
-
-log = logging.getLogger("visionflow")
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
+from visionflow.train.epochs import ShowProgress, run_epochs
 
 def epoch_augment_eval(augment_eval: str) -> str:
     """The test-time views of each epoch's validation (metrics.csv, the choice of best.safetensors): at most the
@@ -107,7 +98,6 @@ class FitState:
     best_accuracy: float = -1.0
     best_epoch: int = 0
     stale_epochs: int = 0              # epochs since the best, for early stopping
-    rows: list[dict] = field(default_factory=list)
 
 
 class Lookahead:
@@ -175,101 +165,102 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
             "images_per_second": trained / seconds, "seconds": seconds}
 
 
+class ClassifierTrainer:
+    """What `run_epochs` trains for a classifier: one model, cross-entropy, the best epoch by validation accuracy
+    (best.safetensors), early stopping after `cfg.patience` epochs without a better one."""
+
+    name = "epoch"
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: DecodedPart,
+                 preprocess: Preprocess, run: RunDir, checkpoint: dict | None, show_progress: bool):
+        self.model, self.cfg, self.train_part, self.val_part, self.preprocess, self.run = (
+            model, cfg, train_part, val_part, preprocess, run)
+        self.show_progress = show_progress
+        self.device = device = select_device(cfg.device)
+        model.to(device, memory_format=memory_format(device))
+        self.precision = resolve_precision(cfg.precision, device, model)  # "auto" -> fp32 or bf16 for this model here
+        weight = class_weights(train_part.labels, len(train_part.classes)).to(device) if cfg.class_weights == "auto" else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        self.optimizer = build_optimizer(cfg, model)
+        steps_per_epoch = sum(1 for first in range(0, len(train_part), cfg.batch_size)
+                              if len(train_part) - first >= 2 or len(train_part) == 1)
+        self.schedule = build_schedule(cfg, self.optimizer, steps_per_epoch)
+        self.state = FitState()
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            restore_optimizer(self.optimizer, self.schedule, checkpoint)
+            self.state = FitState(**checkpoint["state"])
+        self.lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
+        if checkpoint is not None and self.lookahead is not None and "lookahead" in checkpoint:
+            self.lookahead.average = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
+        self.augment = Augment(AugmentSpec.parse(cfg.augment))
+        # Compiled for training only: validation runs the eager model (same parameters) under inference_mode.
+        self.forward = compiled_or_eager(model, device, enabled=cfg.compile)
+        input_kind = getattr(model, "input_kind", "image")
+        self.rate_unit = "clips/s" if input_kind == "clip" else "img/s"
+        self.validator = Predictor(model, preprocess, train_part.classes, device, input_kind=input_kind,
+                                   augment_eval=epoch_augment_eval(cfg.augment_eval), precision=self.precision)
+        self.items, self.epochs_done = len(train_part), self.state.epoch
+        self.resume_command = f"visionflow train {cfg.data} --out {run.path} --resume"
+
+    def stop_early(self) -> bool:
+        return bool(self.cfg.patience) and self.state.stale_epochs >= self.cfg.patience
+
+    def train_epoch(self, random: torch.Generator, show: ShowProgress) -> dict:
+        counter = {"seen": 0, "steps": 0, "start": time.perf_counter()}
+
+        def on_step(count: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+            # The bar moves every 25 steps: one host sync for the running loss and accuracy and one locked
+            # update, not one per step (they cost several percent of a small model's step).
+            counter["seen"] += count
+            counter["steps"] += 1
+            if not self.show_progress or counter["steps"] % 25:
+                return
+            seen = counter["seen"]
+            rate = seen / max(1e-9, time.perf_counter() - counter["start"])
+            show(seen, f"loss {float(loss_sum) / seen:.4f}  acc {int(correct) / seen:.4f}  {rate:,.0f} {self.rate_unit}")
+
+        return train_one_epoch(self.model, self.train_part, self.preprocess, self.augment, self.loss_fn, self.optimizer,
+                               self.schedule, self.cfg, self.device, random, on_step, self.lookahead, self.forward,
+                               self.precision)
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
+        self.model.eval()
+        val_logits = self.validator.logits(self.val_part.images)
+        val_loss = float(nn.functional.cross_entropy(val_logits, self.val_part.labels))
+        val_accuracy = float((val_logits.argmax(1) == self.val_part.labels).float().mean())
+        state = self.state
+        state.epoch = epoch
+        weights = self.model.state_dict()
+        if val_accuracy > state.best_accuracy:
+            state.best_accuracy, state.best_epoch, state.stale_epochs = val_accuracy, epoch, 0
+            self.run.save_weights("best.safetensors", weights)
+        else:
+            state.stale_epochs += 1
+        self.run.save_weights("last.safetensors", weights)
+        row = {"train_loss": round(stats["train_loss"], 6), "train_accuracy": round(stats["train_accuracy"], 6),
+               "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 6),
+               "lr": self.optimizer.param_groups[0]["lr"], "images_per_second": round(stats["images_per_second"], 1),
+               "seconds": round(stats["seconds"], 3)}
+        summary = (f"loss {stats['train_loss']:.4f}  acc {stats['train_accuracy']:.4f}  val_loss {val_loss:.4f}  "
+                   f"val_acc {val_accuracy:.4f}  {stats['images_per_second']:,.0f} {self.rate_unit}")
+        return row, summary
+
+    def checkpoint(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "state": asdict(self.state),
+                **({"lookahead": self.lookahead.average} if self.lookahead is not None else {})}
+
+
 def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: DecodedPart, preprocess: Preprocess,
         run: RunDir, checkpoint: dict | None = None, show_progress: bool = True) -> dict:
-    """Train `model`, writing the run directory as it goes; returns the FitState summary as a dict.
+    """Train `model`, writing the run directory as it goes; returns a summary.
     `checkpoint`: the run's checkpoint.pt (RunDir.load_checkpoint) to continue from."""
-    device = select_device(cfg.device)
-    model.to(device, memory_format=memory_format(device))
-    precision = resolve_precision(cfg.precision, device, model)  # "auto" -> fp32 or bf16 for this model here
-    weight = class_weights(train_part.labels, len(train_part.classes)).to(device) if cfg.class_weights == "auto" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    optimizer = build_optimizer(cfg, model)
-    steps_per_epoch = sum(1 for first in range(0, len(train_part), cfg.batch_size)
-                          if len(train_part) - first >= 2 or len(train_part) == 1)
-    schedule = build_schedule(cfg, optimizer, steps_per_epoch)
-    state = FitState()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        restore_optimizer(optimizer, schedule, checkpoint)
-        state = FitState(**checkpoint["state"])
-        state.rows = [r for r in run.read_metrics() if r["epoch"] <= state.epoch]
-    lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
-    if checkpoint is not None and lookahead is not None and "lookahead" in checkpoint:
-        lookahead.average = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
-    augment = Augment(AugmentSpec.parse(cfg.augment))
-    # Compiled for training only: validation runs the eager model (same parameters) under inference_mode.
-    forward = compiled_or_eager(model, device, enabled=cfg.compile)
-    input_kind = getattr(model, "input_kind", "image")
-    rate_unit = "clips/s" if input_kind == "clip" else "img/s"
-    validator = Predictor(model, preprocess, train_part.classes, device, input_kind=input_kind,
-                          augment_eval=epoch_augment_eval(cfg.augment_eval), precision=precision)
-    console = make_console()
-
-    def save_checkpoint() -> None:
-        run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(),
-                             "state": {k: v for k, v in state.__dict__.items() if k != "rows"},
-                             **({"lookahead": lookahead.average} if lookahead is not None else {})})
-
-    if state.epoch == 0:
-        save_checkpoint()  # even an interruption in the first epoch leaves something to resume
-    saved_epochs = state.epoch  # what --resume continues from: state.epoch runs ahead of it until the save
-    try:
-        with make_progress(console, show_progress) as progress:
-            for epoch in range(state.epoch, cfg.epochs):
-                if cfg.patience and state.stale_epochs >= cfg.patience:
-                    break
-                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_part), status="")
-                torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and any other global-RNG draw
-                generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-                counter = {"seen": 0, "steps": 0, "start": time.perf_counter()}
-
-                def on_step(count: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
-                    # The bar moves every 25 steps: one host sync for the running loss and accuracy and one
-                    # locked update, not one per step (they cost several percent of a small model's step).
-                    counter["seen"] += count
-                    counter["steps"] += 1
-                    if not show_progress or counter["steps"] % 25:
-                        return
-                    seen = counter["seen"]
-                    rate = seen / max(1e-9, time.perf_counter() - counter["start"])
-                    progress.update(task, completed=seen, status=f"loss {float(loss_sum) / seen:.4f}  "
-                                                                  f"acc {int(correct) / seen:.4f}  {rate:,.0f} {rate_unit}")
-
-                stats = train_one_epoch(model, train_part, preprocess, augment, loss_fn, optimizer, schedule, cfg,
-                                        device, generator, on_step, lookahead, forward, precision)
-                model.eval()
-                val_logits = validator.logits(val_part.images)
-                val_loss = float(nn.functional.cross_entropy(val_logits, val_part.labels))
-                val_accuracy = float((val_logits.argmax(1) == val_part.labels).float().mean())
-                progress.remove_task(task)
-                state.epoch = epoch + 1
-                state.rows.append({"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
-                                   "train_accuracy": round(stats["train_accuracy"], 6), "val_loss": round(val_loss, 6),
-                                   "val_accuracy": round(val_accuracy, 6), "lr": optimizer.param_groups[0]["lr"],
-                                   "images_per_second": round(stats["images_per_second"], 1),
-                                   "seconds": round(stats["seconds"], 3)})
-                console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
-                              f"acc {stats['train_accuracy']:.4f}  val_loss {val_loss:.4f}  val_acc {val_accuracy:.4f}  "
-                              f"{stats['images_per_second']:,.0f} {rate_unit}", highlight=False, soft_wrap=True)
-                weights = model.state_dict()
-                if val_accuracy > state.best_accuracy:
-                    state.best_accuracy, state.best_epoch, state.stale_epochs = val_accuracy, epoch + 1, 0
-                    run.save_weights("best.safetensors", weights)
-                else:
-                    state.stale_epochs += 1
-                run.save_weights("last.safetensors", weights)
-                run.write_metrics(state.rows)
-                save_checkpoint()
-                saved_epochs = state.epoch
-    except KeyboardInterrupt:
-        # Every finished epoch is already saved atomically; the interrupted one restarts on resume.
-        raise TrainingInterrupted(
-            f"interrupted after {saved_epochs} finished epoch(s), saved in {run.path}; "
-            f"continue with: visionflow train {cfg.data} --out {run.path} --resume") from None
-    rates = [r["images_per_second"] for r in state.rows]
+    trainer = ClassifierTrainer(model, cfg, train_part, val_part, preprocess, run, checkpoint, show_progress)
+    rows = run_epochs(trainer, run, cfg.epochs, cfg.seed, show_progress)
+    state = trainer.state
+    rates = [r["images_per_second"] for r in rows]
     return {"epochs": state.epoch, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_accuracy,
             # the first epoch carries warm-up (allocator, kernels); leave it out when there are others
             "train_images_per_second": round(statistics.median(rates[1:] or rates), 1) if rates else 0.0,
-            "device": str(device), "precision": precision, "rows": state.rows}
+            "device": str(trainer.device), "precision": trainer.precision, "rows": rows}

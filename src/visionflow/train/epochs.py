@@ -1,0 +1,80 @@
+"""The epoch loop every kind of training shares: classifiers, the GAN and the repair model.
+
+What is trained differs (one network or two, the step, what "better" means), so each kind supplies an
+`EpochTrainer`: four small methods. How it runs is the same for all and lives here, once:
+- each epoch's random stream (shuffle, augmentation, noise, masks, dropout) is seeded by (seed, epoch), so a
+  resumed run continues exactly where the uninterrupted one would have been;
+- a checkpoint is saved before the first epoch (an interruption there still leaves something to resume) and
+  after every epoch, with the epoch's row appended to metrics.csv first;
+- Ctrl-C ends with `TrainingInterrupted`, naming what was saved and the command that continues it; the
+  interrupted epoch restarts on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from visionflow.errors import TrainingInterrupted
+from visionflow.runs import RunDir
+from visionflow.train.progress import make_console, make_progress
+
+ShowProgress = Callable[[int, str], None]  # (items done this epoch, status text) -> the progress bar
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+class EpochTrainer(Protocol):
+    name: str             # what the progress bar and the console call an epoch: "epoch", "repair epoch"
+    items: int            # training items per epoch, for the progress bar
+    epochs_done: int      # finished epochs: 0 for a new run, the checkpoint's for a resumed one
+    resume_command: str   # what continues the run, for the Ctrl-C message
+
+    def stop_early(self) -> bool:
+        """Whether to stop before the next epoch (the classifier's --patience)."""
+
+    def train_epoch(self, random: torch.Generator, show: ShowProgress) -> dict:
+        """One pass over the training data, drawing from `random`; returns the epoch's statistics."""
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
+        """Score finished epoch `epoch` (1-based) and save its weights; returns its metrics.csv row (without
+        the epoch) and its summary for the console."""
+
+    def checkpoint(self) -> dict:
+        """Everything a resumed run needs: checkpoint.pt's content (tensors and plain values only)."""
+
+
+def run_epochs(trainer: EpochTrainer, run: RunDir, epochs: int, seed: int, show_progress: bool = True) -> list[dict]:
+    """Train up to `epochs` finished epochs in all; returns every metrics.csv row, earlier runs' included."""
+    rows = [r for r in run.read_metrics() if r["epoch"] <= trainer.epochs_done] if trainer.epochs_done else []
+    if trainer.epochs_done == 0:
+        run.save_checkpoint(trainer.checkpoint())
+    finished = trainer.epochs_done
+    console = make_console()
+    try:
+        with make_progress(console, show_progress) as progress:
+            for epoch in range(trainer.epochs_done, epochs):
+                if trainer.stop_early():
+                    break
+                task = progress.add_task(f"{trainer.name} {epoch + 1}/{epochs}", total=trainer.items, status="")
+                torch.manual_seed(epoch_seed(seed, epoch))  # dropout and any other draw from the global generator
+                random = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+
+                def show(done: int, status: str) -> None:
+                    progress.update(task, completed=done, status=status)
+
+                stats = trainer.train_epoch(random, show)
+                progress.remove_task(task)
+                row, summary = trainer.end_epoch(epoch + 1, stats)
+                rows.append({"epoch": epoch + 1, **row})
+                console.print(f"{trainer.name} {epoch + 1}/{epochs}  {summary}", highlight=False, soft_wrap=True)
+                run.write_metrics(rows)
+                run.save_checkpoint(trainer.checkpoint())
+                finished = epoch + 1
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted after {finished} finished epoch(s), saved in {run.path}; "
+                                  f"continue with: {trainer.resume_command}") from None
+    return rows

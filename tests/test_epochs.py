@@ -1,0 +1,90 @@
+"""The epoch loop every kind of training shares (train/epochs.py): seeding, checkpoints, metrics.csv, Ctrl-C."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionflow.errors import TrainingInterrupted
+from visionflow.runs import RunDir
+from visionflow.train.epochs import run_epochs
+
+
+class LineTrainer:
+    """A one-weight model fitted to y = 3x by SGD on noisy points drawn from the loop's generator: small, but
+    its weights depend on every epoch's random stream and on the restored optimizer state."""
+
+    name = "epoch"
+
+    def __init__(self, run: RunDir, checkpoint: dict | None = None, interrupt_in: int | None = None,
+                 patience: int | None = None):
+        self.weight = torch.zeros(1, requires_grad=True)
+        self.optimizer = torch.optim.SGD([self.weight], lr=0.05, momentum=0.9)
+        self.epochs_done, self.losses = 0, []
+        if checkpoint is not None:
+            self.weight.data.copy_(checkpoint["weight"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.epochs_done, self.losses = int(checkpoint["epochs_done"]), list(checkpoint["losses"])
+        self.items, self.resume_command = 8, f"visionflow train DATA --out {run.path} --resume"
+        self.interrupt_in, self.patience = interrupt_in, patience
+
+    def stop_early(self) -> bool:
+        return self.patience is not None and len(self.losses) >= self.patience
+
+    def train_epoch(self, random: torch.Generator, show) -> dict:
+        if self.interrupt_in == self.epochs_done + 1:
+            raise KeyboardInterrupt
+        x = torch.randn(self.items, generator=random)
+        y = 3 * x + 0.1 * torch.randn(self.items, generator=random) + 0.01 * torch.randn(self.items)  # global RNG too
+        loss = ((self.weight * x - y) ** 2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        show(self.items, "")
+        return {"loss": float(loss.detach())}
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
+        self.epochs_done = epoch
+        self.losses.append(stats["loss"])
+        return {"loss": round(stats["loss"], 6), "weight": float(self.weight.detach())}, f"loss {stats['loss']:.4f}"
+
+    def checkpoint(self) -> dict:
+        return {"weight": self.weight.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "epochs_done": self.epochs_done, "losses": self.losses}
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tmp_path: Path):
+    whole = RunDir(tmp_path / "whole")
+    whole.create()
+    rows = run_epochs(LineTrainer(whole), whole, epochs=6, seed=3, show_progress=False)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6] and abs(rows[-1]["weight"] - 3) < 1.0
+
+    cut = RunDir(tmp_path / "cut")
+    cut.create()
+    with pytest.raises(TrainingInterrupted, match=rf"after 3 finished epoch\(s\), saved in {cut.path}; "
+                                                  rf"continue with: visionflow train DATA --out {cut.path} --resume"):
+        run_epochs(LineTrainer(cut, interrupt_in=4), cut, epochs=6, seed=3, show_progress=False)
+    assert [r["epoch"] for r in cut.read_metrics()] == [1, 2, 3]
+    checkpoint = cut.load_checkpoint()
+    assert checkpoint["epochs_done"] == 3
+    resumed = run_epochs(LineTrainer(cut, checkpoint), cut, epochs=6, seed=3, show_progress=False)
+    assert resumed == rows  # the same random stream, epoch by epoch, and the rows of before kept
+    assert cut.read_metrics() == whole.read_metrics()
+    assert torch.equal(cut.load_checkpoint()["weight"], whole.load_checkpoint()["weight"])
+
+
+def test_an_interruption_in_the_first_epoch_leaves_a_checkpoint_to_resume(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    with pytest.raises(TrainingInterrupted, match=r"after 0 finished epoch\(s\)"):
+        run_epochs(LineTrainer(run, interrupt_in=1), run, epochs=2, seed=0, show_progress=False)
+    assert run.load_checkpoint()["epochs_done"] == 0 and run.read_metrics() == []
+
+
+def test_stopping_early_ends_before_the_next_epoch(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    rows = run_epochs(LineTrainer(run, patience=2), run, epochs=5, seed=0, show_progress=False)
+    assert [r["epoch"] for r in rows] == [1, 2] and run.load_checkpoint()["epochs_done"] == 2
