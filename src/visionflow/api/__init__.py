@@ -313,7 +313,8 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     """Metrics of the run on DATA's evaluation part. `augment_eval`: test-time augmentation (None = the run's)."""
     if batch_size < 1:
         raise VisionflowError(f"--batch-size must be at least 1 (got {batch_size})")
-    run = RunDir(run_dir).require()
+    run = RunDir(run_dir)
+    run.require()  # before from_run's checks of --engine and --precision: a missing or wrong run is said first
     predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision,
                                    augment_eval=augment_eval)
     dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
