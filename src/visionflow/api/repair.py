@@ -63,8 +63,7 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
     dataset.train.require_kind("image", "image repair")
-    channels = cfg.channels or dataset.train.guess_channels()
-    size = cfg.image_size or dataset.train.guess_size()
+    channels, size = dataset.train.decoding_shape(cfg.channels, cfg.image_size)
     if size < 16:
         raise VisionflowError(f"{cfg.data}: images of {size}px are too small to repair (use --image-size 16 or more)")
     train_source, val_source = _training_sources(cfg, dataset)
