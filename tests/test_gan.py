@@ -284,6 +284,10 @@ def test_a_missing_or_wrong_run_exits_2_with_one_line(tmp_path, capsys):
     assert main(["gan", "evaluate", str(tmp_path), "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a visionflow GAN run directory" in err
+    (tmp_path / "config.json").write_text(json.dumps({"version": 1, "kind": "gan"}))  # training never finished an epoch
+    assert main(["gan", "sample", str(tmp_path), "--n", "4", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"visionflow: error: {tmp_path}: the run has no weights yet (training never finished an epoch)"]
 
 
 # --- domain FID on a run -----------------------------------------------------------------------------------

@@ -207,6 +207,24 @@ def test_box_outside_the_image_is_a_one_line_error(digits_run, tmp_path, capsys)
     assert code == 2 and "must lie inside" in err and len(err.splitlines()) == 1
 
 
+def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_path, capsys):
+    _digit_png(tmp_path / "digit.png")
+
+    def error(run_dir) -> str:
+        code = main(["repair", "run", str(run_dir), str(tmp_path / "digit.png"), "--box", "8,8,12,12",
+                     "--out", str(tmp_path / "out")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and not (tmp_path / "out").exists()
+        return lines[0]
+
+    assert error(tmp_path / "nope") == f"visionflow: error: {tmp_path / 'nope'}: no such run directory"
+    run = tmp_path / "run"
+    run.mkdir()
+    assert error(run).endswith(": not a repair run (train one with `visionflow repair train`)")  # no config.json
+    (run / "config.json").write_text(json.dumps({"version": 1, "task": "repair"}))
+    assert error(run).endswith(": the run has no weights yet (training never finished an epoch)")
+
+
 def test_run_skips_an_unreadable_image_and_repairs_the_rest(digits_run, tmp_path, capsys, caplog):
     _digit_png(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not a png")

@@ -30,6 +30,13 @@ def check_seed(seed: int) -> None:
         raise VisionflowError(f"--seed must be between 0 and 2**32 - 1 (got {seed})")
 
 
+def shape_checks(channels: int | None, image_size: int | None) -> list[tuple[bool, str]]:
+    """--channels and --image-size of a classifier's images (None: measured from the data), for TrainConfig and for
+    `preview`, which decodes as training would."""
+    return [(channels in (None, 1, 3), f"--channels must be 1 or 3 (got {channels})"),
+            (image_size is None or 8 <= image_size <= 1024, f"--image-size must be between 8 and 1024 (got {image_size})")]
+
+
 class RunConfig:
     """What every run configuration shares (training, GAN, repair): option checks that raise one clear
     error, and the JSON round trip through config.json."""
@@ -114,8 +121,7 @@ class TrainConfig(RunConfig):
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer})"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule})"),
             (self.class_weights in ("none", "auto"), f"--class-weights must be none or auto (got {self.class_weights})"),
-            (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
-            (self.image_size is None or 8 <= self.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {self.image_size})"),
+            *shape_checks(self.channels, self.image_size),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (self.gan_ratio > 0, f"--gan-ratio must be positive (got {self.gan_ratio})"),
             (self.gan_augment is not None or self.gan_ratio == 1.0,

@@ -59,6 +59,13 @@ RUN_FILES = ("config.json", "split.json", "checkpoint.pt", "metrics.csv", "repor
              "confusion.png", "mistakes.png")
 RUN_TASKS = {"classifier": "a classifier run", "gan": "a GAN run", "repair": "an image-repair run"}
 TRAIN_COMMANDS = {"classifier": "visionflow train", "gan": "visionflow gan train", "repair": "visionflow repair train"}
+# What a run of each task loads its model from: the best weights, else the last; the GAN's EMA generator.
+MODEL_WEIGHTS = {"classifier": ("best.safetensors", "last.safetensors"), "gan": ("generator.safetensors",),
+                 "repair": ("best.safetensors", "last.safetensors")}
+# What the GAN and repair verbs say of a folder that holds no run of theirs: the command that trains one. A classifier
+# verb names what the folder holds instead (RunDir.require).
+NOT_A_RUN = {"gan": "not a visionflow GAN run directory (train one with `visionflow gan train`)",
+             "repair": "not a repair run (train one with `visionflow repair train`)"}
 
 
 def run_task(config: dict) -> str | None:
@@ -116,18 +123,22 @@ class RunDir:
             raise VisionflowError(f"{self.path} has already finished {finished} epochs; "
                                   f"--resume --epochs N extends it to N > {finished}")
 
-    def require(self, task: str = "classifier") -> "RunDir":
-        """Check this is a finished-enough run directory of `task` to load a model from."""
+    def require(self, task: str = "classifier") -> dict:
+        """config.json of this run of `task`, once the folder is known to hold one with weights to load its model
+        from: the one check every loader makes (resuming checks with config_to_resume)."""
         if not self.path.is_dir():
             raise VisionflowError(f"{self.path}: no such run directory")
-        if not self.exists("config.json"):
+        config = self.read_json("config.json") if self.exists("config.json") else None
+        found = None if config is None else run_task(config)
+        if task in NOT_A_RUN and found != task:
+            raise VisionflowError(f"{self.path}: {NOT_A_RUN[task]}")
+        if config is None:
             raise VisionflowError(f"{self.path}: not a visionflow run directory (no config.json)")
-        found = run_task(self.read_json("config.json"))
-        if found is not None and found != task:  # a config.json missing its parts: the loader names what is missing
+        if found not in (None, task):  # None: a config.json missing its parts; the classifier's loader names them
             raise VisionflowError(f"{self.path}: {RUN_TASKS[found]}, not {RUN_TASKS[task]}")
-        if not (self.exists("best.safetensors") or self.exists("last.safetensors")):
+        if not any(self.exists(name) for name in MODEL_WEIGHTS[task]):
             raise VisionflowError(f"{self.path}: the run has no weights yet (training never finished an epoch)")
-        return self
+        return config
 
     def config_to_resume(self, task: str) -> dict:
         """config.json of the run of `task` to continue; a one-line error for anything else, naming the verb that

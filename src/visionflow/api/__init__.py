@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from visionflow.config import TrainConfig, check_seed
+from visionflow.config import RunConfig, TrainConfig, check_seed, shape_checks
 from visionflow.data.clips import (CACHE_FACTOR, expand_clip_inputs, is_clip_file, sample_frames, sampling_policy,
                                    unlabelled_clips)
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
@@ -131,9 +131,7 @@ def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: i
 def _data_shape(cfg: TrainConfig) -> tuple[DataSet, int, int]:
     dataset = open_training_data(cfg)
     _check_kind(cfg.model, dataset.train)
-    channels = cfg.channels or dataset.train.guess_channels()
-    size = cfg.image_size or dataset.train.guess_size()
-    return dataset, channels, size
+    return dataset, *dataset.train.decoding_shape(cfg.channels, cfg.image_size)
 
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
@@ -313,7 +311,8 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     """Metrics of the run on DATA's evaluation part. `augment_eval`: test-time augmentation (None = the run's)."""
     if batch_size < 1:
         raise VisionflowError(f"--batch-size must be at least 1 (got {batch_size})")
-    run = RunDir(run_dir).require()
+    run = RunDir(run_dir)
+    run.require()  # before from_run's checks of --engine and --precision: a missing or wrong run is said first
     predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision,
                                    augment_eval=augment_eval)
     dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
@@ -388,10 +387,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--count must be at least 1 (got {count})")
     if frames is not None and frames < 1:
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
-    if image_size is not None and not 8 <= image_size <= 1024:
-        raise VisionflowError(f"--image-size must be between 8 and 1024 (got {image_size})")
-    if channels not in (None, 1, 3):
-        raise VisionflowError(f"--channels must be 1 or 3 (got {channels})")
+    RunConfig.require(shape_checks(channels, image_size))
     check_seed(seed)
     image_format(Path(out))  # a wrong name found before the work, not after it
     spec = AugmentSpec.parse(augment)
@@ -399,7 +395,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     source = dataset.train
     rng = np.random.default_rng(seed)
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
-    part = decode_part(picked, channels or source.guess_channels(), image_size or source.guess_size())
+    part = decode_part(picked, *source.decoding_shape(channels, image_size))
     generator = torch.Generator().manual_seed(seed)
     images = part.images
     if images.ndim == 5:  # clips: the frames a model sees, one clip per row

@@ -37,8 +37,7 @@ def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | No
                             size: int | None = None) -> DecodedPart:
     source = dataset.train
     source.require_kind("image", "the GAN")
-    channels = channels or cfg.channels or source.guess_channels()
-    size = size or cfg.image_size or source.guess_size()
+    channels, size = source.decoding_shape(channels or cfg.channels, size or cfg.image_size)
     upsampling_plan(size)
     part = decode_part(source, channels, size, strict=cfg.strict)
     if cfg.conditional and bool((part.labels < 0).any()):

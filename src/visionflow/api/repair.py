@@ -28,7 +28,7 @@ from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
 from visionflow.report.plots import image_format, save_image_grid
-from visionflow.runs import RunDir, atomic_write, run_task
+from visionflow.runs import RunDir, atomic_write
 
 log = logging.getLogger("visionflow")
 
@@ -63,8 +63,7 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
     dataset.train.require_kind("image", "image repair")
-    channels = cfg.channels or dataset.train.guess_channels()
-    size = cfg.image_size or dataset.train.guess_size()
+    channels, size = dataset.train.decoding_shape(cfg.channels, cfg.image_size)
     if size < 16:
         raise VisionflowError(f"{cfg.data}: images of {size}px are too small to repair (use --image-size 16 or more)")
     train_source, val_source = _training_sources(cfg, dataset)
@@ -117,20 +116,10 @@ def _write_report(run: RunDir, summary: dict, skipped: list[tuple[str, str]], ge
     return report
 
 
-def _repair_config(run: RunDir) -> dict:
-    if not run.exists("config.json"):
-        raise VisionflowError(f"{run.path}: not a visionflow run directory (no config.json)")
-    config = run.read_json("config.json")
-    if run_task(config) != "repair":
-        raise VisionflowError(f"{run.path}: not a repair run (train one with `visionflow repair train`)")
-    return config
-
-
 def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RepairGenerator, dict]:
     """The run's best generator, ready to repair, and its config.json."""
     run = RunDir(run_dir)
-    config = _repair_config(run)
-    run.require("repair")
+    config = run.require("repair")
     generator = RepairGenerator(config["channels"], config["train"]["width"])
     generator.load_state_dict(run.load_weights(run.best_weights_name()))
     return generator.to(select_device(device)).eval(), config

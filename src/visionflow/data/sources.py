@@ -59,6 +59,10 @@ class DataSource:
         if self.kind != kind:
             raise VisionflowError(f"{taker} takes {kind}s but {self.name or 'the data'} holds {self.kind}s{hint}")
 
+    def decoding_shape(self, channels: int | None, size: int | None) -> tuple[int, int]:
+        """(channels, size) to decode this source at: the ones asked for, each guessed from the data when None."""
+        return channels or self.guess_channels(), size or self.guess_size()
+
     def guess_channels(self) -> int:
         return self.native_channels or 3
 

@@ -15,7 +15,7 @@ from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import Generator
 from visionflow.gan.train import GanConfig, noise_and_labels, to_uint8
-from visionflow.runs import RunDir, run_task
+from visionflow.runs import RunDir
 
 
 @dataclass
@@ -54,13 +54,7 @@ class GanRun:
 
 def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
     run = RunDir(run_dir)
-    if not run.path.is_dir():
-        raise VisionflowError(f"{run.path}: no such run directory")
-    if not run.exists("config.json") or run_task(run.read_json("config.json")) != "gan":
-        raise VisionflowError(f"{run.path}: not a visionflow GAN run directory (train one with `visionflow gan train`)")
-    if not run.exists("generator.safetensors"):
-        raise VisionflowError(f"{run.path}: the GAN has no weights yet (training never finished an epoch)")
-    config = run.read_json("config.json")
+    config = run.require("gan")
     cfg = GanConfig.from_dict(config["gan"])
     classes = list(config["classes"])
     generator = Generator(config["channels"], config["image_size"], len(classes) if cfg.conditional else 0,

@@ -98,7 +98,7 @@ def export_run(run_dir: str, fmt: str = "onnx", out: str | None = None, weights:
     """Export a run's weights; returns the written file (default RUN_DIR/best.onnx)."""
     if fmt not in FORMATS:
         raise VisionflowError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
-    run = RunDir(run_dir).require()
+    run = RunDir(run_dir)
     model, predictor_fields = load_run_model(run, weights)
     predictor = Predictor(model, device=torch.device("cpu"), **predictor_fields)
     return export_model_onnx(predictor, Path(out) if out else default_onnx_path(run, weights),

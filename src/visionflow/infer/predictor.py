@@ -27,7 +27,7 @@ ENGINES = ("auto", "torch", "onnx")
 
 def load_run_model(run: RunDir, weights: str = "best") -> tuple[nn.Module, dict]:
     """(the run's model with its weights, on the CPU in eval mode; the other Predictor fields)."""
-    config = run.read_json("config.json")
+    config = run.require()
     missing = [key for key in ("train", "classes", "preprocess") if key not in config]
     if missing:  # edited by hand, or another tool's file
         raise VisionflowError(f"{run.path / 'config.json'}: no {', '.join(missing)} (not a classifier run's config)")
@@ -83,7 +83,6 @@ class Predictor:
         if precision not in PRECISIONS:  # checked here for every model: resolve_precision is not reached for all
             raise VisionflowError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision})")
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        run.require()
         model, fields = load_run_model(run, weights)
         if augment_eval is not None:
             if augment_eval not in EVAL_AUGMENTS:
