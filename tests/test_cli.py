@@ -171,6 +171,29 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
+def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_images(trained, tmp_path: Path, capsys,
+                                                                                     caplog):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(data / "square" / "000.png", folder / "a.png")
+    (folder / "notes.txt").write_text("not an image: a glob passes over it, as a folder does")
+    assert main(["predict", str(run), str(folder / "*"), str(tmp_path / "typo*.png"), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(Path(r["path"]).name, r["label"], r["error"]) for r in table] == [("a.png", "square", "")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{tmp_path / 'typo*.png'}: no such file, folder or matching glob; going on with the other inputs"]
+    # named on its own, a non-image is a row with its error, as an unreadable image is
+    assert main(["predict", str(run), str(folder / "notes.txt"), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(table) == 1 and table[0]["path"].endswith("notes.txt") and "not a readable image" in table[0]["error"]
+    # nothing at all to label: still an error, naming the globs
+    assert user_error(capsys, ["predict", str(run), str(tmp_path / "typo*.png"), str(folder / "*.jpg")]) == (
+        f"visionflow: error: {tmp_path / 'typo*.png'}, {folder / '*.jpg'}: no such file, folder or matching glob")
+    # and a path that is no glob is a typo, refused before any row (as `repair run` refuses it)
+    assert "nope.png: no such file" in user_error(capsys, ["predict", str(run), str(folder / "a.png"), str(folder / "nope.png")])
+
+
 def user_error(capsys, argv: list[str]) -> str:
     """The one line a user error prints, run in this process (exit 2 checked)."""
     assert main(argv) == 2

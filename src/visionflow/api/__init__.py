@@ -359,15 +359,16 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
 
 def _refuse_clips(inputs: Sequence[str]) -> None:
     """An image run given only clips: say so, rather than 'no image files'."""
-    if all(is_clip_file(p) for p in expand_inputs(inputs)) and any(is_clip_file(p) for p in expand_clip_inputs(inputs)):
+    if (all(is_clip_file(p) for p in expand_inputs(inputs, warn=False))
+            and any(is_clip_file(p) for p in expand_clip_inputs(inputs, warn=False))):
         raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
 
 
 def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
     """How many rows `predict` will write (one per image, or per clip for a clip run)."""
     if run_dir is not None and RunDir(run_dir).read_json("config.json").get("input_kind") == "clip":
-        return len(expand_clip_inputs(inputs))
-    return len(unlabelled_files(inputs))
+        return len(expand_clip_inputs(inputs, warn=False))
+    return len(expand_inputs(inputs, warn=False))  # predict itself warns, or refuses inputs without an image
 
 
 def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:
