@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel
 from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.generate import synthetic_images
-from visionflow.infer.predict import predict_rows
+from visionflow.infer.predict import LabelledRows, predict_rows
 from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
 from visionflow.report.plots import image_format, plot_confusion, plot_curves, plot_image_grid, save_image_grid
@@ -332,14 +332,17 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     metrics["images_per_second"] = round(len(part) / max(seconds, 1e-9), 1)  # clips per second for clip models
     metrics["input_kind"] = predictor.input_kind
     metrics["skipped_files"] = len(part.skipped)
+    # what "auto" became: the engine and precision that labelled, and where
+    metrics.update(engine=predictor.engine, precision=predictor.precision, device=str(predictor.device))
     return metrics
 
 
 def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
             weights: str = "best", on_batch=None, engine: str = "auto", precision: str = "auto",
-            augment_eval: str | None = None, strict: bool = False) -> Iterator[dict]:
-    """Label files, folders (recursive) or globs; yields one row per image as batches finish. An unreadable
-    file is a row with its error, or with `strict` an error that stops the labelling."""
+            augment_eval: str | None = None, strict: bool = False) -> LabelledRows:
+    """Label files, folders (recursive) or globs: an iterator of one row per image as batches finish, whose
+    `engine`, `precision` and `device` say what labels them. An unreadable file is a row with its error, or with
+    `strict` an error that stops the labelling."""
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
         inputs = [inputs]
     inputs = [os.fspath(item) for item in inputs]
@@ -354,7 +357,8 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     else:
         _refuse_clips(inputs)
         source = unlabelled_files(inputs)
-    return predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
+    rows = predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
+    return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device))
 
 
 def _refuse_clips(inputs: Sequence[str]) -> None:

@@ -125,6 +125,7 @@ def run_evaluate(args) -> int:
 
     metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, batch_size=args.batch_size,
                            strict=args.strict, engine=args.engine, precision=args.precision, augment_eval=args.augment_eval)
+    say_engine(metrics["engine"], metrics["precision"], metrics["device"])
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -135,6 +136,11 @@ def run_evaluate(args) -> int:
     for name, row in metrics["per_class"].items():
         print(f"{name:<16}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10d}")
     return 0
+
+
+def say_engine(engine: str, precision: str, device: str) -> None:
+    """One line on stderr saying what labelled: `--engine auto` and `--precision auto` choose by the machine."""
+    print(f"engine {engine}, {precision}, {device}", file=sys.stderr)
 
 
 def _output_format(output: str | None) -> str:
@@ -152,13 +158,13 @@ def run_predict(args) -> int:
     total = api.count_inputs(args.inputs, args.run_dir) if show else None
     with make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=total, status="")
-        rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                           device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
-                           augment_eval=args.augment_eval, strict=args.strict,
-                           on_batch=lambda n: progress.update(task, advance=n))
+        labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                               device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
+                               augment_eval=args.augment_eval, strict=args.strict,
+                               on_batch=lambda n: progress.update(task, advance=n))
         # The first row before --output is opened: a wrong run or input must not empty an existing file.
-        first = next(rows, None)
-        rows = itertools.chain([first], rows) if first is not None else iter(())
+        first = next(labelled, None)
+        rows = itertools.chain([first], labelled) if first is not None else iter(())
         # surrogateescape: file names that are not UTF-8 are written byte for byte
         if not args.output and isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(errors="surrogateescape")
@@ -167,6 +173,7 @@ def run_predict(args) -> int:
         out = open(args.output, "w", newline="", errors="surrogateescape") if args.output else nullcontext(sys.stdout)
         with out as stream:
             count = write_rows(rows, stream, args.format or _output_format(args.output))
+    say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
     if args.output:
         print(f"wrote {count} row{'' if count == 1 else 's'} to {args.output}", file=sys.stderr)
     return 0
