@@ -260,6 +260,18 @@ def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Pat
     assert (other / "metrics.csv").read_text() == "theirs\n"
 
 
+def test_frames_given_for_images_is_named_as_ignored(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "d", per_class=5, size=12)
+    argv = ["train", str(data), "--epochs", "1", "--val-split", "0.4", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--frames", "8"]) == 0
+    assert caplog.messages == ["model 'seed-cnn' takes images, not clips; ignored: --frames"]
+    caplog.clear()
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert caplog.messages == []  # not given: nothing to say
+    assert main(["preview", str(data), "--augment", "flip", "--frames", "8", "--out", str(tmp_path / "grid.png")]) == 0
+    assert caplog.messages == [f"{data} holds images, not clips; ignored: --frames"]
+
+
 def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_path: Path, capsys, caplog):
     data = write_class_folder(tmp_path / "data", per_class=10)
     out = tmp_path / "run"

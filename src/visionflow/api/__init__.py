@@ -402,6 +402,8 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     spec = AugmentSpec.parse(augment)
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train
+    if frames is not None and source.kind != "clip":
+        log.warning("%s holds images, not clips; ignored: --frames", data)
     rng = np.random.default_rng(seed)
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
     part = decode_part(picked, channels or source.guess_channels(), image_size or source.guess_size())

@@ -10,11 +10,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
-                                    given_flags, warn_ignored_on_resume)
+                                    given_flags, warn_ignored, warn_ignored_on_resume)
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
 from visionflow.data.transforms import DEFAULT_STRENGTHS
 from visionflow.errors import VisionflowError
 from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, write_rows
+from visionflow.models import model_entry
 from visionflow.train.presets import PRESETS, train_config
 
 
@@ -104,6 +105,8 @@ def run_train(args) -> int:
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...
             model_options["temporal_pool"] = args.temporal_pool
         cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given_flags(args, TRAIN_FLAGS))
+        if model_entry(cfg.model).input_kind != "clip":
+            warn_ignored(args, ["frames"], f"model '{cfg.model}' takes images, not clips")
         report = api.train(cfg, show_progress=not args.quiet)
     validation = report["validation"]
     noun, rate = _units(report["input_kind"])
