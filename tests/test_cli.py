@@ -194,6 +194,19 @@ def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_ima
     assert "nope.png: no such file" in user_error(capsys, ["predict", str(run), str(folder / "a.png"), str(folder / "nope.png")])
 
 
+def test_a_quoted_tilde_is_the_home_folder_in_every_path_argument(trained, tmp_path: Path, monkeypatch, capsys):
+    run, data = trained
+    assert run.parent == data.parent
+    monkeypatch.setenv("HOME", str(run.parent))  # ~ is the folder that holds the run and the data
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", f"~/{run.name}", f"~/{data.name}/square/00*.png", f"~/{data.name}/stripes_h",
+                 "--output", "~/rows.csv"]) == 0
+    assert len((run.parent / "rows.csv").read_text().splitlines()) == 1 + 10 + 31  # a header, 10 + 30 images, empty.jpg
+    assert main(["preview", "digits", "--augment", "flip", "--count", "2", "--out", "~/grid.png"]) == 0
+    assert (run.parent / "grid.png").is_file()
+    assert list(tmp_path.iterdir()) == []  # no folder named '~' where the command ran
+
+
 def user_error(capsys, argv: list[str]) -> str:
     """The one line a user error prints, run in this process (exit 2 checked)."""
     assert main(argv) == 2
