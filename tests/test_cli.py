@@ -102,11 +102,19 @@ def test_a_decompression_bomb_is_named_once(trained, tmp_path: Path):
     assert rows[str(folder / "huge.png")] == "ERROR" and rows[str(folder / "good.png")] == "square"
 
 
-def test_models_lists_parameter_counts():
+def test_models_lists_parameter_counts_and_says_what_they_were_counted_on():
+    from visionflow.models import count_parameters, create_model
+
     result = run_cli("models")
     assert result.returncode == 0
-    line = next(l for l in result.stdout.splitlines() if l.startswith("seed-cnn"))
+    lines = result.stdout.splitlines()
+    assert lines[0] == "parameters for 10 classes, counted on 28x28 grey images and on clips of 32x32 colour frames"
+    line = next(l for l in lines if l.startswith("seed-cnn"))
     assert "121,930" in line  # the seed's Keras model has exactly this many parameters for 28x28x1, 10 classes
+    # what the header says of clips is what was counted: colour frames, not the grey ones of moving-digits
+    clip_count = int(next(l for l in lines if l.startswith("cnn-rnn")).split()[2].replace(",", ""))
+    counts = {c: count_parameters(create_model("cnn-rnn", num_classes=10, in_channels=c, image_size=32)) for c in (1, 3)}
+    assert clip_count == counts[3] != counts[1]
 
 
 def test_preview_writes_a_grid(tmp_path: Path):

@@ -418,13 +418,17 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     return path
 
 
+# The input `models_table` counts each kind of model's parameters at: (channels, side of an image or a frame).
+COUNTED_AT = {"image": (1, 28), "clip": (3, 32)}
+
+
 def models_table() -> list[tuple[str, str, int, str]]:
-    """(name, input kind, parameters for 10 classes at its usual input, summary) for every registered model."""
+    """(name, input kind, parameters for 10 classes at COUNTED_AT, summary) for every registered model."""
     rows = []
     for name in list_models():
         entry = model_entry(name)
-        model = create_model(name, num_classes=10, in_channels=1 if entry.input_kind == "image" else 3,
-                             image_size=28 if entry.input_kind == "image" else 32)
+        channels, side = COUNTED_AT[entry.input_kind]
+        model = create_model(name, num_classes=10, in_channels=channels, image_size=side)
         rows.append((name, entry.input_kind, count_parameters(model), entry.summary))
     return rows
 

@@ -185,7 +185,11 @@ def run_predict(args) -> int:
 def run_models(args) -> int:
     from visionflow import api
 
-    print(f"{'model':<14}{'input':<8}{'parameters':>12}  summary  (10 classes; images 1x28x28, clips 3x32x32)")
+    shade = {1: "grey", 3: "colour"}
+    (image_channels, image_side), (frame_channels, frame_side) = api.COUNTED_AT["image"], api.COUNTED_AT["clip"]
+    print(f"parameters for 10 classes, counted on {image_side}x{image_side} {shade[image_channels]} images and on "
+          f"clips of {frame_side}x{frame_side} {shade[frame_channels]} frames")
+    print(f"{'model':<14}{'input':<8}{'parameters':>12}  summary")
     for name, kind, params, summary in api.models_table():
         print(f"{name:<14}{kind:<8}{params:>12,}  {summary}")
     return 0
