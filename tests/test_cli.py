@@ -102,11 +102,19 @@ def test_a_decompression_bomb_is_named_once(trained, tmp_path: Path):
     assert rows[str(folder / "huge.png")] == "ERROR" and rows[str(folder / "good.png")] == "square"
 
 
-def test_models_lists_parameter_counts():
+def test_models_lists_parameter_counts_and_says_what_they_were_counted_on():
+    from visionflow.models import count_parameters, create_model
+
     result = run_cli("models")
     assert result.returncode == 0
-    line = next(l for l in result.stdout.splitlines() if l.startswith("seed-cnn"))
+    lines = result.stdout.splitlines()
+    assert lines[0] == "parameters for 10 classes, counted on 28x28 grey images and on clips of 32x32 colour frames"
+    line = next(l for l in lines if l.startswith("seed-cnn"))
     assert "121,930" in line  # the seed's Keras model has exactly this many parameters for 28x28x1, 10 classes
+    # what the header says of clips is what was counted: colour frames, not the grey ones of moving-digits
+    clip_count = int(next(l for l in lines if l.startswith("cnn-rnn")).split()[2].replace(",", ""))
+    counts = {c: count_parameters(create_model("cnn-rnn", num_classes=10, in_channels=c, image_size=32)) for c in (1, 3)}
+    assert clip_count == counts[3] != counts[1]
 
 
 def test_preview_writes_a_grid(tmp_path: Path):
@@ -169,6 +177,42 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
     assert os.fsencode(str(odd)) in keep.read_bytes()  # written byte for byte
     if Path("/dev/full").exists():  # a full disk: one line, not a traceback
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
+
+
+def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_images(trained, tmp_path: Path, capsys,
+                                                                                     caplog):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(data / "square" / "000.png", folder / "a.png")
+    (folder / "notes.txt").write_text("not an image: a glob passes over it, as a folder does")
+    assert main(["predict", str(run), str(folder / "*"), str(tmp_path / "typo*.png"), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(Path(r["path"]).name, r["label"], r["error"]) for r in table] == [("a.png", "square", "")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{tmp_path / 'typo*.png'}: no such file, folder or matching glob; going on with the other inputs"]
+    # named on its own, a non-image is a row with its error, as an unreadable image is
+    assert main(["predict", str(run), str(folder / "notes.txt"), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(table) == 1 and table[0]["path"].endswith("notes.txt") and "not a readable image" in table[0]["error"]
+    # nothing at all to label: still an error, naming the globs
+    assert user_error(capsys, ["predict", str(run), str(tmp_path / "typo*.png"), str(folder / "*.jpg")]) == (
+        f"visionflow: error: {tmp_path / 'typo*.png'}, {folder / '*.jpg'}: no such file, folder or matching glob")
+    # and a path that is no glob is a typo, refused before any row (as `repair run` refuses it)
+    assert "nope.png: no such file" in user_error(capsys, ["predict", str(run), str(folder / "a.png"), str(folder / "nope.png")])
+
+
+def test_a_quoted_tilde_is_the_home_folder_in_every_path_argument(trained, tmp_path: Path, monkeypatch, capsys):
+    run, data = trained
+    assert run.parent == data.parent
+    monkeypatch.setenv("HOME", str(run.parent))  # ~ is the folder that holds the run and the data
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", f"~/{run.name}", f"~/{data.name}/square/00*.png", f"~/{data.name}/stripes_h",
+                 "--output", "~/rows.csv"]) == 0
+    assert len((run.parent / "rows.csv").read_text().splitlines()) == 1 + 10 + 31  # a header, 10 + 30 images, empty.jpg
+    assert main(["preview", "digits", "--augment", "flip", "--count", "2", "--out", "~/grid.png"]) == 0
+    assert (run.parent / "grid.png").is_file()
+    assert list(tmp_path.iterdir()) == []  # no folder named '~' where the command ran
 
 
 def user_error(capsys, argv: list[str]) -> str:
@@ -235,6 +279,18 @@ def test_a_run_that_never_finished_an_epoch_gives_way_to_a_new_one(tmp_path: Pat
         capsys, ["train", str(data), "--out", str(other), "--epochs", "1", "--quiet"])
     assert json.loads((other / "config.json").read_text()) == {"model_type": "bert", "version": "4.1"}
     assert (other / "metrics.csv").read_text() == "theirs\n"
+
+
+def test_frames_given_for_images_is_named_as_ignored(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "d", per_class=5, size=12)
+    argv = ["train", str(data), "--epochs", "1", "--val-split", "0.4", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--frames", "8"]) == 0
+    assert caplog.messages == ["model 'seed-cnn' takes images, not clips; ignored: --frames"]
+    caplog.clear()
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert caplog.messages == []  # not given: nothing to say
+    assert main(["preview", str(data), "--augment", "flip", "--frames", "8", "--out", str(tmp_path / "grid.png")]) == 0
+    assert caplog.messages == [f"{data} holds images, not clips; ignored: --frames"]
 
 
 def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_path: Path, capsys, caplog):

@@ -161,6 +161,17 @@ def test_a_clip_folder_with_no_frames_is_skipped_and_named(tmp_path: Path, caplo
         str(tmp_path / "b" / "empty"), str(tmp_path / "a" / "clip0")]
 
 
+def test_a_glob_gives_clips_only_and_one_that_matches_nothing_is_named_and_passed_over(tmp_path: Path, caplog):
+    np.save(tmp_path / "moving.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    (tmp_path / "moving.txt").write_text("notes on the clip")
+    Image.new("L", (8, 8)).save(tmp_path / "moving.png")  # a thumbnail: a folder of clips may hold one
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        assert expand_clip_inputs([str(tmp_path / "moving.*"), str(tmp_path / "typo*")]) == [str(tmp_path / "moving.npy")]
+    assert caplog.messages == [f"{tmp_path / 'typo*'}: no such file, folder or matching glob; going on with the other inputs"]
+    with pytest.raises(VisionflowError, match=r"typo\*: no such file, folder or matching glob"):
+        expand_clip_inputs([str(tmp_path / "typo*")])  # nothing else to label: an error
+
+
 # --- sampling frames ------------------------------------------------------------------------------------
 
 def test_short_clips_are_padded_with_their_last_frame():

@@ -197,6 +197,32 @@ def test_auto_engine_falls_back_to_torch_when_the_export_cannot_be_written(digit
     assert main(["evaluate", str(run), "digits", "--engine", "onnx"]) == 2  # asked for explicitly: an error, not a fallback
 
 
+def test_evaluate_and_predict_say_which_engine_and_precision_labelled(digits_run, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    def ran(argv: list[str]) -> tuple[str, str]:
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        return captured.out, captured.err.strip().splitlines()[-1]
+
+    out, said = ran(["evaluate", str(digits_run), "digits", "--json", "--engine", "onnx"])
+    assert said == "engine onnx, fp32, cpu"
+    assert {key: json.loads(out)[key] for key in ("engine", "precision", "device")} == {
+        "engine": "onnx", "precision": "fp32", "device": "cpu"}
+    out, said = ran(["evaluate", str(digits_run), "digits", "--json", "--engine", "torch", "--precision", "bf16"])
+    assert said == "engine torch, bf16, cpu" and json.loads(out)["precision"] == "bf16"
+    Image.new("L", (28, 28)).save(tmp_path / "blank.png")
+    assert ran(["predict", str(digits_run), str(tmp_path / "blank.png"), "--precision", "fp32"])[1] == "engine onnx, fp32, cpu"
+    # where auto falls back from ONNX Runtime, the line says what really ran
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    for stale in run.glob("*.onnx"):
+        stale.unlink()
+    (run / "best.onnx").mkdir()  # the export cannot be written
+    assert ran(["predict", str(run), str(tmp_path / "blank.png"), "--precision", "fp32"])[1] == "engine torch, fp32, cpu"
+
+
 def test_the_cached_graph_is_used_only_for_the_weights_it_holds(digits_run, tmp_path):
     """A graph cached in the run folder says which weights it holds; other weights are exported anew, whatever the
     files' times (a copy keeps its old time), and so is a graph from elsewhere or a damaged one."""

@@ -225,6 +225,24 @@ def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_p
     assert error(run).endswith(": the run has no weights yet (training never finished an epoch)")
 
 
+def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run, tmp_path, caplog):
+    _digit_png(tmp_path / "grey.png")
+    colour = np.zeros((28, 28, 3), dtype=np.uint8)
+    colour[6:22, 12:16] = (255, 40, 0)
+    Image.fromarray(colour).save(tmp_path / "photo.png")
+    argv = ["repair", "run", str(digits_run), "--box", "8,8,12,12", "--out", str(tmp_path / "out")]
+    assert main([*argv, str(tmp_path / "grey.png")]) == 0
+    assert not caplog.records  # a grey image into a grey model: nothing to say
+    assert main([*argv, str(tmp_path / "photo.png")]) == 0
+    assert caplog.messages == [f"{tmp_path / 'photo.png'} is in colour: converted to grey for the model, which was "
+                               "trained on grey images (the repaired picture is grey)"]
+    assert Image.open(tmp_path / "out" / "photo_repaired.png").mode == "L"
+    caplog.clear()
+    assert main([*argv, str(tmp_path / "photo.png"), str(tmp_path / "grey.png"), str(tmp_path / "photo.png")]) == 0
+    assert caplog.messages == [f"{tmp_path / 'photo.png'} and 1 more are in colour: converted to grey for the model, "
+                               "which was trained on grey images (the repaired pictures are grey)"]
+
+
 def test_run_skips_an_unreadable_image_and_repairs_the_rest(digits_run, tmp_path, capsys, caplog):
     _digit_png(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not a png")

@@ -37,6 +37,21 @@ def test_spec_round_trip_and_errors():
     assert AugmentSpec.parse("flip,,rotate=5,") == AugmentSpec(flip=True, rotate=5.0)
 
 
+def test_strengths_out_of_range_are_refused_naming_the_operation_and_the_range(tmp_path, capsys):
+    from visionflow.cli import main
+
+    assert AugmentSpec.parse("rotate=180,elastic=5") == AugmentSpec(rotate=180.0, elastic=5.0)  # the ends are in
+    for text, message in (("rotate=720", "--augment: rotate=720 must be between 0 and 180 (degrees either way)"),
+                          ("elastic=100", "--augment: elastic=100 must be between 0 and 5 (each unit moves pixels by "
+                                          "up to about 5% of the side)")):
+        with pytest.raises(VisionflowError) as refused:
+            AugmentSpec.parse(f"flip,{text}")
+        assert str(refused.value) == message
+        assert main(["preview", "digits", "--augment", text, "--out", str(tmp_path / "grid.png")]) == 2
+        assert capsys.readouterr().err == f"visionflow: error: {message}\n"
+    assert not (tmp_path / "grid.png").exists()
+
+
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])
 def test_affine_grid_is_torchs(h, w):
     theta = torch.randn(7, 2, 3, generator=torch.Generator().manual_seed(h))

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel
 from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.generate import synthetic_images
-from visionflow.infer.predict import predict_rows
+from visionflow.infer.predict import LabelledRows, predict_rows
 from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
 from visionflow.report.plots import image_format, plot_confusion, plot_curves, plot_image_grid, save_image_grid
@@ -331,14 +331,17 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     metrics["images_per_second"] = round(len(part) / max(seconds, 1e-9), 1)  # clips per second for clip models
     metrics["input_kind"] = predictor.input_kind
     metrics["skipped_files"] = len(part.skipped)
+    # what "auto" became: the engine and precision that labelled, and where
+    metrics.update(engine=predictor.engine, precision=predictor.precision, device=str(predictor.device))
     return metrics
 
 
 def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
             weights: str = "best", on_batch=None, engine: str = "auto", precision: str = "auto",
-            augment_eval: str | None = None, strict: bool = False) -> Iterator[dict]:
-    """Label files, folders (recursive) or globs; yields one row per image as batches finish. An unreadable
-    file is a row with its error, or with `strict` an error that stops the labelling."""
+            augment_eval: str | None = None, strict: bool = False) -> LabelledRows:
+    """Label files, folders (recursive) or globs: an iterator of one row per image as batches finish, whose
+    `engine`, `precision` and `device` say what labels them. An unreadable file is a row with its error, or with
+    `strict` an error that stops the labelling."""
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
         inputs = [inputs]
     inputs = [os.fspath(item) for item in inputs]
@@ -353,20 +356,22 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     else:
         _refuse_clips(inputs)
         source = unlabelled_files(inputs)
-    return predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
+    rows = predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
+    return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device))
 
 
 def _refuse_clips(inputs: Sequence[str]) -> None:
     """An image run given only clips: say so, rather than 'no image files'."""
-    if all(is_clip_file(p) for p in expand_inputs(inputs)) and any(is_clip_file(p) for p in expand_clip_inputs(inputs)):
+    if (all(is_clip_file(p) for p in expand_inputs(inputs, warn=False))
+            and any(is_clip_file(p) for p in expand_clip_inputs(inputs, warn=False))):
         raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
 
 
 def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
     """How many rows `predict` will write (one per image, or per clip for a clip run)."""
     if run_dir is not None and RunDir(run_dir).read_json("config.json").get("input_kind") == "clip":
-        return len(expand_clip_inputs(inputs))
-    return len(unlabelled_files(inputs))
+        return len(expand_clip_inputs(inputs, warn=False))
+    return len(expand_inputs(inputs, warn=False))  # predict itself warns, or refuses inputs without an image
 
 
 def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:
@@ -393,6 +398,8 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     spec = AugmentSpec.parse(augment)
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train
+    if frames is not None and source.kind != "clip":
+        log.warning("%s holds images, not clips; ignored: --frames", data)
     rng = np.random.default_rng(seed)
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
     part = decode_part(picked, *source.decoding_shape(channels, image_size))
@@ -407,13 +414,17 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     return path
 
 
+# The input `models_table` counts each kind of model's parameters at: (channels, side of an image or a frame).
+COUNTED_AT = {"image": (1, 28), "clip": (3, 32)}
+
+
 def models_table() -> list[tuple[str, str, int, str]]:
-    """(name, input kind, parameters for 10 classes at its usual input, summary) for every registered model."""
+    """(name, input kind, parameters for 10 classes at COUNTED_AT, summary) for every registered model."""
     rows = []
     for name in list_models():
         entry = model_entry(name)
-        model = create_model(name, num_classes=10, in_channels=1 if entry.input_kind == "image" else 3,
-                             image_size=28 if entry.input_kind == "image" else 32)
+        channels, side = COUNTED_AT[entry.input_kind]
+        model = create_model(name, num_classes=10, in_channels=channels, image_size=side)
         rows.append((name, entry.input_kind, count_parameters(model), entry.summary))
     return rows
 

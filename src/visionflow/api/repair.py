@@ -19,7 +19,7 @@ from PIL import Image
 
 from visionflow.api import evaluation_part, require_same_data
 from visionflow.config import check_seed
-from visionflow.data.decode import decode_image
+from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data
 from visionflow.devices import select_device
@@ -205,7 +205,7 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
     paths = expand_inputs(images)  # a path that does not exist is an error before any work
     if not paths:
         raise VisionflowError(f"no image files in {' '.join(images)}")
-    written = []
+    written, greyed = [], []
     for number, path in enumerate(paths):
         try:
             image = decode_image(path, config["channels"], None)
@@ -215,6 +215,8 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
             log.warning("skipped %s", exc)
             written.append({"image": path, "error": exc.reason})
             continue
+        if config["channels"] == 1 and probe_image(path)[0] == 3:
+            greyed.append(path)
         masks = file_mask(mask, parsed_box, image.shape[1], image.shape[2], path)
         repaired = repair_file(generator, config, image, masks)
         stem = Path(path).stem if len(paths) == 1 else f"{number:03d}_{Path(path).stem}"
@@ -223,6 +225,11 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
         _save_png(torch.cat([show_hole(image[None], masks)[0], repaired], dim=2), side_path)
         written.append({"image": path, "repaired": str(repaired_path), "side_by_side": str(side_path),
                         "hole_fraction": round(float(coverage(masks)[0]), 4)})
+    if greyed:  # the colour is lost, not repaired: say so rather than hand back grey pictures unexplained
+        several = len(greyed) > 1
+        log.warning("%s %s in colour: converted to grey for the model, which was trained on grey images (the repaired "
+                    "%s grey)", greyed[0] + (f" and {len(greyed) - 1} more" if several else ""), "are" if several else "is",
+                    "pictures are" if several else "picture is")
     return written
 
 

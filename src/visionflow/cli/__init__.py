@@ -10,10 +10,27 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import warnings
 
 from visionflow.errors import TrainingInterrupted, VisionflowError
+
+
+# The arguments that name files or folders, in every verb. '~' is expanded in them as DATA's is (open_data): the
+# shell leaves it alone when quoted ('~/runs') or after '=' (--out=~/runs), and a folder named '~' would be made.
+PATH_ARGUMENTS = ("data", "run_dir", "inputs", "images", "out", "output", "val", "gan_augment", "mask", "examples",
+                  "source", "classifier")
+
+
+def expand_home(args: argparse.Namespace) -> None:
+    """'~' and '~user' at the start of every path argument given (PATH_ARGUMENTS), as the shell would."""
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(item) for item in value])
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -84,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # argparse would send the user to the top-level help; the verb's own says what it takes
             _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        expand_home(args)
         if args.threads is not None:
             if args.threads < 1:
                 raise VisionflowError(f"--threads must be at least 1 (got {args.threads})")

@@ -10,11 +10,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
-                                    given_flags, warn_ignored_on_resume)
+                                    given_flags, warn_ignored, warn_ignored_on_resume)
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
 from visionflow.data.transforms import DEFAULT_STRENGTHS
 from visionflow.errors import VisionflowError
 from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, write_rows
+from visionflow.models import model_entry
 from visionflow.train.presets import PRESETS, train_config
 
 
@@ -104,6 +105,8 @@ def run_train(args) -> int:
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...
             model_options["temporal_pool"] = args.temporal_pool
         cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given_flags(args, TRAIN_FLAGS))
+        if model_entry(cfg.model).input_kind != "clip":
+            warn_ignored(args, ["frames"], f"model '{cfg.model}' takes images, not clips")
         report = api.train(cfg, show_progress=not args.quiet)
     validation = report["validation"]
     noun, rate = _units(report["input_kind"])
@@ -125,6 +128,7 @@ def run_evaluate(args) -> int:
 
     metrics = api.evaluate(args.run_dir, args.data, device=args.device, weights=args.weights, batch_size=args.batch_size,
                            strict=args.strict, engine=args.engine, precision=args.precision, augment_eval=args.augment_eval)
+    say_engine(metrics["engine"], metrics["precision"], metrics["device"])
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -135,6 +139,11 @@ def run_evaluate(args) -> int:
     for name, row in metrics["per_class"].items():
         print(f"{name:<16}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10d}")
     return 0
+
+
+def say_engine(engine: str, precision: str, device: str) -> None:
+    """One line on stderr saying what labelled: `--engine auto` and `--precision auto` choose by the machine."""
+    print(f"engine {engine}, {precision}, {device}", file=sys.stderr)
 
 
 def _output_format(output: str | None) -> str:
@@ -152,13 +161,13 @@ def run_predict(args) -> int:
     total = api.count_inputs(args.inputs, args.run_dir) if show else None
     with make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=total, status="")
-        rows = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                           device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
-                           augment_eval=args.augment_eval, strict=args.strict,
-                           on_batch=lambda n: progress.update(task, advance=n))
+        labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                               device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
+                               augment_eval=args.augment_eval, strict=args.strict,
+                               on_batch=lambda n: progress.update(task, advance=n))
         # The first row before --output is opened: a wrong run or input must not empty an existing file.
-        first = next(rows, None)
-        rows = itertools.chain([first], rows) if first is not None else iter(())
+        first = next(labelled, None)
+        rows = itertools.chain([first], labelled) if first is not None else iter(())
         # surrogateescape: file names that are not UTF-8 are written byte for byte
         if not args.output and isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(errors="surrogateescape")
@@ -167,6 +176,7 @@ def run_predict(args) -> int:
         out = open(args.output, "w", newline="", errors="surrogateescape") if args.output else nullcontext(sys.stdout)
         with out as stream:
             count = write_rows(rows, stream, args.format or _output_format(args.output))
+    say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
     if args.output:
         print(f"wrote {count} row{'' if count == 1 else 's'} to {args.output}", file=sys.stderr)
     return 0
@@ -175,7 +185,11 @@ def run_predict(args) -> int:
 def run_models(args) -> int:
     from visionflow import api
 
-    print(f"{'model':<14}{'input':<8}{'parameters':>12}  summary  (10 classes; images 1x28x28, clips 3x32x32)")
+    shade = {1: "grey", 3: "colour"}
+    (image_channels, image_side), (frame_channels, frame_side) = api.COUNTED_AT["image"], api.COUNTED_AT["clip"]
+    print(f"parameters for 10 classes, counted on {image_side}x{image_side} {shade[image_channels]} images and on "
+          f"clips of {frame_side}x{frame_side} {shade[frame_channels]} frames")
+    print(f"{'model':<14}{'input':<8}{'parameters':>12}  summary")
     for name, kind, params, summary in api.models_table():
         print(f"{name:<14}{kind:<8}{params:>12,}  {summary}")
     return 0

@@ -42,12 +42,16 @@ def given_flags(args, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def warn_ignored(args, names, reason: str) -> None:
+    """Name the flags among `names` the command line gave that will not be used, and why (one warning line)."""
+    ignored = list(given_flags(args, names))
+    if ignored:
+        log.warning("%s; ignored: %s", reason, ", ".join("--" + name.replace("_", "-") for name in ignored))
+
+
 def warn_ignored_on_resume(args, names) -> None:
     """--resume continues with the run's recorded settings: name the flags given that it will not use."""
-    ignored = [name for name in given_flags(args, names) if name != "epochs"]
-    if ignored:
-        log.warning("--resume continues with the run's own settings; ignored: %s",
-                    ", ".join("--" + name.replace("_", "-") for name in ignored))
+    warn_ignored(args, [name for name in names if name != "epochs"], "--resume continues with the run's own settings")
 
 
 def add_shape_options(parser, size_help: str = "side in pixels") -> None:

@@ -17,7 +17,6 @@ Temporal sampling happens in two steps, so the one training loop needs no clip-s
 from __future__ import annotations
 
 import bisect
-import glob
 import os
 import re
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch
 from PIL import Image
 
 from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image, require_nonempty_file
-from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items, walk_folder
+from visionflow.data.sources import (ImageFiles, _class_folders, _files_below, labelled_items, matching_inputs,
+                                    report_unmatched, walk_folder)
 from visionflow.errors import BrokenImage, VisionflowError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv"})
@@ -265,31 +265,24 @@ def clip_folder(root: Path, classes: list[str] | None, frames: int) -> ClipFiles
     return ClipFiles(paths, labels, classes, frames, name=str(root))
 
 
-def expand_clip_inputs(inputs: Sequence[str]) -> list[str]:
-    """Clip files, folders (searched recursively for clips; a folder of images is one clip) and globs."""
+def expand_clip_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
+    """Clip files, folders (searched recursively for clips; a folder of images is one clip) and globs, which give
+    their clips and folders only. A glob that matches nothing is a warning (`warn`), or an error when none of the
+    inputs gives a clip."""
     paths: list[str] = []
-
-    def add(item: str) -> None:
+    found, unmatched = matching_inputs(inputs)
+    for item, named in found:
         if os.path.isdir(item):
             below = _clips_below(Path(item))
             if any(is_image_file(f) for f in os.listdir(item)) or not below:
                 paths.append(item)  # a folder of frames is one clip; one with nothing in it, a clip with no frames
             paths.extend(below)
-        elif is_image_file(item):
+        elif named and is_image_file(item):
             raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
                                   "(video files, .npy arrays or folders of frames)")
-        else:
+        elif named or is_clip_file(item):
             paths.append(item)
-
-    for item in inputs:
-        if os.path.exists(item):
-            add(item)
-            continue
-        matches = sorted(glob.glob(item, recursive=True))
-        if not matches:
-            raise VisionflowError(f"{item}: no such file, folder or matching glob")
-        for match in matches:
-            add(match)
+    report_unmatched(unmatched, paths, warn)
     return paths
 
 

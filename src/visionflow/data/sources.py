@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, p
 from visionflow.errors import VisionflowError
 
 BUILTIN_DATASETS = ("digits",)
+
+log = logging.getLogger("visionflow")
 
 
 class DataSource:
@@ -354,20 +357,47 @@ def open_data(spec: str | os.PathLike, frames: int = 16, kind: str = "image") ->
     return DataSet(str(root), class_folder(root, frames=frames, kind=kind), None)
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files, folders (recursive) and globs -> image file paths, in the order given."""
-    paths: list[str] = []
+def matching_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, bool]], list[str]]:
+    """What files, folders and globs name: (path, named) pairs, `named` when the input is that path as typed rather
+    than a glob's match, and the globs that match nothing. A path that does not exist, no glob, is a typo: an error
+    before any work."""
+    found: list[tuple[str, bool]] = []
+    unmatched: list[str] = []
     for item in inputs:
-        if os.path.isdir(item):
-            paths.extend(_files_below(Path(item), is_image_file))
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise VisionflowError(f"{item}: no such file, folder or matching glob")
-            for match in matches:
-                paths.extend(_files_below(Path(match), is_image_file) if os.path.isdir(match) else [match])
+        if os.path.lexists(item):  # a dangling link too: named, it gets its error row
+            found.append((item, True))
+            continue
+        if not any(c in item for c in "*?["):
+            raise VisionflowError(f"{item}: no such file, folder or matching glob")
+        matches = sorted(glob.glob(item, recursive=True))
+        found.extend((match, False) for match in matches)
+        if not matches:
+            unmatched.append(item)
+    return found, unmatched
+
+
+def report_unmatched(unmatched: list[str], paths: list[str], warn: bool = True) -> None:
+    """Globs that match nothing: an error when no input gave a path either, else (with `warn`) a warning naming
+    each, and the others go on."""
+    if unmatched and not paths:
+        raise VisionflowError(f"{', '.join(unmatched)}: no such file, folder or matching glob")
+    for glob_text in unmatched if warn else ():
+        log.warning("%s: no such file, folder or matching glob; going on with the other inputs", glob_text)
+
+
+def expand_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
+    """Files, folders (recursive) and globs -> image file paths, in the order given. Folders and globs give their
+    image files only, as DATA's folders do; a file named as typed is kept whatever it is (a non-image then gets an
+    error row, as an unreadable image does). A glob that matches nothing is a warning (`warn`), or an error when
+    none of the inputs gives a path."""
+    found, unmatched = matching_inputs(inputs)
+    paths: list[str] = []
+    for path, named in found:
+        if os.path.isdir(path):
+            paths.extend(_files_below(Path(path), is_image_file))
+        elif named or is_image_file(path):
+            paths.append(path)
+    report_unmatched(unmatched, paths, warn)
     return paths
 
 

@@ -27,6 +27,9 @@ from visionflow.errors import VisionflowError
 
 # What a bare operation name means: `rotate` is rotate=15.
 DEFAULT_STRENGTHS = {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5, "translate": 2.0}
+# elastic=1 bends a digit hard, 2 makes it hard to read and 3 unreadable (preview them): past 5 it is noise, and
+# a larger number is likely another library's unit (albumentations' alpha is in pixels, 34 in Simard et al.).
+MAX_ELASTIC = 5.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class AugmentSpec:
             raise VisionflowError(f"--augment: crop={spec.crop} must be between 0.05 and 1")
         if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0 or spec.translate < 0:
             raise VisionflowError("--augment: rotate, shift, elastic and translate take non-negative numbers")
+        if spec.rotate > 180:
+            raise VisionflowError(f"--augment: rotate={spec.rotate:g} must be between 0 and 180 (degrees either way)")
+        if spec.elastic > MAX_ELASTIC:
+            raise VisionflowError(f"--augment: elastic={spec.elastic:g} must be between 0 and {MAX_ELASTIC:g} (each unit "
+                                  "moves pixels by up to about 5% of the side)")
         if spec.shift >= 1:
             raise VisionflowError(f"--augment: shift={spec.shift:g} is a fraction of the side: below 1 (0.1 = 10%)")
         if spec.translate != int(spec.translate):

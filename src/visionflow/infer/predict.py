@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
 from visionflow.data.loading import stream_batches
@@ -16,6 +17,23 @@ from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 
 FORMATS = ("table", "csv", "jsonl")
+
+
+@dataclass
+class LabelledRows:
+    """`predict`'s rows as batches finish (an iterator), and what labels them: the predictor's engine, precision and
+    device, for a caller to say."""
+
+    rows: Iterator[dict]
+    engine: str
+    precision: str
+    device: str
+
+    def __iter__(self) -> "LabelledRows":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self.rows)
 
 
 def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch_size: int = 64,

@@ -58,6 +58,7 @@ class Predictor:
     frames: int = 16
     augment_eval: str = "none"  # "flip": logits are the mean over the image and its mirror (test-time augmentation)
     precision: str = "auto"     # torch engine: "auto" is resolved on construction to fp32 or bf16 (devices.resolve_precision)
+    engine: str = "torch"       # what runs the model: "torch", or "onnx" (ONNX Runtime, fp32 on the CPU)
 
     def __post_init__(self):
         self.precision = resolve_precision(self.precision, self.device, self.model)
@@ -99,7 +100,7 @@ class Predictor:
 
             try:
                 return cls(onnx_runtime_model(run, weights, cls(model, device=torch.device("cpu"), **fields)),
-                           device=torch.device("cpu"), precision="fp32", **fields)
+                           device=torch.device("cpu"), precision="fp32", engine="onnx", **fields)
             except (VisionflowError, OSError, ImportError) as exc:
                 if engine == "onnx":
                     raise
