@@ -133,6 +133,15 @@ def test_float_arrays_outside_0_1_are_broken_not_clipped(tmp_path: Path, values,
     assert reason in caught.value.reason
 
 
+@pytest.mark.parametrize("shape", [(5, 0, 8), (5, 8, 0, 3)])
+def test_an_array_of_frames_with_no_pixels_is_broken(tmp_path: Path, shape):
+    np.save(tmp_path / "c.npy", np.zeros(shape, dtype=np.float32))  # had crashed training with a traceback
+    source = ClipFiles([str(tmp_path / "c.npy")], [0], ["a"], frames=5)
+    with pytest.raises(BrokenImage, match="has frames with no pixels"):
+        source.read(0, 1, 8)
+    assert source.guess_channels() == 3 and source.guess_size() == 32  # the probe skips it, no file left to measure
+
+
 def test_a_file_named_npy_that_is_no_array_is_named_as_such(tmp_path: Path):
     (tmp_path / "notes.npy").write_text("not an array")  # numpy alone would call it pickled data to load unsafely
     with pytest.raises(BrokenImage, match="not a .npy array file"):

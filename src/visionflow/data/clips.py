@@ -159,6 +159,8 @@ def _array_frames(path: str, channels: int, size: int | None, count: int, frames
         raise BrokenImage(path, f"array shape {array.shape} is not T x H x W [x C] with C 1, 3 or 4")
     if len(array) == 0:
         raise BrokenImage(path, "array has no frames")
+    if 0 in array.shape[1:3]:
+        raise BrokenImage(path, f"array shape {array.shape} has frames with no pixels")
     if array.dtype != np.uint8 and array.dtype.kind != "f":
         raise BrokenImage(path, f"array dtype {array.dtype} is neither uint8 nor float in [0, 1]")
     out = []
