@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -103,6 +104,34 @@ def test_mixed_resolutions_and_frame_rates_stack_into_one_batch(tmp_path: Path):
     assert part.images.shape == (4, 10, 1, 24, 24) and part.skipped == []
     for clip in part.images:  # the square moves right in every clip, whatever its size or frame rate
         assert square_column(clip[-1]) > square_column(clip[0]) + 4
+
+
+def pyav_frames(path: Path) -> np.ndarray:
+    """Every frame PyAV decodes from a video, (T, 3, H, W) RGB."""
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24").transpose(2, 0, 1) for frame in container.decode(video=0)])
+
+
+def test_an_avi_that_dropped_frames_gives_the_frames_it_holds(tmp_path: Path):
+    # Frames stamped 0, 2, 4, ...: the AVI muxer writes a null frame into each gap and its header counts them
+    # (31 frames for 16); they decode to nothing, so the last half of the clip had been its last frame repeated.
+    path = tmp_path / "dropped.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for t, frame in enumerate(moving_square(16, 32)):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="gray")
+            video_frame.pts, video_frame.time_base = 2 * t, Fraction(1, 30)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 31
+    decoded = pyav_frames(path)
+    assert len(decoded) == 16
+    frames = ClipFiles([str(path)], [0], ["a"], frames=8).read(0, 3, None)
+    assert np.array_equal(frames.numpy(), decoded[clip_indices(16, 16, 8)])
 
 
 def test_colour_video_keeps_its_colours(tmp_path: Path):

@@ -91,8 +91,8 @@ def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator |
 # --- decoding one clip -----------------------------------------------------------------------------------
 
 def _packets(path: str) -> int:
-    """The video packets of a file, counted without decoding: its frames, where the container keeps no count
-    (webm, mkv); of a damaged file, those before the damage."""
+    """The video packets of a file, counted without decoding: its frames; of a damaged file, those before the
+    damage."""
     count = 0
     try:
         with av.open(path) as container:
@@ -109,10 +109,11 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
             if not container.streams.video:
                 raise BrokenImage(path, "no video stream")
             stream = container.streams.video[0]
-            # The frames an .npy array or a frame folder of the same clip would give, from the number of frames
-            # the container says it holds (mp4) or its packets counted: only those are converted, so memory
-            # stays flat on long videos, and decoding stops after the last.
-            total = stream.frames or _packets(path)
+            # The frames an .npy array or a frame folder of the same clip would give, from its packets counted
+            # (20 ms for a 30 s video): only those are converted, so memory stays flat on long videos, and
+            # decoding stops after the last. Not the count the container states: an AVI's counts the frames it
+            # dropped (null frames, which decode to nothing), and mkv and webm state none.
+            total = _packets(path)
             if total == 0:
                 raise BrokenImage(path, "video has no frames")
             wanted = clip_indices(total, count, frames)
@@ -212,7 +213,7 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe decodes a video up to its middle frame (mkv, webm: after counting its packets)
+    probe_count = 8  # a probe counts a video's packets, then decodes it up to its middle frame
     probe_each_class = False  # 0.3 s a probe for a 7 s video: a hundred classes would take a minute
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
