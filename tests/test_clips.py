@@ -25,11 +25,13 @@ from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.errors import BrokenImage, VisionflowError
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
-    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> an H.264 mp4."""
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 10, rotation: int = 0) -> Path:
+    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> an H.264 mp4, with a display rotation (degrees counterclockwise)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for frame in frames:
             fmt = "gray" if frame.ndim == 2 else "rgb24"
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)):
@@ -132,6 +134,19 @@ def test_an_avi_that_dropped_frames_gives_the_frames_it_holds(tmp_path: Path):
     assert len(decoded) == 16
     frames = ClipFiles([str(path)], [0], ["a"], frames=8).read(0, 3, None)
     assert np.array_equal(frames.numpy(), decoded[clip_indices(16, 16, 8)])
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_video_with_a_display_rotation_is_read_upright(tmp_path: Path, degrees):
+    # A phone stores a portrait video as landscape frames and a rotation that players apply; PyAV does not.
+    clip = np.zeros((4, 24, 40, 3), dtype=np.uint8)
+    clip[:, 2:8, 2:12] = (255, 0, 0)  # a red bar in the top-left corner
+    write_mp4(tmp_path / "stored.mp4", clip)
+    write_mp4(tmp_path / "rotated.mp4", clip, rotation=degrees)
+    stored, rotated = (ClipFiles([str(tmp_path / name)], [0], ["a"], frames=4) for name in ("stored.mp4", "rotated.mp4"))
+    expected = torch.rot90(stored.read(0, 3, None), k=degrees // 90, dims=(2, 3))  # counterclockwise, as PyAV says
+    assert torch.equal(rotated.read(0, 3, None), expected)
+    assert rotated.probe(str(tmp_path / "rotated.mp4"))[1] == ((40, 24) if degrees == 180 else (24, 40))
 
 
 def test_colour_video_keeps_its_colours(tmp_path: Path):

@@ -1,8 +1,9 @@
 """Clips: short videos as a `DataSource` of kind "clip", and the temporal sampling that feeds clip models.
 
-A clip is a video file (.mp4, .avi, .webm, .mkv, decoded with PyAV), a folder of frame images (frames in
-name order, decoded with `decode_image`) or a .npy array T x H x W [x C]. Every frame becomes a uint8
-(C, size, size) tensor the way images do, so mixed resolutions and frame rates stack into one batch.
+A clip is a video file (.mp4, .avi, .webm, .mkv, decoded with PyAV and turned upright by its display rotation),
+a folder of frame images (frames in name order, decoded with `decode_image`) or a .npy array T x H x W [x C].
+Every frame becomes a uint8 (C, size, size) tensor the way images do, so mixed resolutions and frame rates
+stack into one batch.
 
 Temporal sampling happens in two steps, so the one training loop needs no clip-specific code:
 1. `read` decodes `decoded_frames(frames)` = 2 x frames frames per clip, the start and the centre of each
@@ -103,6 +104,17 @@ def _packets(path: str) -> int:
     return count
 
 
+_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def _upright(frame: av.VideoFrame) -> Image.Image:
+    """A decoded frame as players show it, turned by the rotation in its display matrix (a phone stores a portrait
+    video as landscape frames and that rotation), as decode_image applies an image's EXIF orientation."""
+    image = frame.to_image()
+    turn = _TURNS.get(round(frame.rotation / 90) * 90 % 360)  # PyAV: degrees counterclockwise, in [-180, 180]
+    return image.transpose(turn) if turn is not None else image
+
+
 def _video_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
     try:
         with av.open(path) as container:
@@ -122,7 +134,7 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
             try:
                 for number, frame in enumerate(container.decode(stream)):
                     if number in wanted_set:
-                        kept[number] = pil_to_tensor(frame.to_image(), channels, size)
+                        kept[number] = pil_to_tensor(_upright(frame), channels, size)
                     if number >= wanted[-1]:
                         break
             except av.EOFError:
