@@ -317,6 +317,10 @@ def test_image_files_next_to_clips_are_an_error(tmp_path: Path):
     Image.new("L", (8, 8)).save(tmp_path / "b" / "stray.png")
     with pytest.raises(VisionflowError, match="image files next to clips"):
         open_data(tmp_path)
+    # given to predict, the folder is not a clip of that one image besides its videos (it had been a row of its own)
+    with pytest.raises(VisionflowError, match=f"{tmp_path / 'b'}: holds image files next to clips"):
+        expand_clip_inputs([str(tmp_path / "b")])
+    assert expand_clip_inputs([str(tmp_path / "a")]) == sorted(str(p) for p in (tmp_path / "a").iterdir())
 
 
 # --- moving digits ---------------------------------------------------------------------------------------

@@ -269,11 +269,15 @@ def holds_clips(root: Path, frame_folders: bool = True) -> bool:
                for folder in folders)
 
 
+def _images_next_to_clips(folder: str | os.PathLike) -> VisionflowError:
+    return VisionflowError(f"{folder}: holds image files next to clips; put each clip's frames in a sub-folder of its own")
+
+
 def clip_folder(root: Path, classes: list[str] | None, frames: int) -> ClipFiles:
     """A folder with one sub-folder per class, each holding clips (videos, .npy arrays, frame folders)."""
     def clips_below(folder: Path) -> list[str]:
         if any(is_image_file(f) for f in os.listdir(folder)):
-            raise VisionflowError(f"{folder}: holds image files next to clips; put each clip's frames in a sub-folder of its own")
+            raise _images_next_to_clips(folder)
         return _clips_below(folder)
 
     paths, labels, classes = labelled_items(root, classes, clips_below, "clips (video files, .npy arrays or frame folders)")
@@ -287,9 +291,9 @@ def expand_clip_inputs(inputs: Sequence[str]) -> list[str]:
     def add(item: str) -> None:
         if os.path.isdir(item):
             below = _clips_below(Path(item))
-            if any(is_image_file(f) for f in os.listdir(item)) or not below:
-                paths.append(item)  # a folder of frames is one clip; one with nothing in it, a clip with no frames
-            paths.extend(below)
+            if below and any(is_image_file(f) for f in os.listdir(item)):
+                raise _images_next_to_clips(item)  # a cover image among videos is no clip of one frame
+            paths.extend(below or [item])  # a folder of frames is one clip; one with nothing in it, a clip with no frames
         elif is_image_file(item):
             raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
                                   "(video files, .npy arrays or folders of frames)")
