@@ -149,6 +149,34 @@ def test_a_video_with_a_display_rotation_is_read_upright(tmp_path: Path, degrees
     assert rotated.probe(str(tmp_path / "rotated.mp4"))[1] == ((40, 24) if degrees == 180 else (24, 40))
 
 
+def test_a_video_that_changes_resolution_midway_is_probed_and_read(tmp_path: Path):
+    # VP8 keyframes carry their own size, so one stream can switch (a video call's recording); reading the first
+    # and the middle frame at their own sizes to probe had crashed training with a traceback.
+    path = tmp_path / "switch.webm"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 40, 32, "yuv420p"
+        for part, (width, height) in enumerate([(40, 32), (20, 16)]):
+            encoder = av.CodecContext.create("libvpx", "w")
+            encoder.width, encoder.height, encoder.pix_fmt, encoder.time_base = width, height, "yuv420p", Fraction(1, 10)
+            packets = []
+            for t in range(4):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width), 60 * t, dtype=np.uint8), format="gray")
+                frame.pts = t
+                packets += encoder.encode(frame)
+            for t, packet in enumerate(packets + encoder.encode(None)):
+                packet.stream, packet.time_base = stream, Fraction(1, 10)
+                packet.pts = packet.dts = 4 * part + t
+                container.mux(packet)
+    with av.open(str(path)) as container:
+        assert [(f.width, f.height) for f in container.decode(video=0)] == [(40, 32)] * 4 + [(20, 16)] * 4
+    source = ClipFiles([str(path)], [0], ["a"], frames=4)
+    assert source.guess_channels() == 1 and source.guess_size() == 40  # from the first frame
+    frames = source.read(0, 1, 24)
+    assert frames.shape == (8, 1, 24, 24)
+    assert [round(f.float().mean().item() / 60) for f in frames[::2]] == [0, 2, 0, 2]  # both parts, in order
+
+
 def test_colour_video_keeps_its_colours(tmp_path: Path):
     clip = np.zeros((6, 32, 32, 3), dtype=np.uint8)
     clip[..., 0] = 200  # red

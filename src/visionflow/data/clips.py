@@ -192,17 +192,18 @@ def _array_frames(path: str, channels: int, size: int | None, count: int, frames
     return out
 
 
+def _clip_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
+    """`count` frames of a clip of any format (see clip_indices); BrokenImage naming the file on failure."""
+    if os.path.isdir(path):
+        return _folder_frames(path, channels, size, count, frames)
+    require_nonempty_file(path, path)
+    reader = _array_frames if path.lower().endswith(ARRAY_EXTENSION) else _video_frames
+    return reader(path, channels, size, count, frames)
+
+
 def read_clip(path: str, channels: int, size: int | None, frames: int) -> torch.Tensor:
     """One clip -> uint8 (decoded_frames(frames), channels, size, size); BrokenImage naming the file on failure."""
-    if os.path.isdir(path):
-        reader = _folder_frames
-    elif path.lower().endswith(ARRAY_EXTENSION):
-        reader = _array_frames
-    else:
-        reader = _video_frames
-    if not os.path.isdir(path):
-        require_nonempty_file(path, path)
-    return torch.stack(reader(path, channels, size, decoded_frames(frames), frames))
+    return torch.stack(_clip_frames(path, channels, size, decoded_frames(frames), frames))
 
 
 def probe_clip(path: str) -> tuple[int, tuple[int, int]]:
@@ -212,7 +213,8 @@ def probe_clip(path: str) -> tuple[int, tuple[int, int]]:
         if not files:
             raise BrokenImage(path, "frame folder holds no images")
         return probe_image(files[0])
-    first = read_clip(path, 3, None, 1)[0].numpy().astype(np.int16)
+    # The first frame alone, at its own size: a video may change resolution midway (a webm from a video call)
+    first = _clip_frames(path, 3, None, 1, 1)[0].numpy().astype(np.int16)
     # Video codecs store grey frames as YUV with neutral chroma: grey if the colour channels agree closely.
     grey = int(np.abs(first[0] - first[1]).max()) <= 8 and int(np.abs(first[1] - first[2]).max()) <= 8
     return (1 if grey else 3), (first.shape[2], first.shape[1])
@@ -225,8 +227,8 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe counts a video's packets, then decodes it up to its middle frame
-    probe_each_class = False  # 0.3 s a probe for a 7 s video: a hundred classes would take a minute
+    probe_count = 8  # a probe counts a video's packets, then decodes its first frame
+    probe_each_class = False  # a probe reads the whole file to count its packets: long videos in many classes add up
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], frames: int, name: str = ""):
