@@ -97,6 +97,19 @@ def test_frames_are_read_in_natural_name_order_and_resized(tmp_path: Path):
     assert columns == sorted(columns) and columns[-1] > columns[0]
 
 
+def test_phone_videos_named_mov_are_clips(tmp_path: Path):
+    # an iPhone writes .MOV (the mp4 family): a folder of them had been "no clips" to train and an empty frame
+    # folder to predict, while one given by name was read
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i, extension in enumerate((".MOV", ".m4v")):
+            write_mp4(tmp_path / name / f"clip{i}{extension}", moving_square(6, 16))
+    source = open_data(tmp_path, frames=3).train
+    assert source.kind == "clip" and len(source) == 4
+    assert expand_clip_inputs([str(tmp_path / "a")]) == [str(tmp_path / "a" / "clip0.MOV"), str(tmp_path / "a" / "clip1.m4v")]
+    assert decode_part(source, 1, 16).skipped == []
+
+
 def test_mixed_resolutions_and_frame_rates_stack_into_one_batch(tmp_path: Path):
     for name, size, fps in (("a", 32, 10), ("a", 48, 25), ("b", 64, 30), ("b", 40, 5)):
         (tmp_path / name).mkdir(exist_ok=True)

@@ -1,9 +1,9 @@
 """Clips: short videos as a `DataSource` of kind "clip", and the temporal sampling that feeds clip models.
 
-A clip is a video file (.mp4, .avi, .webm, .mkv, decoded with PyAV and turned upright by its display rotation),
-a folder of frame images (frames in name order, decoded with `decode_image`) or a .npy array T x H x W [x C].
-Every frame becomes a uint8 (C, size, size) tensor the way images do, so mixed resolutions and frame rates
-stack into one batch.
+A clip is a video file (.mp4, .mov, .m4v, .avi, .webm, .mkv, decoded with PyAV and turned upright by its display
+rotation), a folder of frame images (frames in name order, decoded with `decode_image`) or a .npy array
+T x H x W [x C]. Every frame becomes a uint8 (C, size, size) tensor the way images do, so mixed resolutions and
+frame rates stack into one batch.
 
 Temporal sampling happens in two steps, so the one training loop needs no clip-specific code:
 1. `read` decodes `decoded_frames(frames)` = 2 x frames frames per clip, the start and the centre of each
@@ -33,7 +33,7 @@ from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, p
 from visionflow.data.sources import ImageFiles, _class_folders, _files_below, labelled_items, walk_folder
 from visionflow.errors import BrokenImage, VisionflowError
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".avi", ".webm", ".mkv"})  # .mov: what phones and cameras write
 ARRAY_EXTENSION = ".npy"
 CACHE_FACTOR = 2  # frames decoded into the cache per frame the model sees: room for training-time jitter
 
