@@ -162,6 +162,31 @@ def test_a_video_with_a_display_rotation_is_read_upright(tmp_path: Path, degrees
     assert rotated.probe(str(tmp_path / "rotated.mp4"))[1] == ((40, 24) if degrees == 180 else (24, 40))
 
 
+def test_a_clip_cut_between_keyframes_keeps_each_frame_at_its_place(tmp_path: Path):
+    # Cut without re-encoding, a clip starts on frames that refer to a keyframe it no longer holds: the decoder
+    # drops them. Numbered as decoded, every later frame had moved forward and the clip ended on its last frame
+    # repeated; numbered by time, the dropped places take the first frame decoded.
+    whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
+    with av.open(str(whole), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0:bframes=0"})
+        stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
+        for frame in moving_square(16, 48):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(whole)) as source, av.open(str(cut), "w") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for number, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            if number >= 3:  # frames 3..15 kept; 8 is the first keyframe among them
+                packet.stream = stream
+                target.mux(packet)
+    assert len(pyav_frames(cut)) == 8
+    frames = ClipFiles([str(cut)], [0], ["a"], frames=4).read(0, 1, None)
+    shown = [3 + i for i in clip_indices(13, 8, 4)]  # 3, 4, 6, 7, 9, 11, 12, 14
+    assert [round((square_column(f) - 1.5) / 2) for f in frames] == [max(8, t) for t in shown]
+
+
 def test_a_video_that_changes_resolution_midway_is_probed_and_read(tmp_path: Path):
     # VP8 keyframes carry their own size, so one stream can switch (a video call's recording); reading the first
     # and the middle frame at their own sizes to probe had crashed training with a traceback.

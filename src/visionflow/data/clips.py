@@ -91,17 +91,18 @@ def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator |
 
 # --- decoding one clip -----------------------------------------------------------------------------------
 
-def _packets(path: str) -> int:
-    """The video packets of a file, counted without decoding: its frames; of a damaged file, those before the
-    damage."""
-    count = 0
+def _frame_times(path: str) -> list:
+    """The presentation times of a video's frames in order, from its packets (without decoding; in the order read
+    when some packet has none); of a damaged file, those before the damage."""
+    times = []
     try:
         with av.open(path) as container:
             for packet in container.demux(container.streams.video[0]):
-                count += packet.size > 0
+                if packet.size > 0:
+                    times.append(packet.pts)
     except (av.FFmpegError, OSError, ValueError):
         pass  # the decoding pass says what is wrong with the file
-    return count
+    return sorted(times) if None not in times else times
 
 
 _TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
@@ -125,15 +126,20 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
             # (20 ms for a 30 s video): only those are converted, so memory stays flat on long videos, and
             # decoding stops after the last. Not the count the container states: an AVI's counts the frames it
             # dropped (null frames, which decode to nothing), and mkv and webm state none.
-            total = _packets(path)
-            if total == 0:
+            times = _frame_times(path)
+            if not times:
                 raise BrokenImage(path, "video has no frames")
-            wanted = clip_indices(total, count, frames)
+            wanted = clip_indices(len(times), count, frames)
             wanted_set = set(wanted.tolist())
+            # A frame's number is its time's place among the packets': frames the decoder cannot give (those
+            # before the first keyframe of a clip cut without re-encoding) leave their places empty rather
+            # than shift every later frame forward and freeze the clip's end on its last frame.
+            place = {time: number for number, time in enumerate(times)} if None not in times else {}
             kept: dict[int, torch.Tensor] = {}
             try:
-                for number, frame in enumerate(container.decode(stream)):
-                    if number in wanted_set:
+                for decoded, frame in enumerate(container.decode(stream)):
+                    number = place.get(frame.pts, decoded)
+                    if number in wanted_set or not kept:  # the first one stands in for any before it
                         kept[number] = pil_to_tensor(_upright(frame), channels, size)
                     if number >= wanted[-1]:
                         break
@@ -146,7 +152,8 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
     if not kept:
         raise BrokenImage(path, "video has no frames")
     numbers = sorted(kept)
-    # each wanted frame, or the last one decoded before it (a file that holds fewer frames than it says)
+    # each wanted frame, or the last one kept before it (a file that holds fewer frames than it says), or before
+    # the first frame decoded, that first one
     return [kept[numbers[max(0, bisect.bisect_right(numbers, n) - 1)]] for n in wanted]
 
 
@@ -227,7 +234,7 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe counts a video's packets, then decodes its first frame
+    probe_count = 8  # a probe reads a video's packets, then decodes its first frame
     probe_each_class = False  # a probe reads the whole file to count its packets: long videos in many classes add up
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
