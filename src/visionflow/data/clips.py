@@ -1,7 +1,7 @@
 """Clips: short videos as a `DataSource` of kind "clip", and the temporal sampling that feeds clip models.
 
 A clip is a video file (.mp4, .mov, .m4v, .avi, .webm, .mkv, decoded with PyAV and turned upright by its display
-rotation), a folder of frame images (frames in name order, decoded with `decode_image`) or a .npy array
+rotation), a folder of frame images (frames in natural name order, decoded with `decode_image`) or a .npy array
 T x H x W [x C]. Every frame becomes a uint8 (C, size, size) tensor the way images do, so mixed resolutions and
 frame rates stack into one batch.
 
