@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -24,11 +25,13 @@ from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.errors import BrokenImage, VisionflowError
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
-    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> an H.264 mp4."""
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 10, rotation: int = 0) -> Path:
+    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> an H.264 mp4, with a display rotation (degrees counterclockwise)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for frame in frames:
             fmt = "gray" if frame.ndim == 2 else "rgb24"
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)):
@@ -94,6 +97,19 @@ def test_frames_are_read_in_natural_name_order_and_resized(tmp_path: Path):
     assert columns == sorted(columns) and columns[-1] > columns[0]
 
 
+def test_phone_videos_named_mov_are_clips(tmp_path: Path):
+    # an iPhone writes .MOV (the mp4 family): a folder of them had been "no clips" to train and an empty frame
+    # folder to predict, while one given by name was read
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i, extension in enumerate((".MOV", ".m4v")):
+            write_mp4(tmp_path / name / f"clip{i}{extension}", moving_square(6, 16))
+    source = open_data(tmp_path, frames=3).train
+    assert source.kind == "clip" and len(source) == 4
+    assert expand_clip_inputs([str(tmp_path / "a")]) == [str(tmp_path / "a" / "clip0.MOV"), str(tmp_path / "a" / "clip1.m4v")]
+    assert decode_part(source, 1, 16).skipped == []
+
+
 def test_mixed_resolutions_and_frame_rates_stack_into_one_batch(tmp_path: Path):
     for name, size, fps in (("a", 32, 10), ("a", 48, 25), ("b", 64, 30), ("b", 40, 5)):
         (tmp_path / name).mkdir(exist_ok=True)
@@ -103,6 +119,100 @@ def test_mixed_resolutions_and_frame_rates_stack_into_one_batch(tmp_path: Path):
     assert part.images.shape == (4, 10, 1, 24, 24) and part.skipped == []
     for clip in part.images:  # the square moves right in every clip, whatever its size or frame rate
         assert square_column(clip[-1]) > square_column(clip[0]) + 4
+
+
+def pyav_frames(path: Path) -> np.ndarray:
+    """Every frame PyAV decodes from a video, (T, 3, H, W) RGB."""
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24").transpose(2, 0, 1) for frame in container.decode(video=0)])
+
+
+def test_an_avi_that_dropped_frames_gives_the_frames_it_holds(tmp_path: Path):
+    # Frames stamped 0, 2, 4, ...: the AVI muxer writes a null frame into each gap and its header counts them
+    # (31 frames for 16); they decode to nothing, so the last half of the clip had been its last frame repeated.
+    path = tmp_path / "dropped.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for t, frame in enumerate(moving_square(16, 32)):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="gray")
+            video_frame.pts, video_frame.time_base = 2 * t, Fraction(1, 30)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 31
+    decoded = pyav_frames(path)
+    assert len(decoded) == 16
+    frames = ClipFiles([str(path)], [0], ["a"], frames=8).read(0, 3, None)
+    assert np.array_equal(frames.numpy(), decoded[clip_indices(16, 16, 8)])
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_video_with_a_display_rotation_is_read_upright(tmp_path: Path, degrees):
+    # A phone stores a portrait video as landscape frames and a rotation that players apply; PyAV does not.
+    clip = np.zeros((4, 24, 40, 3), dtype=np.uint8)
+    clip[:, 2:8, 2:12] = (255, 0, 0)  # a red bar in the top-left corner
+    write_mp4(tmp_path / "stored.mp4", clip)
+    write_mp4(tmp_path / "rotated.mp4", clip, rotation=degrees)
+    stored, rotated = (ClipFiles([str(tmp_path / name)], [0], ["a"], frames=4) for name in ("stored.mp4", "rotated.mp4"))
+    expected = torch.rot90(stored.read(0, 3, None), k=degrees // 90, dims=(2, 3))  # counterclockwise, as PyAV says
+    assert torch.equal(rotated.read(0, 3, None), expected)
+    assert rotated.probe(str(tmp_path / "rotated.mp4"))[1] == ((40, 24) if degrees == 180 else (24, 40))
+
+
+def test_a_clip_cut_between_keyframes_keeps_each_frame_at_its_place(tmp_path: Path):
+    # Cut without re-encoding, a clip starts on frames that refer to a keyframe it no longer holds: the decoder
+    # drops them. Numbered as decoded, every later frame had moved forward and the clip ended on its last frame
+    # repeated; numbered by time, the dropped places take the first frame decoded.
+    whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
+    with av.open(str(whole), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0:bframes=0"})
+        stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
+        for frame in moving_square(16, 48):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(whole)) as source, av.open(str(cut), "w") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for number, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            if number >= 3:  # frames 3..15 kept; 8 is the first keyframe among them
+                packet.stream = stream
+                target.mux(packet)
+    assert len(pyav_frames(cut)) == 8
+    frames = ClipFiles([str(cut)], [0], ["a"], frames=4).read(0, 1, None)
+    shown = [3 + i for i in clip_indices(13, 8, 4)]  # 3, 4, 6, 7, 9, 11, 12, 14
+    assert [round((square_column(f) - 1.5) / 2) for f in frames] == [max(8, t) for t in shown]
+
+
+def test_a_video_that_changes_resolution_midway_is_probed_and_read(tmp_path: Path):
+    # VP8 keyframes carry their own size, so one stream can switch (a video call's recording); reading the first
+    # and the middle frame at their own sizes to probe had crashed training with a traceback.
+    path = tmp_path / "switch.webm"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 40, 32, "yuv420p"
+        for part, (width, height) in enumerate([(40, 32), (20, 16)]):
+            encoder = av.CodecContext.create("libvpx", "w")
+            encoder.width, encoder.height, encoder.pix_fmt, encoder.time_base = width, height, "yuv420p", Fraction(1, 10)
+            packets = []
+            for t in range(4):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width), 60 * t, dtype=np.uint8), format="gray")
+                frame.pts = t
+                packets += encoder.encode(frame)
+            for t, packet in enumerate(packets + encoder.encode(None)):
+                packet.stream, packet.time_base = stream, Fraction(1, 10)
+                packet.pts = packet.dts = 4 * part + t
+                container.mux(packet)
+    with av.open(str(path)) as container:
+        assert [(f.width, f.height) for f in container.decode(video=0)] == [(40, 32)] * 4 + [(20, 16)] * 4
+    source = ClipFiles([str(path)], [0], ["a"], frames=4)
+    assert source.guess_channels() == 1 and source.guess_size() == 40  # from the first frame
+    frames = source.read(0, 1, 24)
+    assert frames.shape == (8, 1, 24, 24)
+    assert [round(f.float().mean().item() / 60) for f in frames[::2]] == [0, 2, 0, 2]  # both parts, in order
 
 
 def test_colour_video_keeps_its_colours(tmp_path: Path):
@@ -131,6 +241,15 @@ def test_float_arrays_outside_0_1_are_broken_not_clipped(tmp_path: Path, values,
     with pytest.raises(BrokenImage) as caught:
         ClipFiles([str(tmp_path / "c.npy")], [0], ["a"], frames=5).read(0, 1, 8)
     assert reason in caught.value.reason
+
+
+@pytest.mark.parametrize("shape", [(5, 0, 8), (5, 8, 0, 3)])
+def test_an_array_of_frames_with_no_pixels_is_broken(tmp_path: Path, shape):
+    np.save(tmp_path / "c.npy", np.zeros(shape, dtype=np.float32))  # had crashed training with a traceback
+    source = ClipFiles([str(tmp_path / "c.npy")], [0], ["a"], frames=5)
+    with pytest.raises(BrokenImage, match="has frames with no pixels"):
+        source.read(0, 1, 8)
+    assert source.guess_channels() == 3 and source.guess_size() == 32  # the probe skips it, no file left to measure
 
 
 def test_a_file_named_npy_that_is_no_array_is_named_as_such(tmp_path: Path):
@@ -275,6 +394,10 @@ def test_image_files_next_to_clips_are_an_error(tmp_path: Path):
     Image.new("L", (8, 8)).save(tmp_path / "b" / "stray.png")
     with pytest.raises(VisionflowError, match="image files next to clips"):
         open_data(tmp_path)
+    # given to predict, the folder is not a clip of that one image besides its videos (it had been a row of its own)
+    with pytest.raises(VisionflowError, match=f"{tmp_path / 'b'}: holds image files next to clips"):
+        expand_clip_inputs([str(tmp_path / "b")])
+    assert expand_clip_inputs([str(tmp_path / "a")]) == sorted(str(p) for p in (tmp_path / "a").iterdir())
 
 
 # --- moving digits ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Clips: short videos as a `DataSource` of kind "clip", and the temporal sampling that feeds clip models.
 
-A clip is a video file (.mp4, .avi, .webm, .mkv, decoded with PyAV), a folder of frame images (frames in
-name order, decoded with `decode_image`) or a .npy array T x H x W [x C]. Every frame becomes a uint8
-(C, size, size) tensor the way images do, so mixed resolutions and frame rates stack into one batch.
+A clip is a video file (.mp4, .mov, .m4v, .avi, .webm, .mkv, decoded with PyAV and turned upright by its display
+rotation), a folder of frame images (frames in natural name order, decoded with `decode_image`) or a .npy array
+T x H x W [x C]. Every frame becomes a uint8 (C, size, size) tensor the way images do, so mixed resolutions and
+frame rates stack into one batch.
 
 Temporal sampling happens in two steps, so the one training loop needs no clip-specific code:
 1. `read` decodes `decoded_frames(frames)` = 2 x frames frames per clip, the start and the centre of each
@@ -32,7 +33,7 @@ from visionflow.data.sources import (ImageFiles, _class_folders, _files_below, l
                                     report_unmatched, walk_folder)
 from visionflow.errors import BrokenImage, VisionflowError
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".avi", ".webm", ".mkv"})  # .mov: what phones and cameras write
 ARRAY_EXTENSION = ".npy"
 CACHE_FACTOR = 2  # frames decoded into the cache per frame the model sees: room for training-time jitter
 
@@ -90,17 +91,29 @@ def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator |
 
 # --- decoding one clip -----------------------------------------------------------------------------------
 
-def _packets(path: str) -> int:
-    """The video packets of a file, counted without decoding: its frames, where the container keeps no count
-    (webm, mkv); of a damaged file, those before the damage."""
-    count = 0
+def _frame_times(path: str) -> list:
+    """The presentation times of a video's frames in order, from its packets (without decoding; in the order read
+    when some packet has none); of a damaged file, those before the damage."""
+    times = []
     try:
         with av.open(path) as container:
             for packet in container.demux(container.streams.video[0]):
-                count += packet.size > 0
+                if packet.size > 0:
+                    times.append(packet.pts)
     except (av.FFmpegError, OSError, ValueError):
         pass  # the decoding pass says what is wrong with the file
-    return count
+    return sorted(times) if None not in times else times
+
+
+_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def _upright(frame: av.VideoFrame) -> Image.Image:
+    """A decoded frame as players show it, turned by the rotation in its display matrix (a phone stores a portrait
+    video as landscape frames and that rotation), as decode_image applies an image's EXIF orientation."""
+    image = frame.to_image()
+    turn = _TURNS.get(round(frame.rotation / 90) * 90 % 360)  # PyAV: degrees counterclockwise, in [-180, 180]
+    return image.transpose(turn) if turn is not None else image
 
 
 def _video_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
@@ -109,19 +122,25 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
             if not container.streams.video:
                 raise BrokenImage(path, "no video stream")
             stream = container.streams.video[0]
-            # The frames an .npy array or a frame folder of the same clip would give, from the number of frames
-            # the container says it holds (mp4) or its packets counted: only those are converted, so memory
-            # stays flat on long videos, and decoding stops after the last.
-            total = stream.frames or _packets(path)
-            if total == 0:
+            # The frames an .npy array or a frame folder of the same clip would give, from its packets counted
+            # (20 ms for a 30 s video): only those are converted, so memory stays flat on long videos, and
+            # decoding stops after the last. Not the count the container states: an AVI's counts the frames it
+            # dropped (null frames, which decode to nothing), and mkv and webm state none.
+            times = _frame_times(path)
+            if not times:
                 raise BrokenImage(path, "video has no frames")
-            wanted = clip_indices(total, count, frames)
+            wanted = clip_indices(len(times), count, frames)
             wanted_set = set(wanted.tolist())
+            # A frame's number is its time's place among the packets': frames the decoder cannot give (those
+            # before the first keyframe of a clip cut without re-encoding) leave their places empty rather
+            # than shift every later frame forward and freeze the clip's end on its last frame.
+            place = {time: number for number, time in enumerate(times)} if None not in times else {}
             kept: dict[int, torch.Tensor] = {}
             try:
-                for number, frame in enumerate(container.decode(stream)):
-                    if number in wanted_set:
-                        kept[number] = pil_to_tensor(frame.to_image(), channels, size)
+                for decoded, frame in enumerate(container.decode(stream)):
+                    number = place.get(frame.pts, decoded)
+                    if number in wanted_set or not kept:  # the first one stands in for any before it
+                        kept[number] = pil_to_tensor(_upright(frame), channels, size)
                     if number >= wanted[-1]:
                         break
             except av.EOFError:
@@ -133,7 +152,8 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
     if not kept:
         raise BrokenImage(path, "video has no frames")
     numbers = sorted(kept)
-    # each wanted frame, or the last one decoded before it (a file that holds fewer frames than it says)
+    # each wanted frame, or the last one kept before it (a file that holds fewer frames than it says), or before
+    # the first frame decoded, that first one
     return [kept[numbers[max(0, bisect.bisect_right(numbers, n) - 1)]] for n in wanted]
 
 
@@ -159,6 +179,8 @@ def _array_frames(path: str, channels: int, size: int | None, count: int, frames
         raise BrokenImage(path, f"array shape {array.shape} is not T x H x W [x C] with C 1, 3 or 4")
     if len(array) == 0:
         raise BrokenImage(path, "array has no frames")
+    if 0 in array.shape[1:3]:
+        raise BrokenImage(path, f"array shape {array.shape} has frames with no pixels")
     if array.dtype != np.uint8 and array.dtype.kind != "f":
         raise BrokenImage(path, f"array dtype {array.dtype} is neither uint8 nor float in [0, 1]")
     out = []
@@ -177,17 +199,18 @@ def _array_frames(path: str, channels: int, size: int | None, count: int, frames
     return out
 
 
+def _clip_frames(path: str, channels: int, size: int | None, count: int, frames: int) -> list[torch.Tensor]:
+    """`count` frames of a clip of any format (see clip_indices); BrokenImage naming the file on failure."""
+    if os.path.isdir(path):
+        return _folder_frames(path, channels, size, count, frames)
+    require_nonempty_file(path, path)
+    reader = _array_frames if path.lower().endswith(ARRAY_EXTENSION) else _video_frames
+    return reader(path, channels, size, count, frames)
+
+
 def read_clip(path: str, channels: int, size: int | None, frames: int) -> torch.Tensor:
     """One clip -> uint8 (decoded_frames(frames), channels, size, size); BrokenImage naming the file on failure."""
-    if os.path.isdir(path):
-        reader = _folder_frames
-    elif path.lower().endswith(ARRAY_EXTENSION):
-        reader = _array_frames
-    else:
-        reader = _video_frames
-    if not os.path.isdir(path):
-        require_nonempty_file(path, path)
-    return torch.stack(reader(path, channels, size, decoded_frames(frames), frames))
+    return torch.stack(_clip_frames(path, channels, size, decoded_frames(frames), frames))
 
 
 def probe_clip(path: str) -> tuple[int, tuple[int, int]]:
@@ -197,7 +220,8 @@ def probe_clip(path: str) -> tuple[int, tuple[int, int]]:
         if not files:
             raise BrokenImage(path, "frame folder holds no images")
         return probe_image(files[0])
-    first = read_clip(path, 3, None, 1)[0].numpy().astype(np.int16)
+    # The first frame alone, at its own size: a video may change resolution midway (a webm from a video call)
+    first = _clip_frames(path, 3, None, 1, 1)[0].numpy().astype(np.int16)
     # Video codecs store grey frames as YUV with neutral chroma: grey if the colour channels agree closely.
     grey = int(np.abs(first[0] - first[1]).max()) <= 8 and int(np.abs(first[1] - first[2]).max()) <= 8
     return (1 if grey else 3), (first.shape[2], first.shape[1])
@@ -210,8 +234,8 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe decodes a video up to its middle frame (mkv, webm: after counting its packets)
-    probe_each_class = False  # 0.3 s a probe for a 7 s video: a hundred classes would take a minute
+    probe_count = 8  # a probe reads a video's packets, then decodes its first frame
+    probe_each_class = False  # a probe reads the whole file to count its packets: long videos in many classes add up
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], frames: int, name: str = ""):
@@ -254,11 +278,15 @@ def holds_clips(root: Path, frame_folders: bool = True) -> bool:
                for folder in folders)
 
 
+def _images_next_to_clips(folder: str | os.PathLike) -> VisionflowError:
+    return VisionflowError(f"{folder}: holds image files next to clips; put each clip's frames in a sub-folder of its own")
+
+
 def clip_folder(root: Path, classes: list[str] | None, frames: int) -> ClipFiles:
     """A folder with one sub-folder per class, each holding clips (videos, .npy arrays, frame folders)."""
     def clips_below(folder: Path) -> list[str]:
         if any(is_image_file(f) for f in os.listdir(folder)):
-            raise VisionflowError(f"{folder}: holds image files next to clips; put each clip's frames in a sub-folder of its own")
+            raise _images_next_to_clips(folder)
         return _clips_below(folder)
 
     paths, labels, classes = labelled_items(root, classes, clips_below, "clips (video files, .npy arrays or frame folders)")
@@ -274,9 +302,9 @@ def expand_clip_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
     for item, named in found:
         if os.path.isdir(item):
             below = _clips_below(Path(item))
-            if any(is_image_file(f) for f in os.listdir(item)) or not below:
-                paths.append(item)  # a folder of frames is one clip; one with nothing in it, a clip with no frames
-            paths.extend(below)
+            if below and any(is_image_file(f) for f in os.listdir(item)):
+                raise _images_next_to_clips(item)  # a cover image among videos is no clip of one frame
+            paths.extend(below or [item])  # a folder of frames is one clip; one with nothing in it, a clip with no frames
         elif named and is_image_file(item):
             raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
                                   "(video files, .npy arrays or folders of frames)")
