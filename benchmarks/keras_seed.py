@@ -47,7 +47,7 @@ MODELS = {"seed-cnn": seed_cnn, "seed-rnn": seed_rnn}
 
 
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """visionflow's `--schedule onecycle` (train/loop.py build_schedule), step for step: a linear warm-up from
+    """visionflow's `--schedule onecycle` (train/classifier.py build_schedule), step for step: a linear warm-up from
     1/25 of the peak over 30% of the steps, then a cosine down to zero."""
 
     def __init__(self, peak: float, total_steps: int):

@@ -264,7 +264,7 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
     from visionflow.data.sources import open_data
     from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
     from visionflow.models import create_model
-    from visionflow.train.loop import build_optimizer, build_schedule, train_one_epoch
+    from visionflow.train.classifier import build_optimizer, build_schedule, train_one_epoch
 
     source = open_data(str(cifar)).train
     picked = source.subset(np.random.default_rng(0).permutation(len(source))[:images])

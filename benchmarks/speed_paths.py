@@ -4,7 +4,7 @@
 
 Every variant runs the same steps on the same random MNIST-sized batches; variants take turns for
 `--rounds` rounds (so a change in the machine's load hits them all) and the median round is reported.
-This is how the defaults in visionflow.devices and train/loop.py were chosen; rerun it on a new machine.
+This is how the defaults in visionflow.devices and train/classifier.py were chosen; rerun it on a new machine.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from visionflow.config import TrainConfig
 from visionflow.devices import compiled_or_eager
 from visionflow.models import create_model
-from visionflow.train.loop import build_optimizer
+from visionflow.train.classifier import build_optimizer
 
 
 def training_variant(fused: bool, channels_last: bool, compiled: bool, fast_path: bool = False):

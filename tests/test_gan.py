@@ -221,6 +221,27 @@ def test_a_collapsing_sample_diversity_is_reported(one_epoch_run, tmp_path, monk
     assert RunDir(run_path).read_metrics()[-1]["diversity"] == 0.0
 
 
+def test_the_collapse_warning_is_the_same_whether_the_run_was_resumed_or_not(digit_folder, tmp_path, monkeypatch, caplog):
+    # Epoch 2's diversity is under half of epoch 1's as measured (0.40004), not of epoch 1's as metrics.csv keeps
+    # it (0.4), where a resumed run reads it back: both runs must judge by the same figure.
+    def measuring(*values):  # the real images first, then each epoch's grid
+        measured = iter(values)
+        monkeypatch.setattr(gan_train, "sample_diversity", lambda images, labels=None: next(measured))
+
+    measuring(1.0, 0.40004, 0.200015)
+    gan_api.train_gan(_config(digit_folder, tmp_path / "straight", epochs=2), show_progress=False)
+    straight = [r.getMessage() for r in caplog.records if "sample diversity fell" in r.getMessage()]
+    caplog.clear()
+    measuring(1.0, 0.40004)
+    gan_api.train_gan(_config(digit_folder, tmp_path / "cut", epochs=1), show_progress=False)
+    measuring(1.0, 0.200015)
+    gan_api.resume_gan(str(tmp_path / "cut"), epochs=2, show_progress=False)
+    resumed = [r.getMessage() for r in caplog.records if "sample diversity fell" in r.getMessage()]
+    assert straight == resumed == []
+    for run in ("straight", "cut"):
+        assert [row["diversity"] for row in RunDir(tmp_path / run).read_metrics()] == [0.4, 0.2]
+
+
 def test_the_real_images_yardstick_spreads_over_every_class():
     images = torch.cat([torch.zeros(300, 1, 4, 4, dtype=torch.uint8), torch.full((300, 1, 4, 4), 255, dtype=torch.uint8)])
     # listed class by class, as a folder is: black images first, then white ones

@@ -15,7 +15,7 @@ from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 from visionflow.models import create_model
-from visionflow.train.loop import Lookahead
+from visionflow.train.classifier import Lookahead
 from visionflow.train.presets import PRESETS, train_config
 
 from conftest import SHARED_DATASETS

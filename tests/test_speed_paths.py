@@ -12,7 +12,7 @@ from visionflow.config import TrainConfig
 from visionflow.devices import compiled_or_eager, cpp_compiler, fused_optimizer_available
 from visionflow.models import create_model
 from visionflow.models.layers import MaxPool2x2
-from visionflow.train.loop import build_optimizer
+from visionflow.train.classifier import build_optimizer
 
 
 def _seed_cnn(size: int = 12) -> nn.Module:

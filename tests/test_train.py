@@ -16,7 +16,7 @@ from visionflow import api
 from visionflow.config import TrainConfig
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
-from visionflow.train.loop import class_weights, epoch_order
+from visionflow.train.classifier import class_weights, epoch_order
 from visionflow.train.metrics import classification_metrics
 
 from conftest import write_class_folder
@@ -171,7 +171,7 @@ def test_config_values_of_the_wrong_type_are_named_before_any_work(tmp_path):
 def test_a_stretched_schedule_sets_the_rate_of_the_first_resumed_step():
     from torch import nn
 
-    from visionflow.train.loop import build_optimizer, build_schedule, restore_optimizer
+    from visionflow.train.classifier import build_optimizer, build_schedule, restore_optimizer
 
     def steps(epochs: int, count: int, checkpoint=None):
         model = nn.Linear(2, 2)
@@ -218,7 +218,7 @@ def test_train_figures_count_the_images_trained_not_a_dropped_last_one(tmp_path)
 def test_adamw_takes_the_weight_decay_given_zero_included():
     from torch import nn
 
-    from visionflow.train.loop import build_optimizer
+    from visionflow.train.classifier import build_optimizer
 
     for decay in (0.0, 0.05):
         cfg = TrainConfig(data="x", out="-", optimizer="adamw", weight_decay=decay)
@@ -229,7 +229,7 @@ def test_sgd_takes_the_momentum_given_zero_included(capsys):
     from torch import nn
 
     from visionflow.cli import main
-    from visionflow.train.loop import build_optimizer
+    from visionflow.train.classifier import build_optimizer
 
     for momentum, nesterov in ((0.0, False), (0.5, True)):
         group = build_optimizer(TrainConfig(data="x", out="-", optimizer="sgd", momentum=momentum), nn.Linear(2, 2)).param_groups[0]

@@ -36,7 +36,7 @@ from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
 from visionflow.report.plots import image_format, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.loop import epoch_augment_eval, fit
+from visionflow.train.classifier import epoch_augment_eval, fit
 from visionflow.train.metrics import classification_metrics, worst_mistakes
 
 log = logging.getLogger("visionflow")

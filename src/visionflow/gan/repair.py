@@ -26,7 +26,7 @@ from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.gan.masks import center_masks, random_masks
 from visionflow.gan.train import to_uint8, to_unit_range
 from visionflow.runs import RunDir
-from visionflow.train.epochs import ShowProgress, run_epochs
+from visionflow.train.loop import ShowProgress, resume_command, run_epochs
 
 
 @dataclass
@@ -295,8 +295,8 @@ class RepairTrainer:
             self.d_optimizer.load_state_dict(checkpoint["d_optimizer"])
             self.state = RepairState(**checkpoint["state"])
         self.val_masks = validation_masks(len(val_images), val_images.shape[-1], cfg.seed)
-        self.items, self.epochs_done = len(train_images), self.state.epoch
-        self.resume_command = f"visionflow repair train {cfg.data} --out {run.path} --resume"
+        self.items, self.start_epoch = len(train_images), self.state.epoch
+        self.resume_command = resume_command("visionflow repair train", cfg.data, run)
 
     def stop_early(self) -> bool:
         return False

@@ -1,5 +1,5 @@
 """GAN training: its own step (two networks, two optimizers) in the epoch loop and run directory every
-training shares (train/epochs.py).
+training shares (train/loop.py).
 
     RUN_DIR/
       config.json                "kind": "gan", GanConfig, classes, channels, image size
@@ -8,7 +8,7 @@ training shares (train/epochs.py).
       metrics.csv                per epoch: losses, discriminator scores, sample diversity, speed
       samples/epoch_NNN.png      the same fixed noise through the EMA generator after every epoch
 
-Each epoch's shuffle and noise draw from the loop's generator seeded by (seed, epoch), so a resumed run
+Each epoch's shuffle and noise draw from the loop's torch.Generator, seeded by (seed, epoch), so a resumed run
 continues the random stream exactly where the uninterrupted one would have been. A step whose loss is NaN
 or explodes stops training at once; the checkpoint on disk is then still the last finished (good) epoch.
 """
@@ -31,7 +31,7 @@ from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.report.plots import save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.epochs import ShowProgress, run_epochs
+from visionflow.train.loop import ShowProgress, resume_command, run_epochs
 
 log = logging.getLogger("visionflow")
 
@@ -211,8 +211,8 @@ class GanTrainer:
         self.grid_noise, self.grid_labels = fixed_noise(cfg, self.num_classes)
         self.real_diversity = reference_diversity(part.images, part.labels if cfg.conditional else None,
                                                   len(self.grid_noise) * 4, cfg.seed)
-        self.items, self.epochs_done = len(part), self.epoch
-        self.resume_command = f"visionflow gan train {cfg.data} --out {run.path} --resume"
+        self.items, self.start_epoch = len(part), self.epoch
+        self.resume_command = resume_command("visionflow gan train", cfg.data, run)
 
     def stop_early(self) -> bool:
         return False
@@ -263,7 +263,8 @@ class GanTrainer:
             log.warning("sample diversity fell from %.3f to %.3f of the real data's in epoch %d: "
                         "the generator may be collapsing onto a few modes (look at %s)",
                         best, diversity, epoch, self.run / "samples" / f"epoch_{epoch:03d}.png")
-        self.best_diversity = max(best, diversity)
+        recorded = round(diversity, 4)  # as metrics.csv keeps it, where a resumed run reads the best back
+        self.best_diversity = recorded if self.best_diversity is None else max(self.best_diversity, recorded)
         save_image_grid(to_uint8(grid), self.run / "samples" / f"epoch_{epoch:03d}.png",
                         columns=grid_columns(self.cfg, self.num_classes))
         self.run.save_weights("generator.safetensors", self.ema.state_dict())

@@ -1,7 +1,8 @@
-"""The epoch loop every kind of training shares (train/epochs.py): seeding, checkpoints, metrics.csv, Ctrl-C."""
+"""The epoch loop every kind of training shares (train/loop.py): seeding, checkpoints, metrics.csv, Ctrl-C."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from visionflow.errors import TrainingInterrupted
 from visionflow.runs import RunDir
-from visionflow.train.epochs import run_epochs
+from visionflow.train.loop import resume_command, run_epochs
 
 
 class LineTrainer:
@@ -27,7 +28,8 @@ class LineTrainer:
             self.weight.data.copy_(checkpoint["weight"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.epochs_done, self.losses = int(checkpoint["epochs_done"]), list(checkpoint["losses"])
-        self.items, self.resume_command = 8, f"visionflow train DATA --out {run.path} --resume"
+        self.start_epoch = self.epochs_done
+        self.items, self.resume_command = 8, resume_command("visionflow train", "my data", run)
         self.interrupt_in, self.patience = interrupt_in, patience
 
     def stop_early(self) -> bool:
@@ -61,10 +63,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tmp_path: Path):
     rows = run_epochs(LineTrainer(whole), whole, epochs=6, seed=3, show_progress=False)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6] and abs(rows[-1]["weight"] - 3) < 1.0
 
-    cut = RunDir(tmp_path / "cut")
+    cut = RunDir(tmp_path / "cut run")
     cut.create()
-    with pytest.raises(TrainingInterrupted, match=rf"after 3 finished epoch\(s\), saved in {cut.path}; "
-                                                  rf"continue with: visionflow train DATA --out {cut.path} --resume"):
+    saved = re.escape(f"after 3 finished epoch(s), saved in {cut.path}; continue with: visionflow train 'my data' "
+                      f"--out '{cut.path}' --resume")  # quoted: a path with a space pastes as one argument
+    with pytest.raises(TrainingInterrupted, match=saved):
         run_epochs(LineTrainer(cut, interrupt_in=4), cut, epochs=6, seed=3, show_progress=False)
     assert [r["epoch"] for r in cut.read_metrics()] == [1, 2, 3]
     checkpoint = cut.load_checkpoint()
