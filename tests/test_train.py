@@ -236,3 +236,11 @@ def test_sgd_takes_the_momentum_given_zero_included(capsys):
         assert (group["momentum"], group["nesterov"]) == (momentum, nesterov)
     assert main(["train", "digits", "--out", "-", "--momentum", "1"]) == 2  # a flag now, checked like the others
     assert "--momentum must be in [0, 1) (got 1.0)" in capsys.readouterr().err
+
+
+def test_a_run_folder_under_the_home_folder_is_written_there_from_the_python_api(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # where a folder named '~' would appear
+    report = api.train(TrainConfig(data="digits", out="~/runs/first", epochs=1), show_progress=False)
+    assert (tmp_path / "home" / "runs" / "first" / "best.safetensors").exists() and not (tmp_path / "~").exists()
+    assert api.evaluate("~/runs/first", "digits")["n"] == report["validation"]["n"]

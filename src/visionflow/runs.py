@@ -82,7 +82,7 @@ def run_task(config: dict) -> str | None:
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # '~/runs' from the Python API too, as DATA's '~' (open_data)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
