@@ -74,6 +74,17 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    @classmethod
+    def for_resume(cls, recorded: dict, epochs: int | None, data: str | None):
+        """A run's recorded settings to continue it with: `epochs` and `data` (where the data is now) as given,
+        the rest as recorded. Every run configuration has both fields."""
+        cfg = cls.from_dict(recorded)
+        if epochs is not None:
+            cfg.epochs = epochs
+        if data is not None:
+            cfg.data = data
+        return cfg
+
 
 @dataclass
 class TrainConfig(RunConfig):

@@ -177,11 +177,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     relative path); its classes must be the run's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("classifier")
-    cfg = TrainConfig.from_dict(config["train"])
-    if epochs is not None:
-        cfg.epochs = epochs
-    if data is not None:
-        cfg.data = data
+    cfg = TrainConfig.for_resume(config["train"], epochs, data)
     if val is not None:
         if cfg.val is None:
             raise VisionflowError(f"{run.path} validated on a part of its own data, not on --val; resume without --val")

@@ -67,11 +67,7 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     run's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("gan")
-    cfg = GanConfig.from_dict(config["gan"])
-    if epochs is not None:
-        cfg.epochs = epochs
-    if data is not None:
-        cfg.data = data
+    cfg = GanConfig.for_resume(config["gan"], epochs, data)
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)

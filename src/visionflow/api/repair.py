@@ -85,11 +85,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     the run's data is now (moved, or given from another folder than the run's relative path)."""
     run = RunDir(run_dir)
     config = run.config_to_resume("repair")
-    cfg = RepairConfig.from_dict(config["train"])
-    if epochs is not None:
-        cfg.epochs = epochs
-    if data is not None:
-        cfg.data = data
+    cfg = RepairConfig.for_resume(config["train"], epochs, data)
     cfg.validate()
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
