@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from visionflow.data.loading import decode_part
 from visionflow.data.sources import open_data
 from visionflow.data.transforms import Preprocess
 from visionflow.infer.export import export_model_onnx
-from visionflow.devices import cpu_has_native_bf16, resolve_precision
+from visionflow.devices import cpu_has_native_bf16, resolve_precision, select_device
 from visionflow.errors import VisionflowError
 from visionflow.infer.onnx_engine import OnnxRuntimeModel
 from visionflow.infer.predictor import Predictor
@@ -306,3 +307,39 @@ def test_a_precision_that_does_not_exist_is_refused_for_recurrent_models_too(tmp
     for engine in ("torch", "onnx", "auto"):
         with pytest.raises(VisionflowError, match="--precision must be one of"):
             Predictor.from_run(str(out), engine=engine, precision="fp16")
+
+
+class FakeGpus:
+    """torch.cuda as a machine with GPUs would answer, for the device rules alone: `native` says which GPUs compute
+    bf16 in hardware; `is_bf16_supported` answers for the current one, emulation counted only when asked."""
+
+    def __init__(self, native: list[bool]):
+        self.native, self.current = native, 0
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        return including_emulation or self.native[self.current]
+
+    @contextlib.contextmanager
+    def device(self, device: torch.device):
+        before, self.current = self.current, device.index or 0
+        yield
+        self.current = before
+
+
+def test_auto_precision_takes_bf16_only_on_gpus_that_compute_it_and_never_for_recurrent_models(monkeypatch):
+    gpus = FakeGpus(native=[True, False])  # an A100 and a T4, which only emulates bf16 (slower than fp32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpus.is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", gpus.device)
+    conv = nn.Conv2d(1, 1, 3)
+    assert resolve_precision("auto", torch.device("cuda:0"), conv) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda:1"), conv) == "fp32"  # asked of cuda:1, not the current GPU
+    assert resolve_precision("auto", torch.device("cuda:0"), nn.LSTM(4, 4)) == "fp32"
+    assert resolve_precision("bf16", torch.device("cuda:1"), conv) == "bf16"  # asked for: taken as given
+
+
+def test_a_gpu_number_beyond_the_machines_gpus_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("cuda:1") == torch.device("cuda:1") and select_device("cuda") == torch.device("cuda")
+    with pytest.raises(VisionflowError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        select_device("cuda:2")

@@ -343,6 +343,17 @@ def test_gan_augment_appends_generated_images_class_by_class(one_epoch_run, digi
         api.load_training_data(cfg, channels=1, size=SIZE)
 
 
+def test_gan_augment_samples_on_the_device_the_classifier_trains_on(one_epoch_run, digit_folder, tmp_path, monkeypatch):
+    from visionflow.gan import generate
+
+    asked = []
+    monkeypatch.setattr(generate, "select_device", lambda name="auto": asked.append(name) or torch.device("cpu"))
+    cfg = TrainConfig(data=digit_folder, out=str(tmp_path / "cls"), image_size=SIZE, channels=1, device="cpu",
+                      gan_augment=str(one_epoch_run), gan_ratio=0.5)
+    api.load_training_data(cfg, channels=1, size=SIZE)
+    assert asked == ["cpu"]  # not "auto", which is the first GPU on a GPU machine whatever --device said
+
+
 def test_gan_augment_refuses_a_gan_of_another_image_format(one_epoch_run, digit_folder, tmp_path, capsys):
     code = main(["train", digit_folder, "--out", str(tmp_path / "cls"), "--image-size", "28", "--epochs", "1",
                  "--gan-augment", str(one_epoch_run), "--quiet"])

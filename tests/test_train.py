@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from visionflow import api
+from visionflow.cli import main
 from visionflow.config import TrainConfig
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
@@ -228,7 +230,6 @@ def test_adamw_takes_the_weight_decay_given_zero_included():
 def test_sgd_takes_the_momentum_given_zero_included(capsys):
     from torch import nn
 
-    from visionflow.cli import main
     from visionflow.train.classifier import build_optimizer
 
     for momentum, nesterov in ((0.0, False), (0.5, True)):
@@ -244,3 +245,18 @@ def test_a_run_folder_under_the_home_folder_is_written_there_from_the_python_api
     report = api.train(TrainConfig(data="digits", out="~/runs/first", epochs=1), show_progress=False)
     assert (tmp_path / "home" / "runs" / "first" / "best.safetensors").exists() and not (tmp_path / "~").exists()
     assert api.evaluate("~/runs/first", "digits")["n"] == report["validation"]["n"]
+
+
+def test_a_run_trained_on_a_gpu_resumes_on_the_cpu_when_told(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    assert main(["train", "digits", "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["device"] = "cuda"  # as recorded by a run on a GPU machine
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["train", "digits", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 2
+    assert "no CUDA GPU is available here" in capsys.readouterr().err  # the recorded device, refused at once
+    assert json.loads((out / "config.json").read_text()) == config and len(RunDir(out).read_metrics()) == 1
+    assert main(["train", "digits", "--out", str(out), "--resume", "--epochs", "2", "--device", "cpu", "--quiet"]) == 0
+    assert "ignored" not in caplog.text  # --device is where it runs now, not a setting --resume ignores
+    assert len(RunDir(out).read_metrics()) == 2 and json.loads((out / "config.json").read_text())["train"]["device"] == "cpu"

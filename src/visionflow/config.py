@@ -75,14 +75,17 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
-    def for_resume(cls, recorded: dict, epochs: int | None, data: str | None):
-        """A run's recorded settings to continue it with: `epochs` and `data` (where the data is now) as given,
-        the rest as recorded. Every run configuration has both fields."""
+    def for_resume(cls, recorded: dict, epochs: int | None, data: str | None, device: str | None = None):
+        """A run's recorded settings to continue it with: `epochs`, `data` (where the data is now) and `device`
+        (where it runs now: a run trained on a GPU continues on a CPU) as given, the rest as recorded. Every run
+        configuration has these three fields."""
         cfg = cls.from_dict(recorded)
         if epochs is not None:
             cfg.epochs = epochs
         if data is not None:
             cfg.data = data
+        if device is not None:
+            cfg.device = device
         return cfg
 
 

@@ -23,9 +23,13 @@ def select_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise VisionflowError(f"--device {name}: no CUDA GPU is available here")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise VisionflowError(f"--device: unknown device '{name}' (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise VisionflowError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,17 +45,22 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """"fp32" or "bf16" for `precision` ("auto", "fp32", "bf16") on `device`. "auto" takes bf16 on CUDA GPUs
-    that support it, and on CPUs with native bf16 for models without recurrent layers: there oneDNN's bf16
-    convolutions and matrix products are faster, while torch's CPU RNN kernels in bf16 measured 2x slower
-    (seed-rnn, 8,700 against 17,600 training img/s on one thread)."""
+    """"fp32" or "bf16" for `precision` ("auto", "fp32", "bf16") on `device`. "auto" takes bf16 for models
+    without recurrent layers where the hardware computes it natively: CUDA GPUs with bf16 tensor cores (Ampere
+    and later; older ones, T4 or V100, only emulate it, slower than fp32) and CPUs with AVX512-BF16 or AMX, where
+    oneDNN's bf16 convolutions and matrix products are faster. Recurrent models stay fp32 everywhere: torch's CPU
+    RNN kernels in bf16 measured 2x slower (seed-rnn, 8,700 against 17,600 training img/s on one thread), and
+    one rule on every device is simpler than a second one untested on GPUs."""
     if precision not in PRECISIONS:
         raise VisionflowError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision})")
     if precision != "auto":
         return precision
+    if is_recurrent(model):
+        return "fp32"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() and not is_recurrent(model) else "fp32"
+        with torch.cuda.device(device):  # the GPU asked for, not the current one
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def is_recurrent(model: nn.Module | None) -> bool:
@@ -102,7 +111,8 @@ def compile_unavailable_reason(device: torch.device, compiler: str | None) -> st
 def compiled_or_eager(model: nn.Module, device: torch.device, enabled: bool = True,
                       compiler: str | None | Literal["auto"] = "auto", backend="inductor") -> Callable[[torch.Tensor], torch.Tensor]:
     """`model` compiled (by TorchInductor unless `backend` says otherwise) when it can be, else `model` itself.
-    Compilation happens lazily on the first call; when it fails there, the run logs why and goes on eager."""
+    Compilation happens lazily on the first call; when it fails there, the run logs why and goes on eager. The
+    backward pass is compiled later, at the first `backward()`, outside this fallback."""
     if not enabled:
         return model
     reason = compile_unavailable_reason(device, cpp_compiler() if compiler == "auto" else compiler)

@@ -122,7 +122,7 @@ def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: i
     Generated once (seeded by cfg.seed) and appended to the uint8 cache, so the training loop never knows.
     """
     images, labels = synthetic_images(cfg.gan_augment, part.classes, channels, size, part.labels, cfg.gan_ratio,
-                                      cfg.seed)
+                                      cfg.seed, cfg.device)
     origins = [f"{cfg.gan_augment}#generated{i}" for i in range(len(labels))]
     return DecodedPart(torch.cat([part.images, images]), torch.cat([part.labels, labels]), part.origins + origins,
                        part.classes, part.skipped)
@@ -171,18 +171,19 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
 
 
 def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
-           val: str | None = None) -> dict:
+           val: str | None = None, device: str | None = None) -> dict:
     """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`. `data` (and `val`,
     for a run validated on --val): where the run's data is now (moved, or given from another folder than the run's
     relative path); its classes must be the run's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("classifier")
-    cfg = TrainConfig.for_resume(config["train"], epochs, data)
+    cfg = TrainConfig.for_resume(config["train"], epochs, data, device)
     if val is not None:
         if cfg.val is None:
             raise VisionflowError(f"{run.path} validated on a part of its own data, not on --val; resume without --val")
         cfg.val = val
     cfg.validate()
+    select_device(cfg.device)  # an unavailable device fails before any work
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     finished = checkpoint["state"]["epoch"]
     run.refuse_fewer_epochs(finished, epochs)

@@ -61,14 +61,16 @@ def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     return {**summary, "skipped_files": len(part.skipped)}
 
 
-def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None) -> dict:
+def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
+               device: str | None = None) -> dict:
     """Continue an interrupted GAN run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where the
     run's data is now (moved, or given from another folder than the run's relative path); its classes must be the
     run's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("gan")
-    cfg = GanConfig.for_resume(config["gan"], epochs, data)
+    cfg = GanConfig.for_resume(config["gan"], epochs, data, device)
     cfg.validate()
+    select_device(cfg.device)  # an unavailable device fails before any work
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     dataset = open_data(cfg.data)

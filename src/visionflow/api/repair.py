@@ -80,13 +80,15 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
 
 
-def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None) -> dict:
+def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
+           device: str | None = None) -> dict:
     """Continue an interrupted repair run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where
     the run's data is now (moved, or given from another folder than the run's relative path)."""
     run = RunDir(run_dir)
     config = run.config_to_resume("repair")
-    cfg = RepairConfig.for_resume(config["train"], epochs, data)
+    cfg = RepairConfig.for_resume(config["train"], epochs, data, device)
     cfg.validate()
+    select_device(cfg.device)  # an unavailable device fails before any work
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)

@@ -99,7 +99,8 @@ def run_train(args) -> int:
     if args.resume:
         warn_ignored_on_resume(args, [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
                                       if name != "val"])
-        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data, val=args.val)
+        report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data, val=args.val,
+                            device=args.device)
     else:
         model_options = _model_options(args.model_options)
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...

@@ -24,7 +24,8 @@ def run_gan_train(args) -> int:
     given = given_flags(args, GAN_FLAGS)
     if args.resume:
         warn_ignored_on_resume(args, GAN_FLAGS)
-        summary = api.resume_gan(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
+        summary = api.resume_gan(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data,
+                                 device=args.device)
     else:
         if "no_minibatch_std" in given:
             given["minibatch_std"] = not given.pop("no_minibatch_std")

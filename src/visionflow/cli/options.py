@@ -50,8 +50,10 @@ def warn_ignored(args, names, reason: str) -> None:
 
 
 def warn_ignored_on_resume(args, names) -> None:
-    """--resume continues with the run's recorded settings: name the flags given that it will not use."""
-    warn_ignored(args, [name for name in names if name != "epochs"], "--resume continues with the run's own settings")
+    """--resume continues with the run's recorded settings but --epochs and --device (where it runs now): name the
+    flags given that it will not use."""
+    warn_ignored(args, [name for name in names if name not in ("epochs", "device")],
+                 "--resume continues with the run's own settings")
 
 
 def add_shape_options(parser, size_help: str = "side in pixels") -> None:

@@ -72,7 +72,8 @@ def run_repair(args) -> int:
     if args.repair_command == "train":
         if args.resume:
             warn_ignored_on_resume(args, REPAIR_FLAGS)
-            report = repair_api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data)
+            report = repair_api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data,
+                                       device=args.device)
         else:
             cfg = RepairConfig(data=args.data, out=args.out, **given_flags(args, REPAIR_FLAGS))
             report = repair_api.train(cfg, show_progress=not args.quiet)

@@ -65,12 +65,12 @@ def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
 
 
 def synthetic_images(run_dir: str, classes: list[str], channels: int, image_size: int, real_labels: torch.Tensor,
-                     ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     ratio: float, seed: int, device: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """`ratio` generated images per real training image, class by class: (uint8 images, labels).
 
     The GAN must be conditional, on the same classes and image format as the classifier's data.
     """
-    gan = load_gan_run(run_dir)
+    gan = load_gan_run(run_dir, device)
     if not gan.config.conditional:
         raise VisionflowError(f"--gan-augment {run_dir}: the GAN is unconditional; mixing in samples needs "
                               "a GAN trained with --conditional")
