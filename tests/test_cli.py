@@ -364,8 +364,10 @@ def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path
     (damaged / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "preprocess"}))
     assert_user_error(run_cli("predict", damaged, data), "config.json: no preprocess")
     (damaged / "config.json").write_text(json.dumps(config))
-    (damaged / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:4096])
-    assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt", "unreadable")
+    for broken in ((run / "checkpoint.pt").read_bytes()[:4096], b"", b"garbage\n"):  # cut short, empty, not one at all
+        (damaged / "checkpoint.pt").write_bytes(broken)
+        assert_user_error(run_cli("train", data, "--out", damaged, "--resume", "--epochs", "5"), "checkpoint.pt",
+                          "unreadable checkpoint")
     marker = tmp_path / "code-ran"
 
     class Payload:  # a checkpoint that would create `marker` when unpickled: refused, and the code never runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.errors import BrokenImage, VisionflowError
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = 10, rotation: int = 0) -> Path:
-    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> an H.264 mp4, with a display rotation (degrees counterclockwise)."""
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 10, rotation: int = 0, x264_params: str | None = None) -> Path:
+    """(T, H, W) grey or (T, H, W, 3) colour uint8 -> H.264 in the container `path`'s suffix names (mp4 unless told),
+    with a display rotation (degrees counterclockwise) and x264's own options (keyframe interval, B-frames)."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264", rate=fps, options={"x264-params": x264_params} if x264_params else {})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         if rotation:
             stream.set_display_rotation(rotation)
@@ -167,14 +169,7 @@ def test_a_clip_cut_between_keyframes_keeps_each_frame_at_its_place(tmp_path: Pa
     # drops them. Numbered as decoded, every later frame had moved forward and the clip ended on its last frame
     # repeated; numbered by time, the dropped places take the first frame decoded.
     whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
-    with av.open(str(whole), "w") as container:
-        stream = container.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0:bframes=0"})
-        stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
-        for frame in moving_square(16, 48):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_mp4(whole, moving_square(16, 48), x264_params="keyint=8:min-keyint=8:scenecut=0:bframes=0")
     with av.open(str(whole)) as source, av.open(str(cut), "w") as target:
         stream = target.add_stream_from_template(source.streams.video[0])
         for number, packet in enumerate(p for p in source.demux(video=0) if p.size):
@@ -185,6 +180,35 @@ def test_a_clip_cut_between_keyframes_keeps_each_frame_at_its_place(tmp_path: Pa
     frames = ClipFiles([str(cut)], [0], ["a"], frames=4).read(0, 1, None)
     shown = [3 + i for i in clip_indices(13, 8, 4)]  # 3, 4, 6, 7, 9, 11, 12, 14
     assert [round((square_column(f) - 1.5) / 2) for f in frames] == [max(8, t) for t in shown]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".avi"])
+def test_b_frames_are_read_in_display_order_in_every_container(tmp_path: Path, suffix):
+    # B-frames are stored after the frames they refer to; an AVI has no display times, and the decoder hands its
+    # frames made-up ones out of order: placing each frame by its time had shuffled an AVI's frames.
+    path = tmp_path / f"b{suffix}"
+    write_mp4(path, moving_square(24, 56), x264_params="bframes=3:keyint=24")
+    assert len(pyav_frames(path)) == 24
+    frames = ClipFiles([str(path)], [0], ["a"], frames=8).read(0, 1, None)
+    assert [round((square_column(f) - 1.5) / 2) for f in frames] == clip_indices(24, 16, 8).tolist()
+
+
+def test_frames_an_edit_list_trims_off_are_not_counted(tmp_path: Path):
+    # Frames before an mp4's start time (an edit list, as a trim without re-encoding writes) are marked to discard
+    # and never decoded; counted as frames, they made the clip start on its first frame repeated.
+    whole, trimmed = tmp_path / "whole.mp4", tmp_path / "trimmed.mp4"
+    write_mp4(whole, moving_square(24, 56), fps=25)
+    with av.open(str(whole)) as source, av.open(str(trimmed), "w") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        shift = 3 * round(1 / (25 * source.streams.video[0].time_base))  # three frames before time 0
+        for packet in source.demux(video=0):
+            if packet.size:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+                target.mux(packet)
+    shown = pyav_frames(trimmed)
+    assert len(shown) == 21
+    frames = ClipFiles([str(trimmed)], [0], ["a"], frames=8).read(0, 1, None)
+    assert [round((square_column(f) - 1.5) / 2) for f in frames] == [3 + i for i in clip_indices(21, 16, 8).tolist()]
 
 
 def test_a_video_that_changes_resolution_midway_is_probed_and_read(tmp_path: Path):
@@ -289,6 +313,11 @@ def test_a_glob_gives_clips_only_and_one_that_matches_nothing_is_named_and_passe
     assert caplog.messages == [f"{tmp_path / 'typo*'}: no such file, folder or matching glob; going on with the other inputs"]
     with pytest.raises(VisionflowError, match=r"typo\*: no such file, folder or matching glob"):
         expand_clip_inputs([str(tmp_path / "typo*")])  # nothing else to label: an error
+    (tmp_path / "clips" / "sub").mkdir(parents=True)
+    for name in ("a.npy", "sub/b.npy"):
+        np.save(tmp_path / "clips" / name, np.zeros((4, 8, 8), dtype=np.uint8))
+    # once each, though '**' matches the folders and the clips in them
+    assert expand_clip_inputs([str(tmp_path / "clips" / "**")]) == [str(tmp_path / "clips" / n) for n in ("a.npy", "sub/b.npy")]
 
 
 # --- sampling frames ------------------------------------------------------------------------------------
@@ -398,6 +427,15 @@ def test_image_files_next_to_clips_are_an_error(tmp_path: Path):
     with pytest.raises(VisionflowError, match=f"{tmp_path / 'b'}: holds image files next to clips"):
         expand_clip_inputs([str(tmp_path / "b")])
     assert expand_clip_inputs([str(tmp_path / "a")]) == sorted(str(p) for p in (tmp_path / "a").iterdir())
+    # and so at any depth: a class's sub-folder of videos with a cover image is no frame folder
+    nested = tmp_path / "nested" / "a" / "sub"
+    nested.mkdir(parents=True)
+    shutil.copy(next((tmp_path / "a").iterdir()), nested / "clip.mp4")
+    Image.new("L", (8, 8)).save(nested / "cover.png")
+    shutil.copytree(tmp_path / "a", tmp_path / "nested" / "b")
+    for data in (tmp_path / "nested", tmp_path / "nested" / "a"):
+        with pytest.raises(VisionflowError, match=f"{nested}: holds image files next to clips"):
+            open_data(data, kind="clip") if data.name == "nested" else expand_clip_inputs([str(data)])
 
 
 # --- moving digits ---------------------------------------------------------------------------------------

@@ -238,7 +238,8 @@ def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run
                                "trained on grey images (the repaired picture is grey)"]
     assert Image.open(tmp_path / "out" / "photo_repaired.png").mode == "L"
     caplog.clear()
-    assert main([*argv, str(tmp_path / "photo.png"), str(tmp_path / "grey.png"), str(tmp_path / "photo.png")]) == 0
+    Image.fromarray(colour[:, ::-1]).save(tmp_path / "photo2.png")
+    assert main([*argv, str(tmp_path / "photo.png"), str(tmp_path / "grey.png"), str(tmp_path / "photo2.png")]) == 0
     assert caplog.messages == [f"{tmp_path / 'photo.png'} and 1 more are in colour: converted to grey for the model, "
                                "which was trained on grey images (the repaired pictures are grey)"]
 

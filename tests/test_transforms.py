@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, affine_grid, channel_stats
 from visionflow.errors import VisionflowError
+from visionflow.runs import RunDir
 
 
 def test_spec_round_trip_and_errors():
@@ -45,11 +46,27 @@ def test_strengths_out_of_range_are_refused_naming_the_operation_and_the_range(t
                           ("elastic=100", "--augment: elastic=100 must be between 0 and 5 (each unit moves pixels by "
                                           "up to about 5% of the side)")):
         with pytest.raises(VisionflowError) as refused:
-            AugmentSpec.parse(f"flip,{text}")
+            AugmentSpec.parse(f"flip,{text}").refuse_unusual_strengths()
         assert str(refused.value) == message
-        assert main(["preview", "digits", "--augment", text, "--out", str(tmp_path / "grid.png")]) == 2
-        assert capsys.readouterr().err == f"visionflow: error: {message}\n"
-    assert not (tmp_path / "grid.png").exists()
+        for verb in (["preview", "digits", "--augment", text, "--out", str(tmp_path / "grid.png")],
+                     ["train", "digits", "--augment", text, "--out", str(tmp_path / "run")]):
+            assert main(verb) == 2
+            assert capsys.readouterr().err == f"visionflow: error: {message}\n"
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_run_recorded_with_strengths_now_refused_still_resumes(tmp_path):
+    import json
+
+    from visionflow.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "digits", "--out", str(out), "--epochs", "1", "--augment", "rotate=90", "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["augment"] = "rotate=270,elastic=8"  # as a run made before the limits recorded it
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", "digits", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert len(RunDir(out).read_metrics()) == 2
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])

@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -196,6 +197,9 @@ class RunDir:
         if not path.exists():
             raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt: training never started); "
                                   "run the same command without --resume")
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: this one is cut short, empty or another file
+            raise VisionflowError(f"{path}: unreadable checkpoint (not a PyTorch checkpoint archive: damaged, empty or "
+                                  "another kind of file)")
         try:
             # weights_only: tensors and plain containers only, never arbitrary pickled objects.
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -203,7 +207,7 @@ class RunDir:
             raise VisionflowError(f"{path}: refused: it holds objects other than tensors and plain values, "
                                   f"which visionflow never writes and will not unpickle") from None
         except (RuntimeError, EOFError, OSError) as exc:  # truncated, or not a checkpoint at all
-            raise VisionflowError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+            raise VisionflowError(f"{path}: unreadable checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
 
     # --- metrics.csv ---
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:

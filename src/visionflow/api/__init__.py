@@ -137,7 +137,7 @@ def _data_shape(cfg: TrainConfig) -> tuple[DataSet, int, int]:
 def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     """Train a new run in cfg.out; returns report.json's content."""
     cfg.validate()
-    AugmentSpec.parse(cfg.augment)
+    AugmentSpec.parse(cfg.augment).refuse_unusual_strengths()
     select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset, channels, size = _data_shape(cfg)
@@ -366,7 +366,7 @@ def _refuse_clips(inputs: Sequence[str]) -> None:
 
 def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
     """How many rows `predict` will write (one per image, or per clip for a clip run)."""
-    if run_dir is not None and RunDir(run_dir).read_json("config.json").get("input_kind") == "clip":
+    if run_dir is not None and RunDir(run_dir).require().get("input_kind") == "clip":
         return len(expand_clip_inputs(inputs, warn=False))
     return len(expand_inputs(inputs, warn=False))  # predict itself warns, or refuses inputs without an image
 
@@ -392,7 +392,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     RunConfig.require(shape_checks(channels, image_size))
     check_seed(seed)
     image_format(Path(out))  # a wrong name found before the work, not after it
-    spec = AugmentSpec.parse(augment)
+    spec = AugmentSpec.parse(augment).refuse_unusual_strengths()
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train
     if frames is not None and source.kind != "clip":

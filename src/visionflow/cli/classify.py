@@ -46,7 +46,8 @@ def _model_options(text: str | None) -> dict:
 
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train a classifier on DATA")
-    p.add_argument("data", help="class folders, train/+val/ folders, an MNIST folder, or a built-in name (digits)")
+    p.add_argument("data", help="class folders of images or of clips (videos, .npy, frame folders), train/ with val/ or "
+                                "test/, an MNIST folder, or a built-in name (digits)")
     p.add_argument("--model", default=TrainConfig.model, help="a registered model (see `visionflow models`)")
     p.add_argument("--model-options", default=None, help="family options as key=value,... (e.g. hidden=128)")
     p.add_argument("--out", required=True, help="the run directory to write")
@@ -235,11 +236,11 @@ def register(commands) -> dict:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--weights", default="best", choices=("best", "last"))
     add_engine_options(p)
-    p.add_argument("--strict", action="store_true")
+    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
 
-    p = commands.add_parser("predict", help="label images: files, folders (recursive) or globs")
+    p = commands.add_parser("predict", help="label images or clips: files, folders (recursive) or globs")
     p.add_argument("run_dir")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or globs: images, or clips for a clip run")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--format", default=None, choices=PREDICT_FORMATS,
                    help="default: what --output's name says (.csv, .jsonl), else table")
@@ -248,22 +249,23 @@ def register(commands) -> dict:
     p.add_argument("--weights", default="best", choices=("best", "last"))
     add_engine_options(p)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of writing an error row")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("models", help="list the registered models")
 
     p = commands.add_parser("preview", help="write a grid of augmented samples")
     p.add_argument("data")
-    p.add_argument("--augment", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--augment", required=True, help="a SPEC as train takes it, e.g. flip,rotate=15 (see train --help)")
+    p.add_argument("--out", required=True, help="the grid picture to write (.png, .jpg, ...)")
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     add_shape_options(p)
-    p.add_argument("--frames", type=int, default=None, help="clip data: frames per clip, one clip per row (default 16)")
+    p.add_argument("--frames", type=int, default=None, help="clip data: frames per clip, one clip per row (default 16; give it for folders of frame folders, "
+                        "which are otherwise read as images)")
 
     p = commands.add_parser("demo", help="train, evaluate and label on the built-in digits (offline, < 1 min)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "models": run_models,
             "preview": run_preview, "demo": run_demo}
 

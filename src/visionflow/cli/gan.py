@@ -33,7 +33,7 @@ def run_gan_train(args) -> int:
             log.warning("--mode-seeking keeps the samples of one class apart: it applies to --conditional GANs only; ignored")
         summary = api.train_gan(GanConfig(data=args.data, out=args.out, **given), show_progress=not args.quiet)
     last = summary["rows"][-1] if summary["rows"] else {}
-    print(f"{args.out}: {summary['epochs']} epochs  D loss {last.get('d_loss', float('nan')):.4f}  "
+    print(f"{args.out}: {summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'}  D loss {last.get('d_loss', float('nan')):.4f}  "
           f"G loss {last.get('g_loss', float('nan')):.4f}  diversity {last.get('diversity', float('nan')):.3f}  "
           f"({summary['skipped_files']} skipped files; samples in {args.out}/samples/)")
     return 0
@@ -71,7 +71,7 @@ def register(commands) -> dict:
     verbs = gan.add_subparsers(dest="gan_command", required=True)
 
     p = verbs.add_parser("train", help="train a DCGAN on DATA")
-    p.add_argument("data", help="any visionflow DATA: class folders, train/+val/, an MNIST folder, digits")
+    p.add_argument("data", help="image DATA (its training part): class folders, train/+val/ or train/+test/ folders, an MNIST folder, digits")
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 20; with --resume: extend to this many)")
     p.add_argument("--conditional", action="store_true", help="condition both networks on the class label")
@@ -81,7 +81,7 @@ def register(commands) -> dict:
     p.add_argument("--no-minibatch-std", action="store_true",
                    help="leave out the discriminator's minibatch standard deviation channel (on by default)")
     p.add_argument("--mode-seeking", type=float, default=GanConfig.mode_seeking,
-                   help="weight of the mode-seeking term that keeps samples of one class apart (0 = off)")
+                   help="--conditional only: weight of the mode-seeking term that keeps samples of one class apart (0 = off)")
     p.add_argument("--batch-size", type=int, default=GanConfig.batch_size)
     p.add_argument("--lr", type=float, default=GanConfig.lr)
     add_run_options(p)

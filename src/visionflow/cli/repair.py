@@ -20,7 +20,7 @@ def add_repair_parsers(commands) -> None:
     verbs = repair.add_subparsers(dest="repair_command", required=True, parser_class=type(repair))  # one-line usage errors here too
 
     p = verbs.add_parser("train", help="train a repair model (U-Net generator + PatchGAN) with random holes")
-    p.add_argument("data", help="class folders, train/+test/ folders, an MNIST folder, or a built-in name (digits)")
+    p.add_argument("data", help="image DATA: class folders, train/+test/ folders, an MNIST folder, or a built-in name (digits)")
     p.add_argument("--out", required=True, help="the run directory")
     p.add_argument("--epochs", type=int, default=None, help="default 10; with --resume: extend the run to this many")
     add_shape_options(p)
@@ -64,7 +64,7 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--examples", default=None, help="also write a grid picture (.png, .jpg, ...): damaged | biharmonic | model | original")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     add_device_option(p)
-    p.add_argument("--strict", action="store_true")
+    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
 
 
 def run_repair(args) -> int:

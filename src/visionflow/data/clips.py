@@ -93,12 +93,13 @@ def sample_frames(clips: torch.Tensor, frames: int, generator: torch.Generator |
 
 def _frame_times(path: str) -> list:
     """The presentation times of a video's frames in order, from its packets (without decoding; in the order read
-    when some packet has none); of a damaged file, those before the damage."""
+    when some packet has none); of a damaged file, those before the damage. Packets marked to discard (the
+    frames an mp4's edit list trims off) are no frames: the decoder does not give them."""
     times = []
     try:
         with av.open(path) as container:
             for packet in container.demux(container.streams.video[0]):
-                if packet.size > 0:
+                if packet.size > 0 and not packet.is_discard:
                     times.append(packet.pts)
     except (av.FFmpegError, OSError, ValueError):
         pass  # the decoding pass says what is wrong with the file
@@ -131,14 +132,18 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
                 raise BrokenImage(path, "video has no frames")
             wanted = clip_indices(len(times), count, frames)
             wanted_set = set(wanted.tolist())
-            # A frame's number is its time's place among the packets': frames the decoder cannot give (those
-            # before the first keyframe of a clip cut without re-encoding) leave their places empty rather
-            # than shift every later frame forward and freeze the clip's end on its last frame.
+            # Frames the decoder cannot give (those before the first keyframe of a clip cut without re-encoding)
+            # leave their places empty rather than shift every later frame forward and freeze the clip's end:
+            # the first frame decoded takes its time's place among the packets', and the others follow it in
+            # order. Only the first: an AVI's B-frames carry made-up times that are not in display order.
             place = {time: number for number, time in enumerate(times)} if None not in times else {}
+            first_place = None
             kept: dict[int, torch.Tensor] = {}
             try:
                 for decoded, frame in enumerate(container.decode(stream)):
-                    number = place.get(frame.pts, decoded)
+                    if first_place is None:
+                        first_place = place.get(frame.pts, 0)
+                    number = first_place + decoded
                     if number in wanted_set or not kept:  # the first one stands in for any before it
                         kept[number] = pil_to_tensor(_upright(frame), channels, size)
                     if number >= wanted[-1]:
@@ -253,7 +258,11 @@ def _frame_folders_below(folder: Path, empty_leaves: bool = False) -> list[str]:
     for dirpath, dirnames, filenames in walk_folder(folder):
         if dirpath == str(folder):
             continue
-        if any(is_image_file(f) for f in filenames) or (empty_leaves and not dirnames and not filenames):
+        if any(is_image_file(f) for f in filenames):
+            if any(is_clip_file(f) for f in filenames):  # a cover image among videos is no clip of one frame
+                raise images_next_to_clips_error(dirpath)
+            found.append(dirpath)
+        elif empty_leaves and not dirnames and not filenames:
             found.append(dirpath)
     return found
 
@@ -278,7 +287,7 @@ def holds_clips(root: Path, frame_folders: bool = True) -> bool:
                for folder in folders)
 
 
-def _images_next_to_clips(folder: str | os.PathLike) -> VisionflowError:
+def images_next_to_clips_error(folder: str | os.PathLike) -> VisionflowError:
     return VisionflowError(f"{folder}: holds image files next to clips; put each clip's frames in a sub-folder of its own")
 
 
@@ -286,7 +295,7 @@ def clip_folder(root: Path, classes: list[str] | None, frames: int) -> ClipFiles
     """A folder with one sub-folder per class, each holding clips (videos, .npy arrays, frame folders)."""
     def clips_below(folder: Path) -> list[str]:
         if any(is_image_file(f) for f in os.listdir(folder)):
-            raise _images_next_to_clips(folder)
+            raise images_next_to_clips_error(folder)
         return _clips_below(folder)
 
     paths, labels, classes = labelled_items(root, classes, clips_below, "clips (video files, .npy arrays or frame folders)")
@@ -303,7 +312,7 @@ def expand_clip_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
         if os.path.isdir(item):
             below = _clips_below(Path(item))
             if below and any(is_image_file(f) for f in os.listdir(item)):
-                raise _images_next_to_clips(item)  # a cover image among videos is no clip of one frame
+                raise images_next_to_clips_error(item)  # a cover image among videos is no clip of one frame
             paths.extend(below or [item])  # a folder of frames is one clip; one with nothing in it, a clip with no frames
         elif named and is_image_file(item):
             raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
@@ -311,7 +320,7 @@ def expand_clip_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
         elif named or is_clip_file(item):
             paths.append(item)
     report_unmatched(unmatched, paths, warn)
-    return paths
+    return list(dict.fromkeys(paths))  # once each: 'clips/**' matches a folder and the clips in it
 
 
 def unlabelled_clips(inputs: Sequence[str], frames: int) -> ClipFiles:

@@ -398,7 +398,7 @@ def expand_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
         elif named or is_image_file(path):
             paths.append(path)
     report_unmatched(unmatched, paths, warn)
-    return paths
+    return list(dict.fromkeys(paths))  # once each: 'photos/**' matches a folder and the files in it
 
 
 def unlabelled_files(inputs: Sequence[str]) -> ImageFiles:

@@ -74,16 +74,22 @@ class AugmentSpec:
             raise VisionflowError(f"--augment: crop={spec.crop} must be between 0.05 and 1")
         if spec.rotate < 0 or spec.shift < 0 or spec.elastic < 0 or spec.translate < 0:
             raise VisionflowError("--augment: rotate, shift, elastic and translate take non-negative numbers")
-        if spec.rotate > 180:
-            raise VisionflowError(f"--augment: rotate={spec.rotate:g} must be between 0 and 180 (degrees either way)")
-        if spec.elastic > MAX_ELASTIC:
-            raise VisionflowError(f"--augment: elastic={spec.elastic:g} must be between 0 and {MAX_ELASTIC:g} (each unit "
-                                  "moves pixels by up to about 5% of the side)")
         if spec.shift >= 1:
             raise VisionflowError(f"--augment: shift={spec.shift:g} is a fraction of the side: below 1 (0.1 = 10%)")
         if spec.translate != int(spec.translate):
             raise VisionflowError(f"--augment: translate={spec.translate:g} shifts by whole pixels; give a whole number")
         return spec
+
+    def refuse_unusual_strengths(self) -> "AugmentSpec":
+        """Refuse strengths that work but are most likely a slip, in a SPEC given now: rotate beyond 180 degrees
+        (a full turn either way already), elastic beyond 5 (noise; 34 is albumentations' alpha, in pixels). A run
+        recorded with them before these limits existed still resumes: parse alone accepts them."""
+        if self.rotate > 180:
+            raise VisionflowError(f"--augment: rotate={self.rotate:g} must be between 0 and 180 (degrees either way)")
+        if self.elastic > MAX_ELASTIC:
+            raise VisionflowError(f"--augment: elastic={self.elastic:g} must be between 0 and {MAX_ELASTIC:g} (each unit "
+                                  "moves pixels by up to about 5% of the side)")
+        return self
 
     def __str__(self) -> str:
         parts = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name):g}"
