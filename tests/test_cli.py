@@ -179,6 +179,49 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_predict_resume_labels_only_what_an_interrupted_output_lacks(trained, tmp_path: Path, capsys, fmt):
+    run, data = trained
+    full, cut = tmp_path / f"full.{fmt}", tmp_path / f"cut.{fmt}"
+    assert main(["predict", str(run), str(data / "square"), "--output", str(full)]) == 0
+    lines = full.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 31 + (fmt == "csv")  # 30 images and broken.png's error row (and the CSV header)
+    # killed mid-write: ten whole rows, then half of the eleventh
+    kept = 11 if fmt == "csv" else 10
+    cut.write_bytes(b"".join(lines[:kept]) + lines[kept][:20])
+    capsys.readouterr()
+    # the same inputs spelled another way ('./' and a trailing slash) are the same files
+    relative = os.path.relpath(data / "square") + "/"
+    assert main(["predict", str(run), "./" + relative, "--output", str(cut), "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote 21 rows to {cut}, after the 10 it held"
+    assert cut.read_bytes().startswith(b"".join(lines[:kept]))  # the earlier rows kept as they were
+
+    def rows(path: Path) -> dict:
+        text = path.read_text()
+        table = list(csv.DictReader(io.StringIO(text))) if fmt == "csv" else map(json.loads, text.splitlines())
+        return {os.path.abspath(row["path"]): (row["label"], row["score"], row["error"]) for row in table}
+
+    assert len(cut.read_bytes().splitlines()) == len(lines) and rows(cut) == rows(full)  # each path once
+    assert main(["predict", str(run), str(data / "square"), "--output", str(cut), "--resume"]) == 0
+    assert "wrote 0 rows" in capsys.readouterr().err and rows(cut) == rows(full)
+    # no output yet: --resume starts it
+    assert main(["predict", str(run), str(data / "square"), "--output", str(tmp_path / f"new.{fmt}"), "--resume"]) == 0
+    assert (tmp_path / f"new.{fmt}").read_bytes() == full.read_bytes()
+
+
+def test_predict_resume_refuses_what_it_cannot_read_back(trained, tmp_path: Path, capsys):
+    run, data = trained
+    square = str(data / "square")
+    assert "give --output" in user_error(capsys, ["predict", str(run), square, "--resume"])
+    assert "csv or jsonl" in user_error(capsys, ["predict", str(run), square, "--output", str(tmp_path / "rows.txt"),
+                                                 "--resume"])
+    other = tmp_path / "budget.csv"
+    other.write_text("year,amount\n2024,10")  # someone's CSV, its last line unterminated
+    assert "not rows that predict wrote" in user_error(capsys, ["predict", str(run), square, "--output", str(other),
+                                                               "--resume"])
+    assert other.read_text() == "year,amount\n2024,10"  # untouched
+
+
 def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_images(trained, tmp_path: Path, capsys,
                                                                                      caplog):
     run, data = trained

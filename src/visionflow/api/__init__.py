@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
@@ -335,10 +335,11 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
 
 def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
             weights: str = "best", on_batch=None, engine: str = "auto", precision: str = "auto",
-            augment_eval: str | None = None, strict: bool = False) -> LabelledRows:
+            augment_eval: str | None = None, strict: bool = False, skip: Collection[str] = ()) -> LabelledRows:
     """Label files, folders (recursive) or globs: an iterator of one row per image as batches finish, whose
     `engine`, `precision` and `device` say what labels them. An unreadable file is a row with its error, or with
-    `strict` an error that stops the labelling."""
+    `strict` an error that stops the labelling. `skip`: paths to leave out (those an interrupted run already
+    wrote rows for), compared as absolute paths: 'photos/a.png' and './photos/a.png' are one file."""
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
         inputs = [inputs]
     inputs = [os.fspath(item) for item in inputs]
@@ -353,6 +354,9 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     else:
         _refuse_clips(inputs)
         source = unlabelled_files(inputs)
+    if skip:
+        skip = {os.path.abspath(path) for path in skip}
+        source = source.subset([i for i in range(len(source)) if os.path.abspath(source.origin(i)) not in skip])
     rows = predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
     return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device))
 
@@ -364,11 +368,14 @@ def _refuse_clips(inputs: Sequence[str]) -> None:
         raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
 
 
-def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
-    """How many rows `predict` will write (one per image, or per clip for a clip run)."""
+def count_inputs(inputs: Sequence[str], run_dir: str | None = None, skip: Collection[str] = ()) -> int:
+    """How many rows `predict` will write (one per image, or per clip for a clip run), leaving out `skip`."""
     if run_dir is not None and RunDir(run_dir).require().get("input_kind") == "clip":
-        return len(expand_clip_inputs(inputs, warn=False))
-    return len(expand_inputs(inputs, warn=False))  # predict itself warns, or refuses inputs without an image
+        paths = expand_clip_inputs(inputs, warn=False)
+    else:
+        paths = expand_inputs(inputs, warn=False)  # predict itself warns, or refuses inputs without an image
+    skip = {os.path.abspath(path) for path in skip}
+    return sum(os.path.abspath(path) not in skip for path in paths)
 
 
 def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,7 +15,7 @@ from visionflow.cli.options import (add_engine_options, add_precision_option, ad
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
 from visionflow.data.transforms import DEFAULT_STRENGTHS
 from visionflow.errors import VisionflowError
-from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, write_rows
+from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, labelled_paths, write_rows
 from visionflow.models import model_entry
 from visionflow.train.presets import PRESETS, train_config
 
@@ -158,14 +159,20 @@ def run_predict(args) -> int:
     from visionflow import api
     from visionflow.train.progress import make_console, make_progress
 
+    fmt = args.format or _output_format(args.output)
+    done: set[str] = set()
+    if args.resume:
+        if not args.output:
+            raise VisionflowError("--resume continues the rows in --output: give --output")
+        done = labelled_paths(args.output, fmt)
     console = make_console()
     show = console.is_terminal and not args.quiet
-    total = api.count_inputs(args.inputs, args.run_dir) if show else None
+    total = api.count_inputs(args.inputs, args.run_dir, skip=done) if show else None
     with make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=total, status="")
         labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                                device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
-                               augment_eval=args.augment_eval, strict=args.strict,
+                               augment_eval=args.augment_eval, strict=args.strict, skip=done,
                                on_batch=lambda n: progress.update(task, advance=n))
         # The first row before --output is opened: a wrong run or input must not empty an existing file.
         first = next(labelled, None)
@@ -175,12 +182,15 @@ def run_predict(args) -> int:
             sys.stdout.reconfigure(errors="surrogateescape")
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as every other --out
-        out = open(args.output, "w", newline="", errors="surrogateescape") if args.output else nullcontext(sys.stdout)
+        appending = args.resume and os.path.exists(args.output) and os.path.getsize(args.output) > 0
+        out = (open(args.output, "a" if appending else "w", newline="", errors="surrogateescape") if args.output
+               else nullcontext(sys.stdout))
         with out as stream:
-            count = write_rows(rows, stream, args.format or _output_format(args.output))
+            count = write_rows(rows, stream, fmt, header=not appending)
     say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
     if args.output:
-        print(f"wrote {count} row{'' if count == 1 else 's'} to {args.output}", file=sys.stderr)
+        earlier = f", after the {len(done)} it held" if appending else ""
+        print(f"wrote {count} row{'' if count == 1 else 's'} to {args.output}{earlier}", file=sys.stderr)
     return 0
 
 
@@ -245,6 +255,9 @@ def register(commands) -> dict:
     p.add_argument("--format", default=None, choices=PREDICT_FORMATS,
                    help="default: what --output's name says (.csv, .jsonl), else table")
     p.add_argument("--output", default=None, help="write rows to this file instead of stdout")
+    p.add_argument("--resume", action="store_true",
+                   help="after an interruption: keep the rows --output holds (csv or jsonl), label only the inputs it "
+                        "has no row for, and append theirs")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", default="best", choices=("best", "last"))
     add_engine_options(p)

@@ -7,7 +7,9 @@ done, so a folder of a million files runs in flat memory and a long run shows pr
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
@@ -17,6 +19,7 @@ from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 
 FORMATS = ("table", "csv", "jsonl")
+CSV_HEADER = ["path", "label", "score", "top_k", "error"]
 
 
 @dataclass
@@ -55,14 +58,15 @@ def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch
             on_batch(len(origins) + len(broken))
 
 
-def write_rows(rows: Iterable[dict], out: IO[str], fmt: str) -> int:
-    """Write rows as they come; returns how many were written."""
+def write_rows(rows: Iterable[dict], out: IO[str], fmt: str, header: bool = True) -> int:
+    """Write rows as they come; returns how many were written. `header`: CSV's first line (not when appending)."""
     if fmt not in FORMATS:
         raise VisionflowError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
     count = 0
     if fmt == "csv":
         writer = csv.writer(out)
-        writer.writerow(["path", "label", "score", "top_k", "error"])
+        if header:
+            writer.writerow(CSV_HEADER)
     for row in rows:
         if fmt == "jsonl":
             out.write(json.dumps(row) + "\n")
@@ -81,3 +85,35 @@ def write_rows(rows: Iterable[dict], out: IO[str], fmt: str) -> int:
             out.flush()
     out.flush()
     return count
+
+
+def labelled_paths(output: str, fmt: str) -> set[str]:
+    """The paths an earlier `predict --output` wrote a row for (error rows too), so that `--resume` labels only the
+    others and appends. A last row cut short (the writer killed mid-line) is cut off the file, to be written again;
+    a file that is not predict's rows in `fmt` is refused before anything in it changes."""
+    if fmt not in ("csv", "jsonl"):
+        raise VisionflowError(f"--resume reads back the rows in --output: it needs --format csv or jsonl (got {fmt})")
+    if not os.path.exists(output):
+        return set()
+    with open(output, "rb") as f:
+        data = f.read()
+    end = b"\r\n" if fmt == "csv" else b"\n"  # csv.writer ends rows with \r\n; a \n alone may be inside a name
+    complete = data if data.endswith(end) else data[:data.rfind(end) + len(end)] if end in data else b""
+    text = complete.decode("utf-8", errors="surrogateescape")
+    start = (",".join(CSV_HEADER) + "\r\n").encode() if fmt == "csv" else b'{"path": '
+    try:
+        if data and not data.startswith(start):  # what is cut off as torn must follow predict's own first line
+            raise ValueError(f"it does not start with {start.decode()!r}")
+        if fmt == "csv":
+            table = list(csv.reader(io.StringIO(text, newline="")))
+            if table and (table[0] != CSV_HEADER or any(len(row) != len(CSV_HEADER) for row in table)):
+                raise ValueError("not predict's CSV columns")
+            paths = {row[0] for row in table[1:]}
+        else:
+            paths = {json.loads(line)["path"] for line in text.split("\n") if line}
+    except (ValueError, TypeError, KeyError, csv.Error) as exc:
+        raise VisionflowError(f"{output}: not rows that predict wrote as {fmt}, nothing to resume ({exc})") from None
+    if len(complete) < len(data):
+        with open(output, "r+b") as f:
+            f.truncate(len(complete))
+    return paths
