@@ -179,6 +179,22 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
+def test_names_with_tabs_and_newlines_keep_one_row_per_line_in_the_table(trained, tmp_path: Path, capsys):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for name in ("tab\there.png", "new\nline.png", "comma,\"quote\".png"):
+        shutil.copy(data / "square" / "000.png", folder / name)
+    assert main(["predict", str(run), str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[f"{folder}/comma,\"quote\".png", "square"],
+                                                       [f"{folder}/new\\nline.png", "square"],
+                                                       [f"{folder}/tab\\there.png", "square"]]
+    assert main(["predict", str(run), str(folder), "--format", "csv"]) == 0  # CSV quotes the names as they are
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert sorted(Path(row["path"]).name for row in table) == sorted(path.name for path in folder.iterdir())
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_predict_resume_labels_only_what_an_interrupted_output_lacks(trained, tmp_path: Path, capsys, fmt):
     run, data = trained

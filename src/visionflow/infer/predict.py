@@ -20,6 +20,10 @@ from visionflow.infer.predictor import Predictor
 
 FORMATS = ("table", "csv", "jsonl")
 CSV_HEADER = ["path", "label", "score", "top_k", "error"]
+# The table is one line per row, its fields split by tabs: a tab, newline or other control character in a file name
+# is written escaped as Python writes it in a string (\t, \n, \x1b), so that it cannot split a row or a field. CSV
+# and JSON lines quote names instead, and keep them as they are.
+_VISIBLE_CONTROLS = {code: {9: "\\t", 10: "\\n", 13: "\\r"}.get(code, f"\\x{code:02x}") for code in (*range(32), 127)}
 
 
 @dataclass
@@ -75,11 +79,12 @@ def write_rows(rows: Iterable[dict], out: IO[str], fmt: str, header: bool = True
             writer.writerow([row["path"], row["label"] or "", "" if row["score"] is None else f"{row['score']:.6f}",
                              top, row["error"] or ""])
         else:
+            path = row["path"].translate(_VISIBLE_CONTROLS)
             if row["error"]:
-                out.write(f"{row['path']}\tERROR\t{row['error']}\n")
+                out.write(f"{path}\tERROR\t{row['error'].translate(_VISIBLE_CONTROLS)}\n")
             else:
                 top = "  ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"][1:])
-                out.write(f"{row['path']}\t{row['label']}\t{row['score']:.4f}\t{top}\n")
+                out.write(f"{path}\t{row['label']}\t{row['score']:.4f}\t{top}\n")
         count += 1
         if count % 256 == 0:
             out.flush()
