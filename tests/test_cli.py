@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from visionflow.devices import cpu_has_native_bf16
+from visionflow.errors import VisionflowError
 
 from conftest import run_cli, write_class_folder
 from visionflow.cli import main
@@ -67,6 +68,29 @@ def test_evaluate_json(trained):
     assert metrics["top_k"] == 2  # fewer than 5 classes: k = classes - 1
     small = json.loads(run_cli("evaluate", run, data, "--json", "--batch-size", "5").stdout)  # 18 = 3 x 5 + 3
     assert small["n"] == 18 and small["confusion"] == metrics["confusion"]
+
+
+def test_evaluate_streams_data_whose_decoded_images_would_not_fit_in_memory(trained, tmp_path: Path, monkeypatch):
+    from visionflow import api
+    from visionflow.data import loading
+
+    run, data = trained
+    monkeypatch.setattr(loading, "available_memory", lambda: 1000)  # not even the 18 held-out 16x16 images at once
+    metrics = api.evaluate(str(run), str(data), batch_size=5)  # 18 = 3 x 5 + 3
+    validation = json.loads((run / "report.json").read_text())["validation"]
+    assert metrics["n"] == 18 and metrics["accuracy"] == validation["accuracy"]
+    assert sum(map(sum, metrics["confusion"])) == 18 and metrics["skipped_files"] == 0
+    other = tmp_path / "other"  # other data, a broken file among it: skipped and counted as it streams past
+    for kind in ("square", "stripes_h", "stripes_v"):
+        (other / kind).mkdir(parents=True)
+        for name in ("000.png", "001.png", "002.png"):
+            shutil.copy(data / kind / name, other / kind / name)
+    (other / "stripes_h" / "001.png").write_bytes(b"not a png")
+    metrics = api.evaluate(str(run), str(other), batch_size=2)
+    assert metrics["n"] == 8 and metrics["skipped_files"] == 1
+    assert [row["support"] for row in metrics["per_class"].values()] == [3, 2, 3]
+    with pytest.raises(VisionflowError, match="refused by --strict.*stripes_h/001.png"):
+        api.evaluate(str(run), str(other), strict=True)
 
 
 def test_predict_formats_and_broken_rows(trained):

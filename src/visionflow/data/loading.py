@@ -238,16 +238,17 @@ def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def stream_batches(source: DataSource, channels: int, size: int | None, batch_size: int, strict: bool = False,
-                   workers: int | None = None) -> Iterator[tuple[list[str], torch.Tensor | None,
+                   workers: int | None = None) -> Iterator[tuple[list[int], torch.Tensor | None,
                                                                   list[tuple[int, BrokenImage]]]]:
-    """Decode `source` batch by batch for labelling: (origins, uint8 batch or None, broken items with their
-    places among the batch's items, so rows can be given in the order of the source).
+    """Decode `source` batch by batch for labelling and scoring: (the indices of the items decoded, their uint8
+    batch or None, broken items with their places among the batch's items, so rows can be given in the order of the
+    source).
 
     Memory holds one batch at a time, whatever the size of the collection. `strict`: a broken item raises.
     """
     for kept, tensors, broken in _decode_chunks(source, range(len(source)), channels, size, strict=strict,
                                                 chunk=batch_size, workers=workers or default_workers()):
-        yield [source.origin(i) for i in kept], (torch.stack(tensors) if tensors else None), broken
+        yield kept, (torch.stack(tensors) if tensors else None), broken
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

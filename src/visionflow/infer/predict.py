@@ -48,7 +48,8 @@ def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch
     """One row per item: path, label, score, top_k [{label, score}], error (None unless unreadable; with
     `strict` an unreadable item stops the labelling instead)."""
     size = predictor.preprocess.image_size
-    for origins, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size, strict=strict):
+    for indices, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size, strict=strict):
+        origins = [source.origin(i) for i in indices]
         rows = []
         if images is not None:
             scores, indices = predictor.top_k(images, top_k)
