@@ -373,7 +373,7 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
         skip = {os.path.abspath(path) for path in skip}
         source = source.subset([i for i in range(len(source)) if os.path.abspath(source.origin(i)) not in skip])
     rows = predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
-    return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device))
+    return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device), total=len(source))
 
 
 def _refuse_clips(inputs: Sequence[str]) -> None:
@@ -383,14 +383,12 @@ def _refuse_clips(inputs: Sequence[str]) -> None:
         raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
 
 
-def count_inputs(inputs: Sequence[str], run_dir: str | None = None, skip: Collection[str] = ()) -> int:
-    """How many rows `predict` will write (one per image, or per clip for a clip run), leaving out `skip`."""
+def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
+    """How many rows `predict` will write (one per image, or per clip for a clip run). `predict`'s rows say it too
+    (`.total`), from the one listing they label."""
     if run_dir is not None and RunDir(run_dir).require().get("input_kind") == "clip":
-        paths = expand_clip_inputs(inputs, warn=False)
-    else:
-        paths = expand_inputs(inputs, warn=False)  # predict itself warns, or refuses inputs without an image
-    skip = {os.path.abspath(path) for path in skip}
-    return sum(os.path.abspath(path) not in skip for path in paths)
+        return len(expand_clip_inputs(inputs, warn=False))
+    return len(expand_inputs(inputs, warn=False))  # predict itself warns, or refuses inputs without an image
 
 
 def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:

@@ -167,13 +167,13 @@ def run_predict(args) -> int:
         done = labelled_paths(args.output, fmt)
     console = make_console()
     show = console.is_terminal and not args.quiet
-    total = api.count_inputs(args.inputs, args.run_dir, skip=done) if show else None
     with make_progress(console, show) as progress:
-        task = progress.add_task("labelling", total=total, status="")
+        task = progress.add_task("labelling", total=None, status="")
         labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                                device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
                                augment_eval=args.augment_eval, strict=args.strict, skip=done,
                                on_batch=lambda n: progress.update(task, advance=n))
+        progress.update(task, total=labelled.total)  # the inputs as listed for labelling: a folder is walked once
         # The first row before --output is opened: a wrong run or input must not empty an existing file.
         first = next(labelled, None)
         rows = itertools.chain([first], labelled) if first is not None else iter(())

@@ -28,13 +28,14 @@ _VISIBLE_CONTROLS = {code: {9: "\\t", 10: "\\n", 13: "\\r"}.get(code, f"\\x{code
 
 @dataclass
 class LabelledRows:
-    """`predict`'s rows as batches finish (an iterator), and what labels them: the predictor's engine, precision and
-    device, for a caller to say."""
+    """`predict`'s rows as batches finish (an iterator), how many there will be, and what labels them: the
+    predictor's engine, precision and device, for a caller to say."""
 
     rows: Iterator[dict]
     engine: str
     precision: str
     device: str
+    total: int  # rows to come: one per input listed (a progress bar's length, without listing the inputs again)
 
     def __iter__(self) -> "LabelledRows":
         return self
