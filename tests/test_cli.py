@@ -6,7 +6,11 @@ import csv
 import io
 import json
 import os
+import pty
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -260,6 +264,33 @@ def test_predict_resume_refuses_what_it_cannot_read_back(trained, tmp_path: Path
     assert "not rows that predict wrote" in user_error(capsys, ["predict", str(run), square, "--output", str(other),
                                                                "--resume"])
     assert other.read_text() == "year,amount\n2024,10"  # untouched
+
+
+def test_rows_piped_while_the_progress_bar_shows_on_a_terminal_go_to_stdout(trained):
+    run, data = trained
+    terminal, child_side = pty.openpty()  # stderr on a terminal: the progress bar shows there
+    shown = []
+    reader = threading.Thread(target=lambda: shown.extend(iter(lambda: _read_pty(terminal), b"")))
+    reader.start()
+    try:
+        result = subprocess.run([sys.executable, "-m", "visionflow", "predict", str(run), str(data / "square"),
+                                 "--format", "csv"], stdout=subprocess.PIPE, stderr=child_side, timeout=300,
+                                env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+    finally:
+        os.close(child_side)
+        reader.join(timeout=30)
+        os.close(terminal)
+    assert result.returncode == 0, b"".join(shown)
+    table = list(csv.DictReader(io.StringIO(result.stdout.decode())))
+    assert len(table) == 31 and sum(row["label"] == "square" for row in table) >= 27  # in the pipe, every one
+    assert b"labelling" in b"".join(shown) and b"000.png" not in b"".join(shown)  # the bar, and no row, on the terminal
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child side closed
+        return b""
 
 
 def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_images(trained, tmp_path: Path, capsys,

@@ -165,8 +165,12 @@ def run_predict(args) -> int:
         if not args.output:
             raise VisionflowError("--resume continues the rows in --output: give --output")
         done = labelled_paths(args.output, fmt)
+    # Rows go to stdout as it is now: while the bar runs on a terminal, rich routes sys.stdout through its console,
+    # to stderr, and rows piped (| wc -l) or redirected (> rows.csv) had landed on the terminal instead. Rows
+    # printed on the terminal show their own progress: no bar then.
+    stdout = sys.stdout
     console = make_console()
-    show = console.is_terminal and not args.quiet
+    show = console.is_terminal and not args.quiet and (args.output is not None or not stdout.isatty())
     with make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=None, status="")
         labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
@@ -178,13 +182,13 @@ def run_predict(args) -> int:
         first = next(labelled, None)
         rows = itertools.chain([first], labelled) if first is not None else iter(())
         # surrogateescape: file names that are not UTF-8 are written byte for byte
-        if not args.output and isinstance(sys.stdout, io.TextIOWrapper):
-            sys.stdout.reconfigure(errors="surrogateescape")
+        if not args.output and isinstance(stdout, io.TextIOWrapper):
+            stdout.reconfigure(errors="surrogateescape")
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as every other --out
         appending = args.resume and os.path.exists(args.output) and os.path.getsize(args.output) > 0
         out = (open(args.output, "a" if appending else "w", newline="", errors="surrogateescape") if args.output
-               else nullcontext(sys.stdout))
+               else nullcontext(stdout))
         with out as stream:
             count = write_rows(rows, stream, fmt, header=not appending)
     say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
