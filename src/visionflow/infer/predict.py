@@ -49,12 +49,12 @@ def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch
     """One row per item: path, label, score, top_k [{label, score}], error (None unless unreadable; with
     `strict` an unreadable item stops the labelling instead)."""
     size = predictor.preprocess.image_size
-    for indices, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size, strict=strict):
-        origins = [source.origin(i) for i in indices]
+    for decoded, images, broken in stream_batches(source, predictor.preprocess.channels, size, batch_size, strict=strict):
+        origins = [source.origin(i) for i in decoded]
         rows = []
         if images is not None:
-            scores, indices = predictor.top_k(images, top_k)
-            for origin, row_scores, row_indices in zip(origins, scores.tolist(), indices.tolist()):
+            scores, classes = predictor.top_k(images, top_k)
+            for origin, row_scores, row_indices in zip(origins, scores.tolist(), classes.tolist()):
                 top = [{"label": predictor.classes[i], "score": round(s, 6)} for s, i in zip(row_scores, row_indices)]
                 rows.append({"path": origin, "label": top[0]["label"], "score": top[0]["score"], "top_k": top, "error": None})
         for place, item in broken:  # in ascending places: each goes back where it was among the inputs
