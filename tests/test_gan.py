@@ -143,6 +143,12 @@ def test_training_writes_a_run_that_resumes_to_the_same_result(one_epoch_run, di
     assert all(torch.allclose(resumed_weights[k], straight_weights[k], atol=1e-6) for k in straight_weights)
 
 
+def test_images_per_second_counts_the_images_trained_on(one_epoch_run):
+    # 300 images in batches of 32: the last batch holds 12, and a rate of full batches would say 320 images
+    row = RunDir(one_epoch_run).read_metrics()[0]
+    assert row["images_per_second"] * row["seconds"] == pytest.approx(300, rel=0.01)
+
+
 def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(one_epoch_run, digit_folder, tmp_path, caplog):
     run_path = _copy(one_epoch_run, tmp_path)
     config = json.loads((run_path / "config.json").read_text())

@@ -221,7 +221,7 @@ class GanTrainer:
         cfg, part, device = self.cfg, self.part, self.device
         order = torch.randperm(len(part), generator=random)
         totals = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
-        batches, start = 0, time.perf_counter()
+        batches, images, start = 0, 0, time.perf_counter()
         self.generator.train()
         self.discriminator.train()
         for first in range(0, len(order) - 1, cfg.batch_size):
@@ -246,10 +246,11 @@ class GanTrainer:
             for key in totals:
                 totals[key] += stats[key]
             batches += 1
+            images += len(index)
             show(first + len(index), f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
         seconds = time.perf_counter() - start
         return {**{k: v / max(1, batches) for k, v in totals.items()},
-                "images_per_second": batches * cfg.batch_size / seconds, "seconds": seconds}
+                "images_per_second": images / seconds, "seconds": seconds}
 
     def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
         self.epoch = epoch
