@@ -289,6 +289,14 @@ def test_gan_sample_writes_a_grid_in_the_format_its_name_asks_for(one_epoch_run,
     assert grid.is_file() and Image.open(grid).format == "JPEG"
 
 
+def test_a_grid_too_large_for_its_format_is_a_one_line_error(one_epoch_run, tmp_path, capsys):
+    # 10,000 16px tiles in 10 columns make a grid 18,002 pixels tall: beyond WebP's 16,383 (PNG has no such limit)
+    grid = tmp_path / "grid.webp"
+    assert main(["gan", "sample", str(one_epoch_run), "--n", "10000", "--out", str(grid)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "beyond the 16383 a .webp file can hold" in err and not grid.exists()
+
+
 def test_a_gan_run_given_as_the_feature_classifier_is_named_as_such(one_epoch_run, digit_folder, capsys):
     assert main(["gan", "evaluate", str(one_epoch_run), str(digit_folder), "--classifier", str(one_epoch_run)]) == 2
     err = capsys.readouterr().err.strip()

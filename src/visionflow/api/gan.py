@@ -25,7 +25,7 @@ from visionflow.gan.fid import classifier_features, feature_distance
 from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
-from visionflow.report.plots import is_image_name, save_image_grid
+from visionflow.report.plots import check_grid_fits, is_image_name, save_image_grid
 from visionflow.runs import RunDir, atomic_write
 
 log = logging.getLogger("visionflow")
@@ -101,9 +101,10 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
         labels = torch.arange(count) % len(gan.classes)  # a grid column per class
     path = Path(out)
     if is_image_name(path):
+        columns = min(len(gan.classes) if gan.config.conditional and label is None else 8, count)
+        check_grid_fits(path, count, columns, gan.image_size, gan.image_size)  # before generating them all
         images, _ = gan.images(count, labels, seed=seed)
-        columns = len(gan.classes) if gan.config.conditional and label is None else 8
-        save_image_grid(images, path, columns=min(columns, count))
+        save_image_grid(images, path, columns=columns)
         return [path]
     if path.exists() and not path.is_dir():
         raise VisionflowError(f"--out {out}: is a file; give a folder, or an image file name for one grid")
