@@ -340,6 +340,27 @@ def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_fol
     assert weights.stat().st_mtime_ns == stamp and again["fid"] == result["fid"]
 
 
+def test_an_interrupted_domain_fid_classifier_is_finished_before_it_measures(one_epoch_run, digit_folder, tmp_path,
+                                                                             monkeypatch):
+    straight = gan_api.evaluate_gan(str(_copy(one_epoch_run, tmp_path)), digit_folder, count=200, show_progress=False)
+    interrupted = shutil.copytree(one_epoch_run, tmp_path / "interrupted")
+    shutil.rmtree(interrupted / "classifier", ignore_errors=True)
+    write_metrics = RunDir.write_metrics
+
+    def ctrl_c_after_the_second_epoch(self, rows):
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        write_metrics(self, rows)
+
+    monkeypatch.setattr(RunDir, "write_metrics", ctrl_c_after_the_second_epoch)
+    assert main(["gan", "evaluate", str(interrupted), digit_folder, "--n", "200", "--quiet"]) == 130
+    monkeypatch.undo()
+    # the next evaluation finishes the classifier (all its epochs) and measures with it, not with epoch 1's weights
+    resumed = gan_api.evaluate_gan(str(interrupted), digit_folder, count=200, show_progress=False)
+    assert len(RunDir(interrupted / "classifier").read_metrics()) == TrainConfig.epochs
+    assert (resumed["fid"], resumed["fid_real_floor"]) == (straight["fid"], straight["fid_real_floor"])
+
+
 # --- --gan-augment ---------------------------------------------------------------------------------------
 
 def test_gan_augment_appends_generated_images_class_by_class(one_epoch_run, digit_folder, tmp_path):

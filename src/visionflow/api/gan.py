@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visionflow.api import require_same_data, train as train_classifier
+from visionflow.api import require_same_data, resume as resume_classifier, train as train_classifier
 from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import DataSet, open_data
@@ -129,13 +129,17 @@ def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifi
     trained once with `visionflow train`'s defaults (seed-cnn) on DATA and kept in RUN_DIR/classifier."""
     if classifier is None:
         own = RunDir(run / "classifier")
-        if not own.exists("config.json"):
+        started = own.exists("config.json") and any(own.path.glob("*.safetensors"))  # it finished an epoch at least
+        if started and own.read_json("config.json").get("data_spec") != spec:
+            raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
+        if not started:  # a folder left before its first epoch gives way, as to any new run
             log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
             train_classifier(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
                                          image_size=gan.image_size, seed=gan.config.seed),
                              show_progress=show_progress)
-        elif own.read_json("config.json").get("data_spec") != spec:
-            raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
+        elif not own.exists("report.json"):  # interrupted: its features are not the finished classifier's
+            log.warning("finishing the domain-FID classifier in %s, interrupted before", own.path)
+            resume_classifier(str(own.path), show_progress=show_progress, data=data)
         classifier = str(own.path)
     predictor = Predictor.from_run(classifier)
     if (predictor.preprocess.channels, predictor.preprocess.image_size) != (gan.channels, gan.image_size):
