@@ -105,6 +105,15 @@ def test_image_sizes_the_generator_cannot_make_are_refused():
         upsampling_plan(27)
 
 
+def test_an_image_size_beyond_the_gans_limit_is_refused_before_any_work(tmp_path, capsys):
+    # 2048 is 8 * 2**8, a side the generator can make, with 900 M parameters: allocating them was a traceback
+    out = tmp_path / "run"
+    assert main(["gan", "train", "digits", "--out", str(out), "--image-size", "2048", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["visionflow: error: --image-size must be at most 512 for the GAN (got 2048)"]
+    assert not out.exists()
+
+
 # --- domain FID ----------------------------------------------------------------------------------------
 
 def test_frechet_distance_of_gaussians_with_a_known_answer():

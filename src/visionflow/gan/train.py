@@ -37,6 +37,8 @@ log = logging.getLogger("visionflow")
 
 EXPLODING_LOSS = 1_000.0      # a per-step loss above this has left any regime a GAN recovers from
 DIVERSITY_DROP = 0.5          # warn when sample diversity falls below this fraction of its best so far
+MAX_IMAGE_SIZE = 512          # the networks double their widest layer with the side: 53 M + 30 M parameters at 512,
+                              # 900 M at 2048, whose allocation failed in a traceback (or the machine ran out of memory)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class GanConfig(RunConfig):
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.loss in GAN_LOSSES, f"--loss must be one of {', '.join(GAN_LOSSES)} (got {self.loss})"),
             (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
+            (self.image_size is None or self.image_size <= MAX_IMAGE_SIZE,
+             f"--image-size must be at most {MAX_IMAGE_SIZE} for the GAN (got {self.image_size})"),
             (self.latent_dim >= 1 and self.width >= 4, "latent_dim and width must be positive"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
             (self.mode_seeking >= 0, f"--mode-seeking must be 0 (off) or a positive weight (got {self.mode_seeking})"),
