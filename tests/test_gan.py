@@ -114,6 +114,17 @@ def test_an_image_size_beyond_the_gans_limit_is_refused_before_any_work(tmp_path
     assert not out.exists()
 
 
+def test_a_single_image_is_refused_rather_than_trained_on_for_no_step(tmp_path, capsys):
+    # a step takes two images: one had made an "epoch" of no step, D and G losses 0 and a diversity of 2e10
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "data" / "only" / "0.png")
+    out = tmp_path / "run"
+    assert main(["gan", "train", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"visionflow: error: {tmp_path / 'data'}: the GAN needs at least 2 readable images (found 1)"]
+    assert not out.exists()
+
+
 # --- domain FID ----------------------------------------------------------------------------------------
 
 def test_frechet_distance_of_gaussians_with_a_known_answer():

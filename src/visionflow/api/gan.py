@@ -40,6 +40,8 @@ def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | No
     channels, size = source.decoding_shape(channels or cfg.channels, size or cfg.image_size)
     upsampling_plan(size)
     part = decode_part(source, channels, size, strict=cfg.strict)
+    if len(part) < 2:  # a step takes two images at least: one would train nothing and report it as done
+        raise VisionflowError(f"{cfg.data}: the GAN needs at least 2 readable images (found {len(part)})")
     if cfg.conditional and bool((part.labels < 0).any()):
         raise VisionflowError(f"{cfg.data}: --conditional needs labelled images (class folders or MNIST files)")
     return part
