@@ -277,6 +277,19 @@ def test_clips_and_contradicting_options_are_one_line_errors(digits_run, tmp_pat
     assert "--hole sets the size of the center mask" in capsys.readouterr().err
 
 
+def test_too_few_images_to_train_and_validate_is_a_one_line_error(tmp_path, capsys):
+    # two images: one held out for validation leaves one, and a training step takes two (it had trained nothing)
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / "data" / "only" / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["repair", "train", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"visionflow: error: {tmp_path / 'data'}: too few images to train on and hold out 10% "
+                                "for validation (2 in all); add images"]
+    assert not out.exists()
+
+
 def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_run, tmp_path):
     assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "center", "--limit", "4",
                  "--examples", str(tmp_path / "examples.jpg")]) == 0

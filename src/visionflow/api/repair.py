@@ -49,6 +49,9 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet) -> tuple[DataSource, 
         picked = np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images, replace=False)
         source = source.subset(np.sort(picked))
     train_idx, val_idx = stratified_split(source.labels, cfg.val_split, cfg.seed)
+    if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
+        raise VisionflowError(f"{cfg.data}: too few images to train on and hold out {cfg.val_split:.0%} for "
+                              f"validation ({len(source)} in all); add images")
     return source.subset(train_idx), source.subset(val_idx[:VALIDATION_LIMIT])
 
 
