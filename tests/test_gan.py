@@ -345,6 +345,14 @@ def test_a_missing_or_wrong_run_exits_2_with_one_line(tmp_path, capsys):
         f"visionflow: error: {tmp_path}: the run has no weights yet (training never finished an epoch)"]
 
 
+def test_weights_that_do_not_fit_the_runs_config_are_a_one_line_error(one_epoch_run, tmp_path, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    RunDir(run).save_weights("generator.safetensors", Generator(1, SIZE).state_dict())  # an unconditional GAN's
+    assert main(["gan", "sample", str(run), "--n", "2", "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "generator.safetensors: weights do not fit the generator in config.json" in err
+
+
 # --- domain FID on a run -----------------------------------------------------------------------------------
 
 def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path):

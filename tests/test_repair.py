@@ -225,6 +225,18 @@ def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_p
     assert error(run).endswith(": the run has no weights yet (training never finished an epoch)")
 
 
+def test_weights_that_do_not_fit_the_runs_config_are_a_one_line_error(digits_run, tmp_path, capsys):
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["width"] = 16  # the weights are of width 8, as another run's could be
+    (run / "config.json").write_text(json.dumps(config))
+    for argv in (["run", str(run), str(tmp_path / "none.png"), "--box", "1,1,2,2", "--out", str(tmp_path / "out")],
+                 ["evaluate", str(run), "digits", "--mask", "center"]):
+        assert main(["repair", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "best.safetensors: weights do not fit the generator in config.json" in err
+
+
 def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run, tmp_path, caplog):
     _digit_png(tmp_path / "grey.png")
     colour = np.zeros((28, 28, 3), dtype=np.uint8)

@@ -122,7 +122,12 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
     run = RunDir(run_dir)
     config = run.require("repair")
     generator = RepairGenerator(config["channels"], config["train"]["width"])
-    generator.load_state_dict(run.load_weights(run.best_weights_name()))
+    name = run.best_weights_name()
+    try:
+        generator.load_state_dict(run.load_weights(name))
+    except RuntimeError as exc:  # another run's weights, or a config.json edited by hand
+        raise VisionflowError(f"{run.path / name}: weights do not fit the generator in config.json "
+                              f"({str(exc).splitlines()[0]})") from None
     return generator.to(select_device(device)).eval(), config
 
 
