@@ -105,6 +105,26 @@ def test_image_sizes_the_generator_cannot_make_are_refused():
         upsampling_plan(27)
 
 
+def test_an_image_size_beyond_the_gans_limit_is_refused_before_any_work(tmp_path, capsys):
+    # 2048 is 8 * 2**8, a side the generator can make, with 900 M parameters: allocating them was a traceback
+    out = tmp_path / "run"
+    assert main(["gan", "train", "digits", "--out", str(out), "--image-size", "2048", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["visionflow: error: --image-size must be at most 512 for the GAN (got 2048)"]
+    assert not out.exists()
+
+
+def test_a_single_image_is_refused_rather_than_trained_on_for_no_step(tmp_path, capsys):
+    # a step takes two images: one had made an "epoch" of no step, D and G losses 0 and a diversity of 2e10
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "data" / "only" / "0.png")
+    out = tmp_path / "run"
+    assert main(["gan", "train", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"visionflow: error: {tmp_path / 'data'}: the GAN needs at least 2 readable images (found 1)"]
+    assert not out.exists()
+
+
 # --- domain FID ----------------------------------------------------------------------------------------
 
 def test_frechet_distance_of_gaussians_with_a_known_answer():
@@ -141,6 +161,12 @@ def test_training_writes_a_run_that_resumes_to_the_same_result(one_epoch_run, di
     # The (seed, epoch)-seeded noise and restored optimizers make the resumed run the uninterrupted one.
     resumed_weights, straight_weights = run.load_weights("generator.safetensors"), RunDir(straight).load_weights("generator.safetensors")
     assert all(torch.allclose(resumed_weights[k], straight_weights[k], atol=1e-6) for k in straight_weights)
+
+
+def test_images_per_second_counts_the_images_trained_on(one_epoch_run):
+    # 300 images in batches of 32: the last batch holds 12, and a rate of full batches would say 320 images
+    row = RunDir(one_epoch_run).read_metrics()[0]
+    assert row["images_per_second"] * row["seconds"] == pytest.approx(300, rel=0.01)
 
 
 def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(one_epoch_run, digit_folder, tmp_path, caplog):
@@ -283,6 +309,14 @@ def test_gan_sample_writes_a_grid_in_the_format_its_name_asks_for(one_epoch_run,
     assert grid.is_file() and Image.open(grid).format == "JPEG"
 
 
+def test_a_grid_too_large_for_its_format_is_a_one_line_error(one_epoch_run, tmp_path, capsys):
+    # 10,000 16px tiles in 10 columns make a grid 18,002 pixels tall: beyond WebP's 16,383 (PNG has no such limit)
+    grid = tmp_path / "grid.webp"
+    assert main(["gan", "sample", str(one_epoch_run), "--n", "10000", "--out", str(grid)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "beyond the 16383 a .webp file can hold" in err and not grid.exists()
+
+
 def test_a_gan_run_given_as_the_feature_classifier_is_named_as_such(one_epoch_run, digit_folder, capsys):
     assert main(["gan", "evaluate", str(one_epoch_run), str(digit_folder), "--classifier", str(one_epoch_run)]) == 2
     err = capsys.readouterr().err.strip()
@@ -311,6 +345,14 @@ def test_a_missing_or_wrong_run_exits_2_with_one_line(tmp_path, capsys):
         f"visionflow: error: {tmp_path}: the run has no weights yet (training never finished an epoch)"]
 
 
+def test_weights_that_do_not_fit_the_runs_config_are_a_one_line_error(one_epoch_run, tmp_path, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    RunDir(run).save_weights("generator.safetensors", Generator(1, SIZE).state_dict())  # an unconditional GAN's
+    assert main(["gan", "sample", str(run), "--n", "2", "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "generator.safetensors: weights do not fit the generator in config.json" in err
+
+
 # --- domain FID on a run -----------------------------------------------------------------------------------
 
 def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path):
@@ -324,6 +366,27 @@ def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_fol
     stamp = weights.stat().st_mtime_ns
     again = gan_api.evaluate_gan(str(run_path), digit_folder, count=200, show_progress=False)
     assert weights.stat().st_mtime_ns == stamp and again["fid"] == result["fid"]
+
+
+def test_an_interrupted_domain_fid_classifier_is_finished_before_it_measures(one_epoch_run, digit_folder, tmp_path,
+                                                                             monkeypatch):
+    straight = gan_api.evaluate_gan(str(_copy(one_epoch_run, tmp_path)), digit_folder, count=200, show_progress=False)
+    interrupted = shutil.copytree(one_epoch_run, tmp_path / "interrupted")
+    shutil.rmtree(interrupted / "classifier", ignore_errors=True)
+    write_metrics = RunDir.write_metrics
+
+    def ctrl_c_after_the_second_epoch(self, rows):
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        write_metrics(self, rows)
+
+    monkeypatch.setattr(RunDir, "write_metrics", ctrl_c_after_the_second_epoch)
+    assert main(["gan", "evaluate", str(interrupted), digit_folder, "--n", "200", "--quiet"]) == 130
+    monkeypatch.undo()
+    # the next evaluation finishes the classifier (all its epochs) and measures with it, not with epoch 1's weights
+    resumed = gan_api.evaluate_gan(str(interrupted), digit_folder, count=200, show_progress=False)
+    assert len(RunDir(interrupted / "classifier").read_metrics()) == TrainConfig.epochs
+    assert (resumed["fid"], resumed["fid_real_floor"]) == (straight["fid"], straight["fid_real_floor"])
 
 
 # --- --gan-augment ---------------------------------------------------------------------------------------

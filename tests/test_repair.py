@@ -225,6 +225,18 @@ def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_p
     assert error(run).endswith(": the run has no weights yet (training never finished an epoch)")
 
 
+def test_weights_that_do_not_fit_the_runs_config_are_a_one_line_error(digits_run, tmp_path, capsys):
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["width"] = 16  # the weights are of width 8, as another run's could be
+    (run / "config.json").write_text(json.dumps(config))
+    for argv in (["run", str(run), str(tmp_path / "none.png"), "--box", "1,1,2,2", "--out", str(tmp_path / "out")],
+                 ["evaluate", str(run), "digits", "--mask", "center"]):
+        assert main(["repair", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "best.safetensors: weights do not fit the generator in config.json" in err
+
+
 def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run, tmp_path, caplog):
     _digit_png(tmp_path / "grey.png")
     colour = np.zeros((28, 28, 3), dtype=np.uint8)
@@ -275,6 +287,19 @@ def test_clips_and_contradicting_options_are_one_line_errors(digits_run, tmp_pat
         assert err.splitlines() == [f"visionflow: error: image repair takes images but {tmp_path / 'clips'} holds clips"]
     assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "random", "--hole", "5"]) == 2
     assert "--hole sets the size of the center mask" in capsys.readouterr().err
+
+
+def test_too_few_images_to_train_and_validate_is_a_one_line_error(tmp_path, capsys):
+    # two images: one held out for validation leaves one, and a training step takes two (it had trained nothing)
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / "data" / "only" / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["repair", "train", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"visionflow: error: {tmp_path / 'data'}: too few images to train on and hold out 10% "
+                                "for validation (2 in all); add images"]
+    assert not out.exists()
 
 
 def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_run, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visionflow.api import require_same_data, train as train_classifier
+from visionflow.api import require_same_data, resume as resume_classifier, train as train_classifier
 from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import DataSet, open_data
@@ -25,7 +25,7 @@ from visionflow.gan.fid import classifier_features, feature_distance
 from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
-from visionflow.report.plots import is_image_name, save_image_grid
+from visionflow.report.plots import check_grid_fits, is_image_name, save_image_grid
 from visionflow.runs import RunDir, atomic_write
 
 log = logging.getLogger("visionflow")
@@ -40,6 +40,8 @@ def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | No
     channels, size = source.decoding_shape(channels or cfg.channels, size or cfg.image_size)
     upsampling_plan(size)
     part = decode_part(source, channels, size, strict=cfg.strict)
+    if len(part) < 2:  # a step takes two images at least: one would train nothing and report it as done
+        raise VisionflowError(f"{cfg.data}: the GAN needs at least 2 readable images (found {len(part)})")
     if cfg.conditional and bool((part.labels < 0).any()):
         raise VisionflowError(f"{cfg.data}: --conditional needs labelled images (class folders or MNIST files)")
     return part
@@ -101,9 +103,10 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
         labels = torch.arange(count) % len(gan.classes)  # a grid column per class
     path = Path(out)
     if is_image_name(path):
+        columns = min(len(gan.classes) if gan.config.conditional and label is None else 8, count)
+        check_grid_fits(path, count, columns, gan.image_size, gan.image_size)  # before generating them all
         images, _ = gan.images(count, labels, seed=seed)
-        columns = len(gan.classes) if gan.config.conditional and label is None else 8
-        save_image_grid(images, path, columns=min(columns, count))
+        save_image_grid(images, path, columns=columns)
         return [path]
     if path.exists() and not path.is_dir():
         raise VisionflowError(f"--out {out}: is a file; give a folder, or an image file name for one grid")
@@ -128,13 +131,17 @@ def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifi
     trained once with `visionflow train`'s defaults (seed-cnn) on DATA and kept in RUN_DIR/classifier."""
     if classifier is None:
         own = RunDir(run / "classifier")
-        if not own.exists("config.json"):
+        started = own.exists("config.json") and any(own.path.glob("*.safetensors"))  # it finished an epoch at least
+        if started and own.read_json("config.json").get("data_spec") != spec:
+            raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
+        if not started:  # a folder left before its first epoch gives way, as to any new run
             log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
             train_classifier(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
                                          image_size=gan.image_size, seed=gan.config.seed),
                              show_progress=show_progress)
-        elif own.read_json("config.json").get("data_spec") != spec:
-            raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
+        elif not own.exists("report.json"):  # interrupted: its features are not the finished classifier's
+            log.warning("finishing the domain-FID classifier in %s, interrupted before", own.path)
+            resume_classifier(str(own.path), show_progress=show_progress, data=data)
         classifier = str(own.path)
     predictor = Predictor.from_run(classifier)
     if (predictor.preprocess.channels, predictor.preprocess.image_size) != (gan.channels, gan.image_size):

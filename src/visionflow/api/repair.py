@@ -49,6 +49,9 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet) -> tuple[DataSource, 
         picked = np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images, replace=False)
         source = source.subset(np.sort(picked))
     train_idx, val_idx = stratified_split(source.labels, cfg.val_split, cfg.seed)
+    if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
+        raise VisionflowError(f"{cfg.data}: too few images to train on and hold out {cfg.val_split:.0%} for "
+                              f"validation ({len(source)} in all); add images")
     return source.subset(train_idx), source.subset(val_idx[:VALIDATION_LIMIT])
 
 
@@ -119,7 +122,12 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
     run = RunDir(run_dir)
     config = run.require("repair")
     generator = RepairGenerator(config["channels"], config["train"]["width"])
-    generator.load_state_dict(run.load_weights(run.best_weights_name()))
+    name = run.best_weights_name()
+    try:
+        generator.load_state_dict(run.load_weights(name))
+    except RuntimeError as exc:  # another run's weights, or a config.json edited by hand
+        raise VisionflowError(f"{run.path / name}: weights do not fit the generator in config.json "
+                              f"({str(exc).splitlines()[0]})") from None
     return generator.to(select_device(device)).eval(), config
 
 

@@ -75,7 +75,7 @@ def register(commands) -> dict:
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 20; with --resume: extend to this many)")
     p.add_argument("--conditional", action="store_true", help="condition both networks on the class label")
-    add_shape_options(p, size_help="4-8 times a power of two, e.g. 28, 32, 64")
+    add_shape_options(p, size_help="4-8 times a power of two up to 512, e.g. 28, 32, 64")
     p.add_argument("--loss", default=GanConfig.loss, choices=GAN_LOSSES, help="ns: non-saturating (default), hinge")
     p.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on the discriminator")
     p.add_argument("--no-minibatch-std", action="store_true",

@@ -37,6 +37,8 @@ log = logging.getLogger("visionflow")
 
 EXPLODING_LOSS = 1_000.0      # a per-step loss above this has left any regime a GAN recovers from
 DIVERSITY_DROP = 0.5          # warn when sample diversity falls below this fraction of its best so far
+MAX_IMAGE_SIZE = 512          # the networks double their widest layer with the side: 53 M + 30 M parameters at 512,
+                              # 900 M at 2048, whose allocation failed in a traceback (or the machine ran out of memory)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class GanConfig(RunConfig):
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.loss in GAN_LOSSES, f"--loss must be one of {', '.join(GAN_LOSSES)} (got {self.loss})"),
             (self.channels in (None, 1, 3), f"--channels must be 1 or 3 (got {self.channels})"),
+            (self.image_size is None or self.image_size <= MAX_IMAGE_SIZE,
+             f"--image-size must be at most {MAX_IMAGE_SIZE} for the GAN (got {self.image_size})"),
             (self.latent_dim >= 1 and self.width >= 4, "latent_dim and width must be positive"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
             (self.mode_seeking >= 0, f"--mode-seeking must be 0 (off) or a positive weight (got {self.mode_seeking})"),
@@ -221,7 +225,7 @@ class GanTrainer:
         cfg, part, device = self.cfg, self.part, self.device
         order = torch.randperm(len(part), generator=random)
         totals = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
-        batches, start = 0, time.perf_counter()
+        batches, images, start = 0, 0, time.perf_counter()
         self.generator.train()
         self.discriminator.train()
         for first in range(0, len(order) - 1, cfg.batch_size):
@@ -246,10 +250,11 @@ class GanTrainer:
             for key in totals:
                 totals[key] += stats[key]
             batches += 1
+            images += len(index)
             show(first + len(index), f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
         seconds = time.perf_counter() - start
         return {**{k: v / max(1, batches) for k, v in totals.items()},
-                "images_per_second": batches * cfg.batch_size / seconds, "seconds": seconds}
+                "images_per_second": images / seconds, "seconds": seconds}
 
     def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:
         self.epoch = epoch

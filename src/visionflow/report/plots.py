@@ -92,10 +92,25 @@ def image_format(path: Path) -> str:
     return IMAGE_FORMATS[path.suffix.lower()]
 
 
+# The longest side each format's encoder takes; beyond it Pillow fails deep inside the encoder.
+MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383, "GIF": 65_535}
+
+
+def check_grid_fits(path: Path, count: int, columns: int, height: int, width: int, pad: int = 2) -> None:
+    """Refuse a grid of `count` tiles that the format `path` names cannot hold, before anything is drawn."""
+    rows = (count + columns - 1) // columns
+    side = max(rows * (height + pad) + pad, columns * (width + pad) + pad)
+    limit = MAX_SIDE.get(image_format(path))
+    if limit is not None and side > limit:
+        raise VisionflowError(f"{path}: a grid of {count} images would be {side} pixels long, beyond the "
+                              f"{limit} a {path.suffix} file can hold; write fewer images, a .png, or a folder")
+
+
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, pad: int = 2) -> None:
     """uint8 images (N, C, H, W) tiled into one picture with no captions (sample grids, previews), in the
     format its name asks for."""
     n, c, h, w = images.shape
+    check_grid_fits(path, n, columns, h, w, pad)
     rows = (n + columns - 1) // columns
     canvas = torch.zeros(c, rows * (h + pad) + pad, columns * (w + pad) + pad, dtype=torch.uint8)
     for i, image in enumerate(images):
