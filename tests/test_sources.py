@@ -318,3 +318,34 @@ def test_counting_the_rows_for_the_progress_bar_checks_the_run_as_labelling_does
                          (patterns, "not a visionflow run directory")):  # a folder of images, no run
         with pytest.raises(VisionflowError, match=f"{run}: {message}"):
             api.count_inputs([str(patterns / "square")], str(run))
+
+
+def test_memory_is_said_in_units_that_tell_the_need_from_what_is_free(monkeypatch):
+    assert [loading.memory_size(n) for n in (120_000_000, 60_000_000, 2_500_000_000, 512)] == [
+        "120 MB", "60 MB", "2.5 GB", "512 bytes"]  # 0.1 GB against 0.1 GB had said nothing
+    monkeypatch.setattr(loading, "available_memory", lambda: 1_000_000)
+    with pytest.raises(VisionflowError, match=r"decode to 1 MB \(1x28x28 bytes each\), more than the 1 MB of memory"):
+        decode_part(open_data("digits").train, 1, 28)  # 1,797 x 784 bytes = 1.4 MB: above 90% of 1 MB
+
+
+def test_a_video_given_to_an_image_model_is_named_as_one(tmp_path: Path):
+    import av
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16), np.uint8), format="gray")),
+                       *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(BrokenImage, match="a video, but the run's model takes images"):
+        decode_image(str(path), 1, 16)
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(BrokenImage, match=r"not a readable image \(UnidentifiedImageError\)"):
+        decode_image(str(tmp_path / "notes.png"), 1, 16)
+
+
+def test_inputs_under_the_home_folder_are_found_from_python_too(patterns: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(patterns))
+    assert expand_inputs(["~/square/000.png", "~/stripes_v/00*.png"]) == [
+        str(patterns / "square" / "000.png"), *sorted(str(p) for p in (patterns / "stripes_v").glob("00*.png"))]

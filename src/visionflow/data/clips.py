@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image, require_nonempty_file
+from visionflow.data.decode import (VIDEO_EXTENSIONS, decode_image, is_image_file, pil_to_tensor, probe_image,
+                                    require_nonempty_file)
 from visionflow.data.sources import (ImageFiles, _class_folders, _files_below, labelled_items, matching_inputs,
                                     report_unmatched, walk_folder)
 from visionflow.errors import BrokenImage, VisionflowError
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".avi", ".webm", ".mkv"})  # .mov: what phones and cameras write
 ARRAY_EXTENSION = ".npy"
 CACHE_FACTOR = 2  # frames decoded into the cache per frame the model sees: room for training-time jitter
 

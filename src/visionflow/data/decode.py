@@ -31,6 +31,8 @@ except ImportError:  # a declared dependency; without it every JPEG goes through
 # Files with these endings are images; anything else in a folder (.txt, .DS_Store, .csv) is ignored.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".webp", ".avif",
                               ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
+# Video files, read as clips (data/clips.py); named here too, so that a video given to an image model is said to be one.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".avi", ".webm", ".mkv"})  # .mov: what phones and cameras write
 
 # Pillow's own limit (about 89 Mpx) only warns between 1x and 2x; we refuse anything above it, so a
 # decompression bomb is a broken file rather than a memory spike.
@@ -147,6 +149,8 @@ def open_image(source: str | os.PathLike | bytes, origin: str | None = None) -> 
     except BrokenImage:
         raise
     except UnidentifiedImageError as exc:
+        if os.path.splitext(origin)[1].lower() in VIDEO_EXTENSIONS:  # named to an image run: say what it is
+            raise BrokenImage(origin, "a video, but the run's model takes images") from None
         raise BrokenImage(origin, f"not a readable image ({type(exc).__name__})") from None
     except PermissionError:
         raise BrokenImage(origin, "no permission to read it") from None

@@ -196,8 +196,8 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
     need, free = len(source) * first_item.numel(), available_memory()
     if free is not None and need > 0.9 * free:
         raise VisionflowError(
-            f"{source.name or 'data'}: its {len(source):,} items decode to {need / 1e9:,.1f} GB "
-            f"({'x'.join(map(str, first_item.shape))} bytes each), more than the {free / 1e9:,.1f} GB of memory free; "
+            f"{source.name or 'data'}: its {len(source):,} items decode to {memory_size(need)} "
+            f"({'x'.join(map(str, first_item.shape))} bytes each), more than the {memory_size(free)} of memory free; "
             f"they are held in memory at once: use a smaller --image-size or fewer items")
     rest = list(range(first + 1, len(source)))
     processes = _use_processes(source, len(rest), workers)
@@ -235,6 +235,11 @@ def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     size = int(np.prod(shape))
     buffer = mmap.mmap(-1, max(1, size))  # shared and anonymous; the tensor keeps the mapping alive
     return torch.frombuffer(buffer, dtype=torch.uint8, count=size).view(shape)
+
+
+def memory_size(count: int) -> str:
+    """Bytes as a person reads them: GB with a decimal from 1 GB on, MB below (0.1 GB against 0.1 GB said nothing)."""
+    return f"{count / 1e9:,.1f} GB" if count >= 1e9 else f"{count / 1e6:,.0f} MB" if count >= 1e6 else f"{count:,} bytes"
 
 
 def stream_batches(source: DataSource, channels: int, size: int | None, batch_size: int, strict: bool = False,

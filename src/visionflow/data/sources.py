@@ -363,7 +363,7 @@ def matching_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, bool]], list
     before any work."""
     found: list[tuple[str, bool]] = []
     unmatched: list[str] = []
-    for item in inputs:
+    for item in map(os.path.expanduser, inputs):  # '~/photos' from Python too, as the shell expands it
         if os.path.lexists(item):  # a dangling link too: named, it gets its error row
             found.append((item, True))
             continue
