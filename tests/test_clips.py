@@ -540,3 +540,16 @@ def test_preview_shows_one_clip_per_row(digit_clips, tmp_path: Path):
     assert Image.open(tmp_path / "frames.png").size == (2 + 5 * 34, 2 + 2 * 34)
     refused = run_cli("preview", digit_clips["frames"], "--augment", "flip", "--frames", "0", "--out", tmp_path / "x.png")
     assert refused.returncode == 2 and refused.stderr.strip() == "visionflow: error: --frames must be at least 1 (got 0)"
+
+
+def test_a_small_colour_class_among_grey_clips_is_probed(tmp_path: Path):
+    # Eight evenly spaced probes miss the one colour clip listed last; the first clip of every class is probed too
+    # (a probe decodes one frame, so every class costs little), as for images.
+    for i in range(20):
+        (tmp_path / "grey").mkdir(exist_ok=True)
+        np.save(tmp_path / "grey" / f"{i:02d}.npy", np.full((4, 8, 8), 10 * i, dtype=np.uint8))
+    (tmp_path / "red").mkdir()
+    colour = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    colour[..., 0] = 200
+    np.save(tmp_path / "red" / "0.npy", colour)
+    assert open_data(tmp_path, kind="clip").train.guess_channels() == 3

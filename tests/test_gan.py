@@ -266,6 +266,18 @@ def test_the_collapse_warning_is_the_same_whether_the_run_was_resumed_or_not(dig
     assert straight == resumed == []
     for run in ("straight", "cut"):
         assert [row["diversity"] for row in RunDir(tmp_path / run).read_metrics()] == [0.4, 0.2]
+    # and a fall below half warns in both alike (the check above would also pass with no warning at all)
+    caplog.clear()
+    measuring(1.0, 0.40004, 0.19999)
+    gan_api.train_gan(_config(digit_folder, tmp_path / "straight2", epochs=2), show_progress=False)
+    straight = [r.getMessage().split(" (look at")[0] for r in caplog.records if "sample diversity fell" in r.getMessage()]
+    caplog.clear()
+    measuring(1.0, 0.40004)
+    gan_api.train_gan(_config(digit_folder, tmp_path / "cut2", epochs=1), show_progress=False)
+    measuring(1.0, 0.19999)
+    gan_api.resume_gan(str(tmp_path / "cut2"), epochs=2, show_progress=False)
+    resumed = [r.getMessage().split(" (look at")[0] for r in caplog.records if "sample diversity fell" in r.getMessage()]
+    assert len(straight) == 1 and straight == resumed
 
 
 def test_the_real_images_yardstick_spreads_over_every_class():

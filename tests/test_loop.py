@@ -44,7 +44,7 @@ class LineTrainer:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        show(self.items, "")
+        show(self.items, lambda: "")
         return {"loss": float(loss.detach())}
 
     def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, str]:

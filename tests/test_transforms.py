@@ -67,6 +67,7 @@ def test_a_run_recorded_with_strengths_now_refused_still_resumes(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     assert main(["train", "digits", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert len(RunDir(out).read_metrics()) == 2
+    assert json.loads((out / "config.json").read_text())["train"]["augment"] == "rotate=270,elastic=8"  # as recorded
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])

@@ -185,6 +185,15 @@ class RunDir:
         except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file
             raise VisionflowError(f"{path}: unreadable weights ({exc})") from None
 
+    def load_into(self, module: torch.nn.Module, name: str, what: str = "model") -> None:
+        """The weights file `name` loaded into `module`, built from config.json: weights that do not fit it (another
+        run's file, a config.json edited by hand) are one line naming the file, not load_state_dict's traceback."""
+        try:
+            module.load_state_dict(self.load_weights(name))
+        except RuntimeError as exc:
+            raise VisionflowError(f"{self.path / name}: weights do not fit the {what} in config.json "
+                                  f"({str(exc).splitlines()[0]})") from None
+
     def best_weights_name(self) -> str:
         return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"
 

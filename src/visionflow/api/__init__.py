@@ -210,7 +210,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
 def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: TrainingData, preprocess: Preprocess,
                  summary: dict) -> dict:
     """Final validation metrics with the best weights, report.json and the run's pictures."""
-    model.load_state_dict(run.load_weights(run.best_weights_name()))
+    run.load_into(model, run.best_weights_name())
     predictor = Predictor(model, preprocess, data.train.classes, next(model.parameters()).device,
                           input_kind=model_entry(cfg.model).input_kind, augment_eval=cfg.augment_eval,
                           precision=summary["precision"])
@@ -309,7 +309,6 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     if batch_size < 1:
         raise VisionflowError(f"--batch-size must be at least 1 (got {batch_size})")
     run = RunDir(run_dir)
-    run.require()  # before from_run's checks of --engine and --precision: a missing or wrong run is said first
     predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision,
                                    augment_eval=augment_eval)
     dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
@@ -367,8 +366,9 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     if predictor.input_kind == "clip":
         source = unlabelled_clips(inputs, predictor.frames)
     else:
-        _refuse_clips(inputs)
-        source = unlabelled_files(inputs)
+        paths = expand_inputs(inputs)  # listed once, for the clip check and the labelling
+        _refuse_clips(inputs, paths)
+        source = unlabelled_files(inputs, paths)
     if skip:
         skip = {os.path.abspath(path) for path in skip}
         source = source.subset([i for i in range(len(source)) if os.path.abspath(source.origin(i)) not in skip])
@@ -376,19 +376,11 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device), total=len(source))
 
 
-def _refuse_clips(inputs: Sequence[str]) -> None:
-    """An image run given only clips: say so, rather than 'no image files'."""
-    if (all(is_clip_file(p) for p in expand_inputs(inputs, warn=False))
-            and any(is_clip_file(p) for p in expand_clip_inputs(inputs, warn=False))):
+def _refuse_clips(inputs: Sequence[str], paths: list[str]) -> None:
+    """An image run given only clips (`paths`: the inputs' image files, or files named as typed): say so, rather
+    than 'no image files'."""
+    if all(is_clip_file(p) for p in paths) and any(is_clip_file(p) for p in expand_clip_inputs(inputs, warn=False)):
         raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
-
-
-def count_inputs(inputs: Sequence[str], run_dir: str | None = None) -> int:
-    """How many rows `predict` will write (one per image, or per clip for a clip run). `predict`'s rows say it too
-    (`.total`), from the one listing they label."""
-    if run_dir is not None and RunDir(run_dir).require().get("input_kind") == "clip":
-        return len(expand_clip_inputs(inputs, warn=False))
-    return len(expand_inputs(inputs, warn=False))  # predict itself warns, or refuses inputs without an image
 
 
 def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:

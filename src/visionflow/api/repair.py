@@ -122,12 +122,7 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
     run = RunDir(run_dir)
     config = run.require("repair")
     generator = RepairGenerator(config["channels"], config["train"]["width"])
-    name = run.best_weights_name()
-    try:
-        generator.load_state_dict(run.load_weights(name))
-    except RuntimeError as exc:  # another run's weights, or a config.json edited by hand
-        raise VisionflowError(f"{run.path / name}: weights do not fit the generator in config.json "
-                              f"({str(exc).splitlines()[0]})") from None
+    run.load_into(generator, run.best_weights_name(), what="generator")
     return generator.to(select_device(device)).eval(), config
 
 

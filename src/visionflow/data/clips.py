@@ -127,7 +127,8 @@ def _video_frames(path: str, channels: int, size: int | None, count: int, frames
             # (20 ms for a 30 s video): only those are converted, so memory stays flat on long videos, and
             # decoding stops after the last. Not the count the container states: an AVI's counts the frames it
             # dropped (null frames, which decode to nothing), and mkv and webm state none.
-            times = _frame_times(path)
+            # A probe (count 1) takes the first frame only: no need to read every packet of the file first.
+            times = _frame_times(path) if count > 1 else [None]
             if not times:
                 raise BrokenImage(path, "video has no frames")
             wanted = clip_indices(len(times), count, frames)
@@ -239,8 +240,7 @@ class ClipFiles(ImageFiles):
 
     kind = "clip"
     probe = staticmethod(probe_clip)
-    probe_count = 8  # a probe reads a video's packets, then decodes its first frame
-    probe_each_class = False  # a probe reads the whole file to count its packets: long videos in many classes add up
+    probe_count = 8  # a probe decodes a video's first frame (and reads a frame folder's first image)
     max_guessed_size = 112  # the usual input side of video networks; larger clips are scaled down by default
 
     def __init__(self, paths: list[str], labels: Sequence[int], classes: list[str], frames: int, name: str = ""):

@@ -98,8 +98,7 @@ class ImageFiles(DataSource):
     """Image files with labels (label -1 when unlabelled, as for `predict` inputs)."""
 
     probe = staticmethod(probe_image)  # path -> (channels, (width, height)); clips bring their own
-    probe_count = 32                   # files sampled to guess channels and size
-    probe_each_class = True            # and the first of each class (cheap: a probe reads a header)
+    probe_count = 32                   # files sampled to guess channels and size, and the first of each class
     max_guessed_size = 224
     decode_in_processes = True
 
@@ -120,7 +119,7 @@ class ImageFiles(DataSource):
         if self._probed is None:
             step = max(1, len(self.paths) // self.probe_count)
             picked = set(range(0, len(self.paths), step)[:self.probe_count])
-            if self.probe_each_class and len(self.labels):
+            if len(self.labels):
                 picked |= {int(i) for i in np.unique(self.labels, return_index=True)[1]}
             self._probed, tried = [], set()
             for index in sorted(picked):
@@ -385,11 +384,11 @@ def report_unmatched(unmatched: list[str], paths: list[str], warn: bool = True) 
         log.warning("%s: no such file, folder or matching glob; going on with the other inputs", glob_text)
 
 
-def expand_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files, folders (recursive) and globs -> image file paths, in the order given. Folders and globs give their
     image files only, as DATA's folders do; a file named as typed is kept whatever it is (a non-image then gets an
-    error row, as an unreadable image does). A glob that matches nothing is a warning (`warn`), or an error when
-    none of the inputs gives a path."""
+    error row, as an unreadable image does). A glob that matches nothing is a warning, or an error when none of the
+    inputs gives a path."""
     found, unmatched = matching_inputs(inputs)
     paths: list[str] = []
     for path, named in found:
@@ -397,12 +396,12 @@ def expand_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
             paths.extend(_files_below(Path(path), is_image_file))
         elif named or is_image_file(path):
             paths.append(path)
-    report_unmatched(unmatched, paths, warn)
+    report_unmatched(unmatched, paths)
     return list(dict.fromkeys(paths))  # once each: 'photos/**' matches a folder and the files in it
 
 
-def unlabelled_files(inputs: Sequence[str]) -> ImageFiles:
-    paths = expand_inputs(inputs)
+def unlabelled_files(inputs: Sequence[str], paths: list[str]) -> ImageFiles:
+    """The image files `paths` (expand_inputs(inputs), listed by the caller) to label, without labels."""
     if not paths:
         raise VisionflowError(f"no image files in {' '.join(inputs)}")
     return ImageFiles(paths, [-1] * len(paths), classes=[], name="inputs")

@@ -59,11 +59,7 @@ def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
     classes = list(config["classes"])
     generator = Generator(config["channels"], config["image_size"], len(classes) if cfg.conditional else 0,
                           cfg.latent_dim, cfg.width)
-    try:
-        generator.load_state_dict(run.load_weights("generator.safetensors"))
-    except RuntimeError as exc:  # another run's weights, or a config.json edited by hand
-        raise VisionflowError(f"{run.path / 'generator.safetensors'}: weights do not fit the generator in config.json "
-                              f"({str(exc).splitlines()[0]})") from None
+    run.load_into(generator, "generator.safetensors", what="generator")
     target = select_device(device)
     return GanRun(generator.to(target).eval(), cfg, classes, config["channels"], config["image_size"], target)
 

@@ -235,7 +235,7 @@ def train_repair_epoch(generator: RepairGenerator, discriminator: PatchDiscrimin
         for name, value in (("d_loss", d_loss), ("g_adversarial", g_adversarial), ("l1_hole", l1_hole), ("l1_known", l1_known)):
             totals[name] += float(value.detach())
         steps += 1
-        show(first + len(index), f"l1_hole {totals['l1_hole'] / steps:.4f}")
+        show(first + len(index), lambda: f"l1_hole {totals['l1_hole'] / steps:.4f}")
     seconds = time.perf_counter() - start
     means = {name: total / max(1, steps) for name, total in totals.items()}
     if not all(math.isfinite(v) for v in means.values()):

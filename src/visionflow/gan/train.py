@@ -251,7 +251,7 @@ class GanTrainer:
                 totals[key] += stats[key]
             batches += 1
             images += len(index)
-            show(first + len(index), f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
+            show(first + len(index), lambda: f"D {stats['d_loss']:.3f}  G {stats['g_loss']:.3f}")
         seconds = time.perf_counter() - start
         return {**{k: v / max(1, batches) for k, v in totals.items()},
                 "images_per_second": images / seconds, "seconds": seconds}

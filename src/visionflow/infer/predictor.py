@@ -38,10 +38,7 @@ def load_run_model(run: RunDir, weights: str = "best") -> tuple[nn.Module, dict]
     name = {"best": run.best_weights_name(), "last": "last.safetensors"}.get(weights)
     if name is None:
         raise VisionflowError(f"--weights must be best or last (got {weights})")
-    try:
-        model.load_state_dict(run.load_weights(name))
-    except RuntimeError as exc:
-        raise VisionflowError(f"{run.path / name}: weights do not fit the model in config.json ({str(exc).splitlines()[0]})") from None
+    run.load_into(model, name)
     fields = {"preprocess": preprocess, "classes": list(config["classes"]),
               "input_kind": config.get("input_kind", "image"), "frames": int(train.get("frames", 16)),
               "augment_eval": config.get("augment_eval", "none")}
@@ -79,12 +76,12 @@ class Predictor:
         and `predict` ask for "auto"; the default stays "torch" for callers that need the nn.Module itself
         (the GAN's domain-FID features).
         """
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        model, fields = load_run_model(run, weights)  # first: a missing or wrong run is said before a bad option
         if engine not in ENGINES:
             raise VisionflowError(f"--engine must be one of {', '.join(ENGINES)} (got {engine})")
         if precision not in PRECISIONS:  # checked here for every model: resolve_precision is not reached for all
             raise VisionflowError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision})")
-        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        model, fields = load_run_model(run, weights)
         if augment_eval is not None:
             if augment_eval not in EVAL_AUGMENTS:
                 raise VisionflowError(f"--augment-eval must be one of {', '.join(EVAL_AUGMENTS)} (got {augment_eval})")

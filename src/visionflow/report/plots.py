@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from visionflow.errors import VisionflowError
@@ -15,14 +13,21 @@ from visionflow.runs import atomic_write
 
 
 # Figures made directly, not through pyplot: files only, never a window, and the caller's matplotlib backend
-# (a notebook's) is left as it was.
-def _save(fig: Figure, path: Path) -> None:
+# (a notebook's) is left as it was. matplotlib loads with the first figure, not with this module: the GAN's
+# sample grids and every CLI verb import it, and only the figures need it (0.45 s of every command's start).
+def _figure(**options):
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def _save(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    fig = _figure(figsize=(9, 3.4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     style = {"marker": "o", "markersize": 3}  # one epoch is one point, which a bare line would not draw
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train", **style)
@@ -35,6 +40,8 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
         if len(epochs) <= 20:  # epochs are whole: a tick each
             ax.set_xticks(epochs)
         else:
+            from matplotlib.ticker import MaxNLocator
+
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
@@ -44,7 +51,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
     matrix = np.asarray(confusion)
     size = max(4.0, 0.45 * len(classes) + 2)
-    fig = Figure(figsize=(size, size))
+    fig = _figure(figsize=(size, size))
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title="Confusion matrix")
@@ -64,7 +71,7 @@ def plot_image_grid(images: torch.Tensor, titles: list[str], path: Path, columns
         return
     rows = (n + columns - 1) // columns
     cols = min(columns, n)
-    fig = Figure(figsize=(1.6 * cols, 1.8 * rows))
+    fig = _figure(figsize=(1.6 * cols, 1.8 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

@@ -173,10 +173,9 @@ class ClassifierTrainer:
     name = "epoch"
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: DecodedPart,
-                 preprocess: Preprocess, run: RunDir, checkpoint: dict | None, show_progress: bool):
+                 preprocess: Preprocess, run: RunDir, checkpoint: dict | None):
         self.model, self.cfg, self.train_part, self.val_part, self.preprocess, self.run = (
             model, cfg, train_part, val_part, preprocess, run)
-        self.show_progress = show_progress
         self.device = device = select_device(cfg.device)
         model.to(device, memory_format=memory_format(device))
         self.precision = resolve_precision(cfg.precision, device, model)  # "auto" -> fp32 or bf16 for this model here
@@ -215,11 +214,11 @@ class ClassifierTrainer:
             # update, not one per step (they cost several percent of a small model's step).
             counter["seen"] += count
             counter["steps"] += 1
-            if not self.show_progress or counter["steps"] % 25:
+            if counter["steps"] % 25:
                 return
             seen = counter["seen"]
             rate = seen / max(1e-9, time.perf_counter() - counter["start"])
-            show(seen, f"loss {float(loss_sum) / seen:.4f}  acc {int(correct) / seen:.4f}  {rate:,.0f} {self.rate_unit}")
+            show(seen, lambda: f"loss {float(loss_sum) / seen:.4f}  acc {int(correct) / seen:.4f}  {rate:,.0f} {self.rate_unit}")
 
         return train_one_epoch(self.model, self.train_part, self.preprocess, self.augment, self.loss_fn, self.optimizer,
                                self.schedule, self.cfg, self.device, random, on_step, self.lookahead, self.forward,
@@ -257,7 +256,7 @@ def fit(model: nn.Module, cfg: TrainConfig, train_part: DecodedPart, val_part: D
         run: RunDir, checkpoint: dict | None = None, show_progress: bool = True) -> dict:
     """Train `model`, writing the run directory as it goes; returns a summary.
     `checkpoint`: the run's checkpoint.pt (RunDir.load_checkpoint) to continue from."""
-    trainer = ClassifierTrainer(model, cfg, train_part, val_part, preprocess, run, checkpoint, show_progress)
+    trainer = ClassifierTrainer(model, cfg, train_part, val_part, preprocess, run, checkpoint)
     rows = run_epochs(trainer, run, cfg.epochs, cfg.seed, show_progress)
     state = trainer.state
     rates = [r["images_per_second"] for r in rows]

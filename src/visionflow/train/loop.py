@@ -21,7 +21,9 @@ from visionflow.errors import TrainingInterrupted
 from visionflow.runs import RunDir
 from visionflow.train.progress import make_console, make_progress
 
-ShowProgress = Callable[[int, str], None]  # (items done this epoch, status text) -> the progress bar
+# (items done this epoch, the status text) -> the progress bar; the text is asked for only when the bar shows, so a
+# status that costs a host sync (a running loss) costs nothing with --quiet
+ShowProgress = Callable[[int, Callable[[], str]], None]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -69,8 +71,9 @@ def run_epochs(trainer: EpochTrainer, run: RunDir, epochs: int, seed: int, show_
                 torch.manual_seed(epoch_seed(seed, epoch))  # dropout and any other draw from the global generator
                 random = torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
-                def show(done: int, status: str) -> None:
-                    progress.update(task, completed=done, status=status)
+                def show(done: int, status: Callable[[], str]) -> None:
+                    if show_progress:
+                        progress.update(task, completed=done, status=status())
 
                 stats = trainer.train_epoch(random, show)
                 row, summary = trainer.end_epoch(epoch + 1, stats)
