@@ -20,6 +20,7 @@ from PIL import Image
 
 from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
+from visionflow.runs import RunDir
 
 from conftest import run_cli, write_class_folder
 from visionflow.cli import main
@@ -437,6 +438,19 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     moved_again = moved.rename(tmp_path / "moved-again")  # the original gone: nothing to compare bytes with
     assert main(["evaluate", str(out), str(moved_again), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 3
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys):
+    data = write_class_folder(tmp_path / "data", per_class=6, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["model"] = "resnet18"  # edited by hand: checkpoint.pt holds seed-cnn's weights
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    error = user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"])
+    assert f"{out / 'checkpoint.pt'}: weights do not fit the model in config.json (Missing key(s)" in error
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained on the wrong weights
 
 
 def test_resume_reads_val_where_it_is_now(tmp_path: Path, capsys, caplog):

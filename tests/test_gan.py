@@ -365,6 +365,18 @@ def test_weights_that_do_not_fit_the_runs_config_are_a_one_line_error(one_epoch_
     assert len(err.splitlines()) == 1 and "generator.safetensors: weights do not fit the generator in config.json" in err
 
 
+def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_a_one_line_error(one_epoch_run, digit_folder, tmp_path, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["gan"]["width"] = 16  # checkpoint.pt's networks are of width 32, as another run's could be
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["gan", "train", digit_folder, "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{run / 'checkpoint.pt'}: weights do not fit the generator in config.json (size mismatch for " in err
+    assert RunDir(run).load_checkpoint()["epoch"] == 1
+
+
 # --- domain FID on a run -----------------------------------------------------------------------------------
 
 def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path):

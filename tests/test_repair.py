@@ -237,6 +237,19 @@ def test_weights_that_do_not_fit_the_runs_config_are_a_one_line_error(digits_run
         assert len(err.splitlines()) == 1 and "best.safetensors: weights do not fit the generator in config.json" in err
 
 
+def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_a_one_line_error(digits_run, tmp_path, capsys):
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["width"] = 16  # checkpoint.pt's generator is of width 8, as another run's could be
+    (run / "config.json").write_text(json.dumps(config))
+    epochs = len((run / "metrics.csv").read_text().strip().splitlines()) - 1
+    assert main(["repair", "train", "digits", "--out", str(run), "--resume", "--epochs", str(epochs + 1), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{run / 'checkpoint.pt'}: weights do not fit the generator in config.json (size mismatch for " in err
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) - 1 == epochs  # nothing trained
+
+
 def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run, tmp_path, caplog):
     _digit_png(tmp_path / "grey.png")
     colour = np.zeros((28, 28, 3), dtype=np.uint8)

@@ -185,14 +185,21 @@ class RunDir:
         except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file
             raise VisionflowError(f"{path}: unreadable weights ({exc})") from None
 
-    def load_into(self, module: torch.nn.Module, name: str, what: str = "model") -> None:
-        """The weights file `name` loaded into `module`, built from config.json: weights that do not fit it (another
-        run's file, a config.json edited by hand) are one line naming the file, not load_state_dict's traceback."""
+    def load_into(self, module: torch.nn.Module, name: str, what: str = "model",
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The weights file `name` loaded into `module`, built from config.json, or `weights` already read from the
+        run's file `name` (a network's part of checkpoint.pt): weights that do not fit it (another run's file, a
+        config.json edited by hand) are one line naming the file and the mismatch, not load_state_dict's traceback."""
         try:
-            module.load_state_dict(self.load_weights(name))
+            module.load_state_dict(self.load_weights(name) if weights is None else weights)
         except RuntimeError as exc:
+            # its first line names only the module's class; the mismatches follow, one a line
+            lines = str(exc).splitlines()
+            mismatch = " ".join((lines[1:2] or lines[:1] or ["mismatched weights"])[0].split())
+            if len(mismatch) > 200:  # a list of every missing key of a large network
+                mismatch = mismatch[:200] + " ..."
             raise VisionflowError(f"{self.path / name}: weights do not fit the {what} in config.json "
-                                  f"({str(exc).splitlines()[0]})") from None
+                                  f"({mismatch})") from None
 
     def best_weights_name(self) -> str:
         return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"

@@ -289,8 +289,8 @@ class RepairTrainer:
         self.per_epoch = steps_per_epoch(len(train_images), cfg.batch_size)
         self.state = RepairState()
         if checkpoint is not None:
-            generator.load_state_dict(checkpoint["generator"])
-            discriminator.load_state_dict(checkpoint["discriminator"])
+            run.load_into(generator, "checkpoint.pt", "generator", checkpoint["generator"])
+            run.load_into(discriminator, "checkpoint.pt", "discriminator", checkpoint["discriminator"])
             self.g_optimizer.load_state_dict(checkpoint["g_optimizer"])
             self.d_optimizer.load_state_dict(checkpoint["d_optimizer"])
             self.state = RepairState(**checkpoint["state"])

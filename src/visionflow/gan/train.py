@@ -204,9 +204,9 @@ class GanTrainer:
         self.epoch, self.step = 0, 0
         self.best_diversity = None  # the highest sample diversity so far, for the collapse warning
         if checkpoint is not None:
-            self.generator.load_state_dict(checkpoint["generator"])
-            self.discriminator.load_state_dict(checkpoint["discriminator"])
-            self.ema.load_state_dict(checkpoint["ema"])
+            run.load_into(self.generator, "checkpoint.pt", "generator", checkpoint["generator"])
+            run.load_into(self.discriminator, "checkpoint.pt", "discriminator", checkpoint["discriminator"])
+            run.load_into(self.ema, "checkpoint.pt", "generator", checkpoint["ema"])
             self.optimizer_g.load_state_dict(checkpoint["optimizer_g"])
             self.optimizer_d.load_state_dict(checkpoint["optimizer_d"])
             self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])

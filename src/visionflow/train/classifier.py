@@ -187,7 +187,7 @@ class ClassifierTrainer:
         self.schedule = build_schedule(cfg, self.optimizer, steps_per_epoch)
         self.state = FitState()
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
+            run.load_into(model, "checkpoint.pt", weights=checkpoint["model"])
             restore_optimizer(self.optimizer, self.schedule, checkpoint)
             self.state = FitState(**checkpoint["state"])
         self.lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
