@@ -18,11 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
+from visionflow import api
+from visionflow.config import TrainConfig
 from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
-from conftest import run_cli, write_class_folder
+from conftest import pattern_image, run_cli, write_class_folder
 from visionflow.cli import main
 from test_sources import write_mnist
 
@@ -438,6 +440,52 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     moved_again = moved.rename(tmp_path / "moved-again")  # the original gone: nothing to compare bytes with
     assert main(["evaluate", str(out), str(moved_again), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 3
+
+
+def add_images(folder: Path, count: int, seed: int) -> None:
+    """`count` more 12x12 images in each class folder, named to sort among the ones there."""
+    rng = np.random.default_rng(seed)
+    for kind in ("square", "stripes_h", "stripes_v"):
+        for i in range(count):
+            Image.fromarray(pattern_image(kind, rng, 12)).save(folder / kind / f"{i:03d}-new{seed}.png")
+
+
+def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    held_out = json.loads((out / "split.json").read_text())["held_out"]
+    assert len(held_out) == 3
+    add_images(data, 3, seed=1)  # a seeded split of 13 images a class would hold out others, trained on in epoch 1
+    assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert caplog.messages == [f"{data}: 9 more files to train on than when the run started; the images held out in "
+                               "split.json stay held out"]
+    split = json.loads((out / "split.json").read_text())
+    assert split["held_out"] == held_out
+    assert json.loads((out / "report.json").read_text())["validation"]["n"] == 3
+    cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
+    trained_on = api.load_training_data(cfg, 1, 12, split=split).train.origins  # what the resume trained on
+    assert len(trained_on) == 27 + 9 and not set(trained_on) & set(held_out)
+
+    moved = data.rename(tmp_path / "moved")  # moved, and added to again: the same items, under its paths now
+    add_images(moved, 1, seed=2)
+    held_out = [os.path.join(moved.resolve(), os.path.relpath(path, data.resolve())) for path in held_out]
+    caplog.clear()
+    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 0
+    assert "12 more files to train on than when the run started" in caplog.text
+    assert json.loads((out / "split.json").read_text())["held_out"] == held_out
+
+    os.unlink(held_out[0])  # a held-out image gone: said, and the others still validate
+    caplog.clear()
+    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "4", "--quiet"]) == 0
+    assert ("12 more files to train on than when the run started, and 1 of the 3 held-out images are gone "
+            "(validating on the other 2)") in caplog.text
+    assert json.loads((out / "report.json").read_text())["validation"]["n"] == 2
+    assert json.loads((out / "split.json").read_text())["held_out"] == held_out  # if it comes back, it stays held out
+    os.unlink(held_out[1])  # most of them gone: the validation would not compare with the earlier epochs'
+    capsys.readouterr()
+    assert "2 of the 3 images the run held out for validation (split.json) are gone" in user_error(
+        capsys, ["train", str(moved), "--out", str(out), "--resume", "--epochs", "5"])
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys):

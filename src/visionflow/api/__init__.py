@@ -57,9 +57,11 @@ def _check_kind(model_name: str, source: DataSource) -> None:
     source.require_kind(model_entry(model_name).input_kind, f"model '{model_name}'", f" (models for {source.kind}s: {others})")
 
 
-def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, DataSource, list[str] | None, str]:
+def _validation_source(cfg: TrainConfig, dataset: DataSet,
+                       split: dict | None = None) -> tuple[DataSource, DataSource, list[str] | None, str]:
     """(train source, validation source, held-out origins or None when the validation data is separate, where the
-    validation data comes from in words)."""
+    validation data comes from in words). `split`: a resumed run's split.json, its held-out items as the data names
+    them now (require_same_data)."""
     if cfg.val is not None:
         val_set = open_data(cfg.val, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
         val = val_set.val or val_set.test or val_set.train  # its validation part when it has one
@@ -71,13 +73,41 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet) -> tuple[DataSource, 
         # report.json says; --val or a data set without a test part keep the two apart.
         folder = Path(dataset.test.name).name.lower()
         return dataset.train, dataset.test, None, f"the data's {'val/' if folder in ('val', 'validation') else 'test'} part"
+    held_out_from = f"{cfg.val_split:.0%} of the training part, held out (split.json)"
+    if split is not None:
+        train, val = _recorded_split(cfg.data, dataset.train, split["held_out"], split.get("items"))
+        return train, val, split["held_out"], held_out_from
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
     if len(val_idx) == 0:
         raise VisionflowError(f"{cfg.data}: too few images to hold out {cfg.val_split:.0%} for validation "
                               f"({len(dataset.train)} in all); add images, raise --val-split or give --val DATA")
     val = dataset.train.subset(val_idx)
-    return (dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))],
-            f"{cfg.val_split:.0%} of the training part, held out (split.json)")
+    return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))], held_out_from
+
+
+def _recorded_split(data: str, source: DataSource, held_out: list[str], items: int | None) -> tuple[DataSource, DataSource]:
+    """(train, validation) of a resumed run: the items split.json held out stay held out and every other one trains.
+    The split is not computed again: with files added since the run started, a seeded split of the new listing holds
+    out other files, some of which the run has trained on. `items`: how many the training part held when the run
+    started (split.json's, None for a run from before it was recorded). What changed since is one warning; a
+    held-out part mostly gone is an error, as its accuracy, which chose best.safetensors, would not compare."""
+    recorded = set(held_out)
+    is_held_out = [source.origin(i) in recorded for i in range(len(source))]
+    val_idx = [i for i, held in enumerate(is_held_out) if held]
+    train_idx = [i for i, held in enumerate(is_held_out) if not held]
+    gone = len(recorded) - len(val_idx)
+    if gone * 2 > len(recorded):
+        raise VisionflowError(f"{data}: {gone} of the {len(recorded)} images the run held out for validation "
+                              "(split.json) are gone; put them back, or train a new run")
+    added = None if items is None else len(train_idx) - (items - len(recorded))
+    changes = []
+    if added:
+        changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} files to train on than when the run started")
+    if gone:
+        changes.append(f"{gone} of the {len(recorded)} held-out images are gone (validating on the other {len(val_idx)})")
+    if changes:
+        log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
+    return source.subset(train_idx), source.subset(val_idx)
 
 
 def _aligned(source: DataSource, classes: list[str]) -> DataSource:
@@ -102,9 +132,11 @@ def open_training_data(cfg: TrainConfig) -> DataSet:
     return dataset
 
 
-def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: DataSet | None = None) -> TrainingData:
+def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: DataSet | None = None,
+                       split: dict | None = None) -> TrainingData:
+    """`split`: a resumed run's split.json (_validation_source)."""
     dataset = dataset or open_training_data(cfg)
-    train_source, val_source, held_out, val_from = _validation_source(cfg, dataset)
+    train_source, val_source, held_out, val_from = _validation_source(cfg, dataset, split)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     unreadable = [name for name, count in zip(train.classes, torch.bincount(train.labels, minlength=len(train.classes)).tolist())
                   if count == 0]
@@ -164,8 +196,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
         "data_spec": dataset.spec,
         **({"clip_sampling": sampling_policy(cfg.frames)} if input_kind == "clip" else {}),
     })
-    if data.held_out is not None:
-        run.write_json("split.json", {"held_out": data.held_out})
+    if data.held_out is not None:  # and how many items the split was made from, for a resume to count those added
+        run.write_json("split.json", {"held_out": data.held_out, "items": len(dataset.train)})
     summary = fit(model, cfg, data.train, data.val, preprocess, run, show_progress=show_progress)
     return write_report(run, model, cfg, data, preprocess, summary)
 
@@ -193,16 +225,17 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
                     finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
-    require_same_data(run, dataset)
-    data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset)
+    held_out = require_same_data(run, dataset)
+    split = None if held_out is None else {**run.read_json("split.json"), "held_out": held_out}
+    data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split)
     if data.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
     model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
                          image_size=preprocess.image_size, **cfg.model_options)
     config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
     run.write_json("config.json", config)
-    if data.held_out is not None:  # the same split (seeded), under the data's paths now
-        run.write_json("split.json", {"held_out": data.held_out})
+    if split is not None:  # the same held-out items, under the data's paths now
+        run.write_json("split.json", split)
     summary = fit(model, cfg, data.train, data.val, preprocess, run, checkpoint=checkpoint, show_progress=show_progress)
     return write_report(run, model, cfg, data, preprocess, summary)
 
@@ -282,17 +315,20 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     return source.subset([i for i in range(len(source)) if source.origin(i) in keep])
 
 
-def require_same_data(run: RunDir, dataset: DataSet) -> None:
-    """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data."""
+def require_same_data(run: RunDir, dataset: DataSet) -> list[str] | None:
+    """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data.
+    Returns the items the run held out (split.json) as `dataset` names them, or None when it held none out."""
     recorded = run.read_json("config.json").get("data_spec")
-    if dataset.spec == recorded:
-        return
-    if not run.exists("split.json"):  # nothing held out to recognise it by
-        log.warning("resuming on %s; the run trained on %s (if that is other data, the epochs will not compare)",
-                    dataset.spec, recorded)
-    elif held_out_in(run, dataset, recorded) is None:
+    held_out = held_out_in(run, dataset, recorded)
+    if held_out is not None or dataset.spec == recorded:
+        return held_out
+    if run.exists("split.json"):
         raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): the images it held "
                               "out are not in it. Resume on that data, moved or not, or train a new run")
+    # nothing held out to recognise it by
+    log.warning("resuming on %s; the run trained on %s (if that is other data, the epochs will not compare)",
+                dataset.spec, recorded)
+    return None
 
 
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
