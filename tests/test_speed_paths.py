@@ -7,12 +7,15 @@ import logging
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 
 from visionflow.config import TrainConfig
+from visionflow.data.loading import DecodedPart
+from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
 from visionflow.devices import compiled_or_eager, cpp_compiler, fused_optimizer_available
 from visionflow.models import create_model
 from visionflow.models.layers import MaxPool2x2
-from visionflow.train.classifier import build_optimizer
+from visionflow.train.classifier import build_optimizer, build_schedule, train_one_epoch
 
 
 def _seed_cnn(size: int = 12) -> nn.Module:
@@ -91,6 +94,34 @@ def test_a_compilation_that_fails_falls_back_to_eager(caplog):
     assert torch.equal(logits, model(x))
     assert "simulated compiler failure" in caplog.text
     assert torch.equal(forward(x), model(x))  # and stays eager afterwards
+
+
+def test_a_backward_pass_that_fails_to_compile_is_redone_eager(caplog):
+    # PyTorch compiles the backward pass at the first backward(), after the forward pass ran compiled; TorchInductor
+    # then raises InductorError, a BackendCompilerFailed. This backend fails so there, and only there.
+    def failing_backward(graph_module, example_inputs):
+        raise torch._dynamo.exc.BackendCompilerFailed(failing_backward, RuntimeError("simulated backward failure"), None)
+
+    backend = aot_autograd(fw_compiler=lambda graph_module, example_inputs: graph_module, bw_compiler=failing_backward)
+    images = torch.randint(0, 256, (20, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    part = DecodedPart(images, torch.arange(20) % 10, [str(i) for i in range(20)], [str(c) for c in range(10)])
+    cfg = TrainConfig(data="-", out="-", batch_size=8)  # batches of 8, 8 and 4
+    preprocess = Preprocess(image_size=12, channels=1, mean=[127.5], std=[64.0])
+    results = []
+    for compiled in (False, True):
+        model = _seed_cnn()
+        optimizer = build_optimizer(cfg, model)
+        forward = compiled_or_eager(model, torch.device("cpu"), compiler="g++", backend=backend) if compiled else model
+        with caplog.at_level(logging.WARNING, logger="visionflow"):
+            stats = train_one_epoch(model, part, preprocess, Augment(AugmentSpec.parse("none")), nn.CrossEntropyLoss(),
+                                    optimizer, build_schedule(cfg, optimizer, 3), cfg, torch.device("cpu"),
+                                    torch.Generator().manual_seed(3), lambda *_: None, forward=forward)
+        results.append((stats["train_loss"], torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (eager_loss, eager_weights), (fallen_back_loss, fallen_back_weights) = results
+    assert fallen_back_loss == pytest.approx(eager_loss, rel=1e-6)  # every batch trained, the first one once
+    assert torch.allclose(fallen_back_weights, eager_weights, atol=1e-6)
+    assert not forward.compiled  # and it stays eager
+    assert len(caplog.messages) == 1 and "simulated backward failure" in caplog.messages[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

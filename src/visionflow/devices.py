@@ -108,11 +108,36 @@ def compile_unavailable_reason(device: torch.device, compiler: str | None) -> st
     return None
 
 
+class CompiledForward:
+    """`model` compiled, going on with `model` itself once compiling fails. PyTorch compiles lazily: the forward
+    pass at the first call, which falls back here, and the backward pass at the first `backward()`, which falls
+    back in train_one_epoch (`fall_back`)."""
+
+    def __init__(self, model: nn.Module, compiled: Callable[[torch.Tensor], torch.Tensor]):
+        self.model, self.current = model, compiled
+
+    @property
+    def compiled(self) -> bool:
+        return self.current is not self.model
+
+    def fall_back(self, exc: Exception) -> None:
+        log.warning("torch.compile failed (%s); training continues uncompiled", " ".join(str(exc).split())[:300])
+        self.current = self.model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.current(x)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if not self.compiled:
+                raise
+            self.fall_back(exc)
+            return self.model(x)
+
+
 def compiled_or_eager(model: nn.Module, device: torch.device, enabled: bool = True,
                       compiler: str | None | Literal["auto"] = "auto", backend="inductor") -> Callable[[torch.Tensor], torch.Tensor]:
-    """`model` compiled (by TorchInductor unless `backend` says otherwise) when it can be, else `model` itself.
-    Compilation happens lazily on the first call; when it fails there, the run logs why and goes on eager. The
-    backward pass is compiled later, at the first `backward()`, outside this fallback."""
+    """`model` compiled (by TorchInductor unless `backend` says otherwise) when it can be, else `model` itself;
+    compiling happens lazily and falls back to `model` when it fails there (CompiledForward)."""
     if not enabled:
         return model
     reason = compile_unavailable_reason(device, cpp_compiler() if compiler == "auto" else compiler)
@@ -120,17 +145,4 @@ def compiled_or_eager(model: nn.Module, device: torch.device, enabled: bool = Tr
         log.warning("training uncompiled: %s", reason)
         return model
     # dynamic=False: one graph for the full batch and one for the last, smaller batch, no shape guards.
-    compiled = torch.compile(model, dynamic=False, backend=backend)
-    current: list[Callable] = [compiled]
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        try:
-            return current[0](x)
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            if current[0] is model:
-                raise
-            log.warning("torch.compile failed (%s); training continues uncompiled", " ".join(str(exc).split())[:300])
-            current[0] = model
-            return model(x)
-
-    return forward
+    return CompiledForward(model, torch.compile(model, dynamic=False, backend=backend))

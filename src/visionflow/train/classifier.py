@@ -18,8 +18,8 @@ from torch import nn
 from visionflow.config import TrainConfig
 from visionflow.data.loading import DecodedPart
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess
-from visionflow.devices import (autocast, compiled_or_eager, fused_optimizer_available, memory_format, resolve_precision,
-                                select_device)
+from visionflow.devices import (CompiledForward, autocast, compiled_or_eager, fused_optimizer_available, memory_format,
+                                resolve_precision, select_device)
 from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor
 from visionflow.runs import RunDir
@@ -128,6 +128,15 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
                     lookahead: Lookahead | None = None, forward=None, precision: str = "fp32") -> dict:
     """One pass over `part`. `forward` is what computes the logits: `model` itself or its compiled version."""
     forward = forward or model
+
+    def forward_backward(call, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(device, precision):
+            logits = call(x)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return logits, loss
+
     model.train()
     order = epoch_order(part.labels, cfg.balanced_sampler, generator)
     total_loss = torch.zeros((), device=device)
@@ -144,11 +153,16 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
         x = preprocess(images, augment, generator)
         if x.ndim == 4:
             x = x.contiguous(memory_format=memory_format(device))
-        with autocast(device, precision):
-            logits = forward(x)
-            loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            logits, loss = forward_backward(forward, x, labels)
+        except RuntimeError as exc:  # torch.compile's own errors are RuntimeErrors; naming them here would import it
+            if not (isinstance(forward, CompiledForward) and forward.compiled
+                    and isinstance(exc, torch._dynamo.exc.TorchDynamoException)):
+                raise
+            # The backward pass is compiled at its graph's first backward(), beyond the forward's fallback. It failed
+            # before optimizer.step(): the weights are untouched, so the same batch is redone uncompiled.
+            forward.fall_back(exc)
+            logits, loss = forward_backward(forward, x, labels)
         optimizer.step()
         schedule.step()
         if lookahead is not None:
