@@ -329,6 +329,17 @@ def test_a_grid_too_large_for_its_format_is_a_one_line_error(one_epoch_run, tmp_
     assert len(err.splitlines()) == 1 and "beyond the 16383 a .webp file can hold" in err and not grid.exists()
 
 
+def test_a_grid_that_could_not_be_written_is_refused_before_sampling(one_epoch_run, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for out, message in ((tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the picture's file name"),
+                         (tmp_path / "a-file" / "samples", f"--out {tmp_path / 'a-file' / 'samples'}: {tmp_path / 'a-file'} "
+                                                           "is a file; give a folder, or an image file name for one grid")):
+        assert main(["gan", "sample", str(one_epoch_run), "--n", "4", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"visionflow: error: {message}"]
+    assert list((tmp_path / "folder.png").iterdir()) == []
+
+
 def test_a_gan_run_given_as_the_feature_classifier_is_named_as_such(one_epoch_run, digit_folder, capsys):
     assert main(["gan", "evaluate", str(one_epoch_run), str(digit_folder), "--classifier", str(one_epoch_run)]) == 2
     err = capsys.readouterr().err.strip()

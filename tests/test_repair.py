@@ -308,6 +308,24 @@ def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_
     assert Image.open(tmp_path / "examples.jpg").format == "JPEG"
 
 
+def test_a_bad_examples_path_is_refused_before_any_work_and_a_picture_there_is_replaced(digits_run, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    for examples, message in ((tmp_path / "a-file" / "grid.png", f"{tmp_path / 'a-file'}: a file stands where a folder is needed"),
+                              (tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the picture's file name"),
+                              (tmp_path / "grid.txt", f"{tmp_path / 'grid.txt'}: not an image file name")):
+        # DATA does not exist: the --examples error comes before the run and the data are read, not after scoring
+        code = main(["repair", "evaluate", str(digits_run), str(tmp_path / "no-data"), "--mask", "center",
+                     "--examples", str(examples)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"visionflow: error: {message}")
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an older picture")  # replaced, as predict --output replaces its file
+    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "center", "--limit", "4",
+                 "--examples", str(grid)]) == 0
+    assert Image.open(grid).size == (4 * 30 + 2, 4 * 30 + 2)
+
+
 @pytest.mark.parametrize("size, box", [(112, (40, 40, 30, 30)), (60, (3, 5, 10, 7)), (20, (4, 4, 6, 5))])
 def test_a_repair_at_another_size_does_not_depend_on_what_the_hole_held(digits_run, size, box):
     from visionflow.api.repair import load_generator, repair_file

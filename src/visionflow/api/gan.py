@@ -25,8 +25,8 @@ from visionflow.gan.fid import classifier_features, feature_distance
 from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
-from visionflow.report.plots import check_grid_fits, is_image_name, save_image_grid
-from visionflow.runs import RunDir, atomic_write
+from visionflow.report.plots import check_grid_fits, check_picture_path, is_image_name, save_image_grid
+from visionflow.runs import RunDir, atomic_write, file_in_the_way
 
 log = logging.getLogger("visionflow")
 
@@ -104,12 +104,14 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
     path = Path(out)
     if is_image_name(path):
         columns = min(len(gan.classes) if gan.config.conditional and label is None else 8, count)
+        check_picture_path(path)
         check_grid_fits(path, count, columns, gan.image_size, gan.image_size)  # before generating them all
         images, _ = gan.images(count, labels, seed=seed)
         save_image_grid(images, path, columns=columns)
         return [path]
-    if path.exists() and not path.is_dir():
-        raise VisionflowError(f"--out {out}: is a file; give a folder, or an image file name for one grid")
+    in_the_way = file_in_the_way(path)
+    if in_the_way is not None:
+        raise VisionflowError(f"--out {out}: {in_the_way} is a file; give a folder, or an image file name for one grid")
     names = [f"{i:05d}_{gan.classes[int(labels[i])]}.png" if labels is not None else f"{i:05d}.png" for i in range(count)]
     taken = next((name for name in names if (path / name).exists()), None)
     if taken is not None:  # a folder of samples is written anew, never over files already there

@@ -27,8 +27,8 @@ from visionflow.errors import BrokenImage, VisionflowError
 from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
-from visionflow.report.plots import image_format, save_image_grid
-from visionflow.runs import RunDir, atomic_write
+from visionflow.report.plots import check_picture_path, save_image_grid
+from visionflow.runs import RunDir, atomic_write, file_in_the_way
 
 log = logging.getLogger("visionflow")
 
@@ -201,8 +201,9 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
     parsed_box = parse_box(box) if box is not None else None
     generator, config = load_generator(run_dir, device)
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VisionflowError(f"--out {out}: is a file; it must be a folder for the repaired images")
+    in_the_way = file_in_the_way(out_dir)
+    if in_the_way is not None:
+        raise VisionflowError(f"--out {out}: {in_the_way} is a file, not a folder for the repaired images")
     paths = expand_inputs(images)  # a path that does not exist is an error before any work
     if not paths:
         raise VisionflowError(f"no image files in {' '.join(images)}")
@@ -257,7 +258,7 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole sets the size of the center mask; --mask {mask} draws its own holes")
     check_seed(seed)
     if examples is not None:
-        image_format(Path(examples))  # a wrong name found before the work, not after it
+        check_picture_path(Path(examples))  # a wrong name or place found before the work, not after it
     generator, config = load_generator(run_dir, device)
     size, channels = config["image_size"], config["channels"]
     hole = size // 2 if hole is None else hole

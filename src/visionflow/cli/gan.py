@@ -90,7 +90,9 @@ def register(commands) -> dict:
     p = verbs.add_parser("sample", help="write N generated images: one grid (.png, .jpg, ...) or a folder of PNGs")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True, help="grid.png (or .jpg, .webp, ...), or a folder for one PNG per image")
+    p.add_argument("--out", required=True,
+                   help="grid.png (or .jpg, .webp, ...; replaced if it exists), or a folder for one PNG per image "
+                        "(refused if it holds files of the same names)")
     p.add_argument("--label", default=None, help="conditional GANs: the class to generate (default: every class)")
     p.add_argument("--seed", type=int, default=0)
     add_device_option(p)
