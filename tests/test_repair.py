@@ -186,7 +186,6 @@ def test_run_writes_repaired_image_and_side_by_side(digits_run, tmp_path):
 
 
 @pytest.mark.parametrize("mask_pixels, expected", [
-    (np.zeros((20, 20), dtype=np.uint8), "does not match"),       # wrong size
     (np.zeros((28, 28), dtype=np.uint8), "empty"),                # no hole
     (np.full((28, 28), 255, dtype=np.uint8), "covers all"),       # nothing known
 ])
@@ -199,12 +198,33 @@ def test_bad_masks_are_one_line_errors(digits_run, tmp_path, capsys, mask_pixels
     assert code == 2 and expected in err and len(err.splitlines()) == 1
 
 
-def test_box_outside_the_image_is_a_one_line_error(digits_run, tmp_path, capsys):
-    _digit_png(tmp_path / "digit.png")
-    code = main(["repair", "run", str(digits_run), str(tmp_path / "digit.png"), "--box", "20,20,10,10",
-                 "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "must lie inside" in err and len(err.splitlines()) == 1
+def test_an_image_the_box_or_mask_does_not_fit_is_named_and_the_others_are_repaired(digits_run, tmp_path, capsys,
+                                                                                        caplog):
+    _digit_png(tmp_path / "big.png")
+    _digit_png(tmp_path / "small.png", size=16)
+    _digit_png(tmp_path / "tiny.png", size=6)
+    argv = ["repair", "run", str(digits_run), str(tmp_path / "big.png"), str(tmp_path / "small.png"),
+            str(tmp_path / "tiny.png")]
+    mask = np.zeros((28, 28), dtype=np.uint8)
+    mask[:6, :6] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for hole, out, misfit in ((["--box", "12,12,6,6"], "box", "pixels: --box 12,12,6,6 does not lie inside it"),
+                              (["--mask", str(tmp_path / "mask.png")], "mask", "pixels, where --mask is 28x28")):
+        caplog.clear()
+        # as predict writes an error row and goes on, exit 0: the 16x16 and 6x6 images are named, the 28x28 one repaired
+        assert main([*argv, *hole, "--out", str(tmp_path / out)]) == 0
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["000_big_repaired.png", "000_big_side_by_side.png"]
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == 1 and printed[0].startswith(f"{tmp_path / 'big.png'}: ")
+        assert caplog.messages == [f"skipped {tmp_path / 'small.png'}: 16x16 {misfit}",
+                                   f"skipped {tmp_path / 'tiny.png'}: 6x6 {misfit}"]
+    assert main([*argv, "--box", "12,12,6,6", "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"visionflow: error: {tmp_path / 'small.png'}: 16x16 pixels: --box 12,12,6,6 does not lie inside it"]
+    caplog.clear()
+    assert main([*argv, "--box", "0,0,6,6", "--out", str(tmp_path / "whole")]) == 0  # all of the 6x6 image: nothing known
+    assert caplog.messages == [f"skipped {tmp_path / 'tiny.png'}: 6x6 pixels: --box 0,0,6,6 covers all of it, leaving "
+                               "nothing to repair from"]
 
 
 def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_path, capsys):

@@ -44,7 +44,9 @@ def add_repair_parsers(commands) -> None:
     hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
     p.add_argument("--out", required=True, help="output folder (files of the same names in it are replaced)")
     add_device_option(p)
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that is unreadable, or that the mask or box does not fit, instead of "
+                        "skipping it")
 
     p = verbs.add_parser("evaluate", help="PSNR and SSIM of the model and of biharmonic inpainting on held-out images",
                          description="Scores the data's test part (else the run's held-out split) with the same masks "
