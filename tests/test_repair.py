@@ -227,6 +227,20 @@ def test_an_image_the_box_or_mask_does_not_fit_is_named_and_the_others_are_repai
                                "nothing to repair from"]
 
 
+@pytest.mark.parametrize("box, expected", [
+    (["--box", "-1,0,5,5"], "--box -1,0,5,5: x and y count pixels from the image's top-left corner: they are 0 or more"),
+    (["--box=-1,0,5,5"], "--box -1,0,5,5: x and y count pixels from the image's top-left corner: they are 0 or more"),
+    (["--box", "3,-2,5,5"], "--box 3,-2,5,5: x and y count pixels from the image's top-left corner: they are 0 or more"),
+    (["--box", "3,2,0,5"], "--box 3,2,0,5: the width and height are 1 pixel or more"),
+])
+def test_a_box_that_fits_no_image_says_what_a_box_may_be(digits_run, tmp_path, capsys, box, expected):
+    # '-1,0,5,5' after --box is its value, not an unknown option: the user is told that x and y are 0 or more
+    _digit_png(tmp_path / "digit.png")
+    code = main(["repair", "run", str(digits_run), str(tmp_path / "digit.png"), *box, "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"visionflow: error: {expected}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_path, capsys):
     _digit_png(tmp_path / "digit.png")
 

@@ -134,8 +134,10 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
         x, y, w, h = (int(v) for v in text.split(","))
     except ValueError:
         raise VisionflowError(f"--box: '{text}' is not x,y,w,h (four whole numbers of pixels)") from None
-    if w < 1 or h < 1 or x < 0 or y < 0:
-        raise VisionflowError(f"--box {text}: must have a positive size and start inside the image (x, y of 0 or more)")
+    if x < 0 or y < 0:  # the box lies inside the image, whose top-left pixel is 0,0
+        raise VisionflowError(f"--box {text}: x and y count pixels from the image's top-left corner: they are 0 or more")
+    if w < 1 or h < 1:
+        raise VisionflowError(f"--box {text}: the width and height are 1 pixel or more")
     return x, y, w, h
 
 

@@ -41,7 +41,8 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     hole = p.add_mutually_exclusive_group(required=True)
     hole.add_argument("--mask", help="a PNG of the image's size: white (>= 128) = missing pixels")
-    hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
+    hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner (x, y of 0 or "
+                                    "more)")
     p.add_argument("--out", required=True, help="output folder (files of the same names in it are replaced)")
     add_device_option(p)
     p.add_argument("--strict", action="store_true",
