@@ -648,3 +648,14 @@ def test_a_seed_numpy_cannot_take_is_one_line_on_every_verb(tmp_path: Path, caps
 ])
 def test_usage_errors_name_the_verb_and_its_help(capsys, argv, message):
     assert message in user_error(capsys, argv)
+
+
+@pytest.mark.parametrize("verb,option", [(["predict"], "--output"), (["preview"], "--out"), (["gan", "sample"], "--out"),
+                                         (["repair", "run"], "--out"), (["repair", "evaluate"], "--examples")])
+def test_every_output_files_help_says_that_an_existing_one_is_replaced(capsys, verb, option):
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{option} "))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("  -")), len(lines))
+    assert "replaced" in " ".join(" ".join(lines[start:end]).split())  # the option's own description

@@ -329,6 +329,17 @@ def test_a_grid_too_large_for_its_format_is_a_one_line_error(one_epoch_run, tmp_
     assert len(err.splitlines()) == 1 and "beyond the 16383 a .webp file can hold" in err and not grid.exists()
 
 
+def test_a_grid_that_could_not_be_written_is_refused_before_sampling(one_epoch_run, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for out, message in ((tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the picture's file name"),
+                         (tmp_path / "a-file" / "samples", f"--out {tmp_path / 'a-file' / 'samples'}: {tmp_path / 'a-file'} "
+                                                           "is a file; give a folder, or an image file name for one grid")):
+        assert main(["gan", "sample", str(one_epoch_run), "--n", "4", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"visionflow: error: {message}"]
+    assert list((tmp_path / "folder.png").iterdir()) == []
+
+
 def test_a_gan_run_given_as_the_feature_classifier_is_named_as_such(one_epoch_run, digit_folder, capsys):
     assert main(["gan", "evaluate", str(one_epoch_run), str(digit_folder), "--classifier", str(one_epoch_run)]) == 2
     err = capsys.readouterr().err.strip()
@@ -411,6 +422,33 @@ def test_an_interrupted_domain_fid_classifier_is_finished_before_it_measures(one
     resumed = gan_api.evaluate_gan(str(interrupted), digit_folder, count=200, show_progress=False)
     assert len(RunDir(interrupted / "classifier").read_metrics()) == TrainConfig.epochs
     assert (resumed["fid"], resumed["fid_real_floor"]) == (straight["fid"], straight["fid_real_floor"])
+
+
+def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
+    data = tmp_path / "data"  # class folders 0-9, as the run's MNIST labels, and one file that is no image
+    digits = builtin_digits()
+    for i in range(60):
+        (data / str(digits.labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i]).save(data / str(digits.labels[i]) / f"{i}.png")
+    (data / "3" / "broken.png").write_bytes(b"not a png")
+    run = _copy(one_epoch_run, tmp_path)
+    argv = ["gan", "evaluate", str(run), str(data), "--device", "cpu", "--quiet", "--json"]
+    # the feature classifier is trained on the data first, which decodes the broken file too: one warning all the same
+    assert main([*argv, "--n", "10"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10
+    broken = f"skipped {data / '3' / 'broken.png'}: not a readable image (UnidentifiedImageError)"
+    assert [m for m in caplog.messages if "broken.png" in m] == [broken]
+    assert [m for m in caplog.messages if m.startswith("--n")] == [
+        "--n 10 is below the 64 feature dimensions of the domain FID: the covariance of fewer samples than dimensions "
+        "is singular, so the FID is unreliable (give --n 64 or more)"]
+    caplog.clear()
+    assert main([*argv, "--n", "64"]) == 0  # enough samples: the broken file is the only warning
+    assert caplog.messages == [broken]
+    capsys.readouterr()
+    assert main([*argv, "--n", "64", "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"visionflow: error: broken file (refused by --strict): {data / '3' / 'broken.png'}: not a readable "
+                   "image (UnidentifiedImageError)"]
 
 
 # --- --gan-augment ---------------------------------------------------------------------------------------

@@ -186,7 +186,6 @@ def test_run_writes_repaired_image_and_side_by_side(digits_run, tmp_path):
 
 
 @pytest.mark.parametrize("mask_pixels, expected", [
-    (np.zeros((20, 20), dtype=np.uint8), "does not match"),       # wrong size
     (np.zeros((28, 28), dtype=np.uint8), "empty"),                # no hole
     (np.full((28, 28), 255, dtype=np.uint8), "covers all"),       # nothing known
 ])
@@ -199,12 +198,47 @@ def test_bad_masks_are_one_line_errors(digits_run, tmp_path, capsys, mask_pixels
     assert code == 2 and expected in err and len(err.splitlines()) == 1
 
 
-def test_box_outside_the_image_is_a_one_line_error(digits_run, tmp_path, capsys):
+def test_an_image_the_box_or_mask_does_not_fit_is_named_and_the_others_are_repaired(digits_run, tmp_path, capsys,
+                                                                                        caplog):
+    _digit_png(tmp_path / "big.png")
+    _digit_png(tmp_path / "small.png", size=16)
+    _digit_png(tmp_path / "tiny.png", size=6)
+    argv = ["repair", "run", str(digits_run), str(tmp_path / "big.png"), str(tmp_path / "small.png"),
+            str(tmp_path / "tiny.png")]
+    mask = np.zeros((28, 28), dtype=np.uint8)
+    mask[:6, :6] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for hole, out, misfit in ((["--box", "12,12,6,6"], "box", "pixels: --box 12,12,6,6 does not lie inside it"),
+                              (["--mask", str(tmp_path / "mask.png")], "mask", "pixels, where --mask is 28x28")):
+        caplog.clear()
+        # as predict writes an error row and goes on, exit 0: the 16x16 and 6x6 images are named, the 28x28 one repaired
+        assert main([*argv, *hole, "--out", str(tmp_path / out)]) == 0
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["000_big_repaired.png", "000_big_side_by_side.png"]
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == 1 and printed[0].startswith(f"{tmp_path / 'big.png'}: ")
+        assert caplog.messages == [f"skipped {tmp_path / 'small.png'}: 16x16 {misfit}",
+                                   f"skipped {tmp_path / 'tiny.png'}: 6x6 {misfit}"]
+    assert main([*argv, "--box", "12,12,6,6", "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"visionflow: error: {tmp_path / 'small.png'}: 16x16 pixels: --box 12,12,6,6 does not lie inside it"]
+    caplog.clear()
+    assert main([*argv, "--box", "0,0,6,6", "--out", str(tmp_path / "whole")]) == 0  # all of the 6x6 image: nothing known
+    assert caplog.messages == [f"skipped {tmp_path / 'tiny.png'}: 6x6 pixels: --box 0,0,6,6 covers all of it, leaving "
+                               "nothing to repair from"]
+
+
+@pytest.mark.parametrize("box, expected", [
+    (["--box", "-1,0,5,5"], "--box -1,0,5,5: x and y count pixels from the image's top-left corner: they are 0 or more"),
+    (["--box=-1,0,5,5"], "--box -1,0,5,5: x and y count pixels from the image's top-left corner: they are 0 or more"),
+    (["--box", "3,-2,5,5"], "--box 3,-2,5,5: x and y count pixels from the image's top-left corner: they are 0 or more"),
+    (["--box", "3,2,0,5"], "--box 3,2,0,5: the width and height are 1 pixel or more"),
+])
+def test_a_box_that_fits_no_image_says_what_a_box_may_be(digits_run, tmp_path, capsys, box, expected):
+    # '-1,0,5,5' after --box is its value, not an unknown option: the user is told that x and y are 0 or more
     _digit_png(tmp_path / "digit.png")
-    code = main(["repair", "run", str(digits_run), str(tmp_path / "digit.png"), "--box", "20,20,10,10",
-                 "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "must lie inside" in err and len(err.splitlines()) == 1
+    code = main(["repair", "run", str(digits_run), str(tmp_path / "digit.png"), *box, "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"visionflow: error: {expected}"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_or_unfinished_run_is_a_one_line_error_as_for_every_verb(tmp_path, capsys):
@@ -319,6 +353,24 @@ def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_
     assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "center", "--limit", "4",
                  "--examples", str(tmp_path / "examples.jpg")]) == 0
     assert Image.open(tmp_path / "examples.jpg").format == "JPEG"
+
+
+def test_a_bad_examples_path_is_refused_before_any_work_and_a_picture_there_is_replaced(digits_run, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    for examples, message in ((tmp_path / "a-file" / "grid.png", f"{tmp_path / 'a-file'}: a file stands where a folder is needed"),
+                              (tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the picture's file name"),
+                              (tmp_path / "grid.txt", f"{tmp_path / 'grid.txt'}: not an image file name")):
+        # DATA does not exist: the --examples error comes before the run and the data are read, not after scoring
+        code = main(["repair", "evaluate", str(digits_run), str(tmp_path / "no-data"), "--mask", "center",
+                     "--examples", str(examples)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"visionflow: error: {message}")
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an older picture")  # replaced, as predict --output replaces its file
+    assert main(["repair", "evaluate", str(digits_run), "digits", "--mask", "center", "--limit", "4",
+                 "--examples", str(grid)]) == 0
+    assert Image.open(grid).size == (4 * 30 + 2, 4 * 30 + 2)
 
 
 @pytest.mark.parametrize("size, box", [(112, (40, 40, 30, 30)), (60, (3, 5, 10, 7)), (20, (4, 4, 6, 5))])

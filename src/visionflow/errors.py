@@ -10,7 +10,8 @@ class VisionflowError(Exception):
 
 
 class BrokenImage(VisionflowError):
-    """One file of a collection could not be decoded. Collections skip it (or refuse it with --strict)."""
+    """One file of a collection could not be decoded, or not used as asked (`repair run`: a hole that does not fit
+    it). Collections skip it (or refuse it with --strict)."""
 
     def __init__(self, origin: str, reason: str):
         super().__init__(f"{origin}: {reason}")

@@ -56,6 +56,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of `path` and its parents that is a file where a folder is wanted, or None. Asked before any work:
+    atomic_write's mkdir would find it only when the work is done and its first file is written."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 # The files a run writes at its top level (samples/ and classifier/ are folders of their own).
 RUN_FILES = ("config.json", "split.json", "checkpoint.pt", "metrics.csv", "report.json", "curves.png",
              "confusion.png", "mistakes.png")
@@ -103,7 +109,7 @@ class RunDir:
         folder = Path(data).expanduser()  # as open_data reads it
         if folder.is_dir() and run.path.resolve().is_relative_to(folder.resolve()):
             raise VisionflowError(f"--out {path} is inside the data folder {data}; write the run elsewhere")
-        in_the_way = next((p for p in (run.path, *run.path.parents) if p.exists() and not p.is_dir()), None)
+        in_the_way = file_in_the_way(run.path)
         if in_the_way is not None:
             raise VisionflowError(f"--out {run.path}: {in_the_way} is a file, not a folder")
         if not run.exists("config.json"):

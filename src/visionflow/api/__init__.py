@@ -34,7 +34,7 @@ from visionflow.gan.generate import synthetic_images
 from visionflow.infer.predict import LabelledRows, predict_rows
 from visionflow.infer.predictor import Predictor
 from visionflow.models import count_parameters, create_model, list_models, model_entry
-from visionflow.report.plots import image_format, plot_confusion, plot_curves, plot_image_grid, save_image_grid
+from visionflow.report.plots import check_picture_path, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
 from visionflow.train.classifier import epoch_augment_eval, fit
 from visionflow.train.metrics import classification_metrics, worst_mistakes
@@ -439,7 +439,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
     RunConfig.require(shape_checks(channels, image_size))
     check_seed(seed)
-    image_format(Path(out))  # a wrong name found before the work, not after it
+    check_picture_path(Path(out))  # a wrong name or place found before the work, not after it
     spec = AugmentSpec.parse(augment).refuse_unusual_strengths()
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train

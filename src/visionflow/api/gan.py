@@ -25,8 +25,8 @@ from visionflow.gan.fid import classifier_features, feature_distance
 from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
-from visionflow.report.plots import check_grid_fits, is_image_name, save_image_grid
-from visionflow.runs import RunDir, atomic_write
+from visionflow.report.plots import check_grid_fits, check_picture_path, is_image_name, save_image_grid
+from visionflow.runs import RunDir, atomic_write, file_in_the_way
 
 log = logging.getLogger("visionflow")
 
@@ -104,12 +104,14 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
     path = Path(out)
     if is_image_name(path):
         columns = min(len(gan.classes) if gan.config.conditional and label is None else 8, count)
+        check_picture_path(path)
         check_grid_fits(path, count, columns, gan.image_size, gan.image_size)  # before generating them all
         images, _ = gan.images(count, labels, seed=seed)
         save_image_grid(images, path, columns=columns)
         return [path]
-    if path.exists() and not path.is_dir():
-        raise VisionflowError(f"--out {out}: is a file; give a folder, or an image file name for one grid")
+    in_the_way = file_in_the_way(path)
+    if in_the_way is not None:
+        raise VisionflowError(f"--out {out}: {in_the_way} is a file; give a folder, or an image file name for one grid")
     names = [f"{i:05d}_{gan.classes[int(labels[i])]}.png" if labels is not None else f"{i:05d}.png" for i in range(count)]
     taken = next((name for name in names if (path / name).exists()), None)
     if taken is not None:  # a folder of samples is written anew, never over files already there
@@ -125,10 +127,12 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
 
 # --- domain FID ------------------------------------------------------------------------------------------
 
-def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None,
-                        show_progress: bool) -> Predictor:
+def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None, device: str,
+                        strict: bool, show_progress: bool) -> tuple[Predictor, set[str]]:
     """The classifier whose feature space measures the distances: the one given, or the run's own,
-    trained once with `visionflow train`'s defaults (seed-cnn) on DATA and kept in RUN_DIR/classifier."""
+    trained once with `visionflow train`'s defaults (seed-cnn) on DATA and kept in RUN_DIR/classifier; and the
+    broken files that training named (skipped with a warning already)."""
+    named: set[str] = set()
     if classifier is None:
         own = RunDir(run / "classifier")
         started = own.exists("config.json") and any(own.path.glob("*.safetensors"))  # it finished an epoch at least
@@ -136,37 +140,48 @@ def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifi
             raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
         if not started:  # a folder left before its first epoch gives way, as to any new run
             log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
-            train_classifier(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
-                                         image_size=gan.image_size, seed=gan.config.seed),
-                             show_progress=show_progress)
+            report = train_classifier(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
+                                                  image_size=gan.image_size, seed=gan.config.seed, strict=strict,
+                                                  device=device),
+                                      show_progress=show_progress)
+            named = {item["path"] for item in report["skipped"]}
         elif not own.exists("report.json"):  # interrupted: its features are not the finished classifier's
             log.warning("finishing the domain-FID classifier in %s, interrupted before", own.path)
-            resume_classifier(str(own.path), show_progress=show_progress, data=data)
+            report = resume_classifier(str(own.path), show_progress=show_progress, data=data, device=device)
+            named = {item["path"] for item in report["skipped"]}
         classifier = str(own.path)
-    predictor = Predictor.from_run(classifier)
+    predictor = Predictor.from_run(classifier, device=device)
     if (predictor.preprocess.channels, predictor.preprocess.image_size) != (gan.channels, gan.image_size):
         raise VisionflowError(f"--classifier {classifier}: it takes {predictor.preprocess.channels}x"
                               f"{predictor.preprocess.image_size}px images but the GAN makes {gan.channels}x{gan.image_size}px")
     if gan.config.conditional and predictor.classes != gan.classes:
         raise VisionflowError(f"--classifier {classifier}: its classes {predictor.classes} differ from the GAN's {gan.classes}")
-    return predictor
+    return predictor, named
 
 
 def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: int = 2000, seed: int = 0,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, device: str = "auto", strict: bool = False) -> dict:
     """Domain FID of the EMA generator against DATA's training images, beside two references on the same
-    features: held-out real images (the floor) and the untrained generator (the ceiling)."""
+    features: held-out real images (the floor) and the untrained generator (the ceiling). A broken file in DATA
+    is skipped with a warning (refused with `strict`)."""
     if count < 2:
         raise VisionflowError(f"--n must be at least 2 (got {count})")
     check_seed(seed)
-    gan = load_gan_run(run_dir)
+    gan = load_gan_run(run_dir, device)  # an unavailable device fails before any work
     dataset = open_data(data)
     if gan.config.conditional and dataset.train.classes != gan.classes:
         raise VisionflowError(f"{data}: its classes {dataset.train.classes} differ from the GAN's {gan.classes}")
-    predictor = _feature_classifier(RunDir(run_dir), gan, data, dataset.spec, classifier, show_progress)
-    train = decode_part(dataset.train, gan.channels, gan.image_size)
+    predictor, named = _feature_classifier(RunDir(run_dir), gan, data, dataset.spec, classifier, device, strict,
+                                           show_progress)
+    dimensions = predictor.model.num_features
+    if count < dimensions:
+        log.warning("--n %d is below the %d feature dimensions of the domain FID: the covariance of fewer samples "
+                    "than dimensions is singular, so the FID is unreliable (give --n %d or more)", count, dimensions,
+                    dimensions)
+    # The files a classifier trained just now warned about are not named a second time.
+    train = decode_part(dataset.train, gan.channels, gan.image_size, strict=strict, named=named)
     if dataset.test is not None:
-        reference, held_out = train, decode_part(dataset.test, gan.channels, gan.image_size)
+        reference, held_out = train, decode_part(dataset.test, gan.channels, gan.image_size, strict=strict, named=named)
     else:  # no test part: hold out a fifth of the training images for the floor
         keep, hold = stratified_split(train.labels.numpy(), 0.2, seed)
         reference = DecodedPart(train.images[keep], train.labels[keep], [], train.classes)

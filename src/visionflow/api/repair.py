@@ -27,8 +27,8 @@ from visionflow.errors import BrokenImage, VisionflowError
 from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
-from visionflow.report.plots import image_format, save_image_grid
-from visionflow.runs import RunDir, atomic_write
+from visionflow.report.plots import check_picture_path, save_image_grid
+from visionflow.runs import RunDir, atomic_write, file_in_the_way
 
 log = logging.getLogger("visionflow")
 
@@ -129,36 +129,46 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
 # --- repairing files --------------------------------------------------------------------------------------
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
-    """'x,y,w,h' -> four integers (pixels, top-left corner first)."""
+    """'x,y,w,h' -> four integers (pixels, top-left corner first); one that fits no image is refused here."""
     try:
         x, y, w, h = (int(v) for v in text.split(","))
     except ValueError:
         raise VisionflowError(f"--box: '{text}' is not x,y,w,h (four whole numbers of pixels)") from None
+    if x < 0 or y < 0:  # the box lies inside the image, whose top-left pixel is 0,0
+        raise VisionflowError(f"--box {text}: x and y count pixels from the image's top-left corner: they are 0 or more")
+    if w < 1 or h < 1:
+        raise VisionflowError(f"--box {text}: the width and height are 1 pixel or more")
     return x, y, w, h
 
 
-def file_mask(mask_path: str | None, box: tuple[int, int, int, int] | None, height: int, width: int,
-              origin: str) -> torch.Tensor:
-    """The hole of one image (1, 1, H, W) from a mask file (white = hole) or a box; clear errors otherwise."""
-    if mask_path is not None:
-        mask = decode_image(mask_path, 1, None)
-        if tuple(mask.shape[-2:]) != (height, width):
-            raise VisionflowError(f"--mask {mask_path}: {mask.shape[2]}x{mask.shape[1]} pixels does not match "
-                                  f"{origin} ({width}x{height})")
-        masks = (mask[None] >= 128).float()
-        where = f"--mask {mask_path}"
-    else:
-        x, y, w, h = box
-        if w < 1 or h < 1 or x < 0 or y < 0 or x + w > width or y + h > height:
-            raise VisionflowError(f"--box {x},{y},{w},{h}: must lie inside {origin} ({width}x{height}) with a positive size")
-        masks = torch.zeros(1, 1, height, width)
-        masks[:, :, y:y + h, x:x + w] = 1.0
-        where = f"--box {x},{y},{w},{h}"
+def read_mask(mask_path: str) -> torch.Tensor:
+    """--mask MASK.png as a hole (1, 1, H, W), white (>= 128) = missing; one that marks no pixel or every pixel is
+    refused here, as it would be for every image."""
+    masks = (decode_image(mask_path, 1, None)[None] >= 128).float()
     hole = float(coverage(masks)[0])
     if hole == 0.0:
-        raise VisionflowError(f"{where}: the mask is empty (no white pixels): nothing to repair in {origin}")
+        raise VisionflowError(f"--mask {mask_path}: the mask is empty (no white pixels): nothing to repair")
     if hole == 1.0:
-        raise VisionflowError(f"{where}: the mask covers all of {origin}: nothing is left to repair from")
+        raise VisionflowError(f"--mask {mask_path}: the mask covers all of the image: nothing is left to repair from")
+    return masks
+
+
+def image_hole(mask: torch.Tensor | None, box: tuple[int, int, int, int] | None, height: int, width: int,
+               origin: str) -> torch.Tensor:
+    """The hole of one image (1, 1, H, W): the --mask read once, or the --box. A hole that does not fit this image
+    (images differ in size) is BrokenImage: the image is skipped and named, as an unreadable one is."""
+    if mask is not None:
+        if tuple(mask.shape[-2:]) != (height, width):
+            raise BrokenImage(origin, f"{width}x{height} pixels, where --mask is {mask.shape[3]}x{mask.shape[2]}")
+        return mask
+    x, y, w, h = box
+    if x + w > width or y + h > height:
+        raise BrokenImage(origin, f"{width}x{height} pixels: --box {x},{y},{w},{h} does not lie inside it")
+    if (w, h) == (width, height):
+        raise BrokenImage(origin, f"{width}x{height} pixels: --box {x},{y},{w},{h} covers all of it, leaving nothing "
+                                  "to repair from")
+    masks = torch.zeros(1, 1, height, width)
+    masks[:, :, y:y + h, x:x + w] = 1.0
     return masks
 
 
@@ -194,15 +204,17 @@ def show_hole(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, box: str | None = None,
         device: str = "auto", strict: bool = False) -> list[dict]:
     """Repair image files (files, folders, globs); writes OUT/<name>_repaired.png and OUT/<name>_side_by_side.png
-    (damaged | repaired). An unreadable image is skipped with a warning and an {"image", "error"} row (refused
-    with `strict`); the others are still repaired."""
+    (damaged | repaired). An unreadable image, or one the mask or box does not fit, is skipped with a warning and an
+    {"image", "error"} row (refused with `strict`); the others are still repaired."""
     if (mask is None) == (box is None):
         raise VisionflowError("give exactly one of --mask MASK.png or --box x,y,w,h")
     parsed_box = parse_box(box) if box is not None else None
+    mask_hole = read_mask(mask) if mask is not None else None
     generator, config = load_generator(run_dir, device)
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VisionflowError(f"--out {out}: is a file; it must be a folder for the repaired images")
+    in_the_way = file_in_the_way(out_dir)
+    if in_the_way is not None:
+        raise VisionflowError(f"--out {out}: {in_the_way} is a file, not a folder for the repaired images")
     paths = expand_inputs(images)  # a path that does not exist is an error before any work
     if not paths:
         raise VisionflowError(f"no image files in {' '.join(images)}")
@@ -210,6 +222,7 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
     for number, path in enumerate(paths):
         try:
             image = decode_image(path, config["channels"], None)
+            masks = image_hole(mask_hole, parsed_box, image.shape[1], image.shape[2], path)
         except BrokenImage as exc:
             if strict:
                 raise
@@ -218,7 +231,6 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
             continue
         if config["channels"] == 1 and probe_image(path)[0] == 3:
             greyed.append(path)
-        masks = file_mask(mask, parsed_box, image.shape[1], image.shape[2], path)
         repaired = repair_file(generator, config, image, masks)
         stem = Path(path).stem if len(paths) == 1 else f"{number:03d}_{Path(path).stem}"
         repaired_path, side_path = out_dir / f"{stem}_repaired.png", out_dir / f"{stem}_side_by_side.png"
@@ -257,7 +269,7 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole sets the size of the center mask; --mask {mask} draws its own holes")
     check_seed(seed)
     if examples is not None:
-        image_format(Path(examples))  # a wrong name found before the work, not after it
+        check_picture_path(Path(examples))  # a wrong name or place found before the work, not after it
     generator, config = load_generator(run_dir, device)
     size, channels = config["image_size"], config["channels"]
     hole = size // 2 if hole is None else hole

@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -35,6 +36,13 @@ def expand_home(args: argparse.Namespace) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (exit 2) like every other user error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A word that starts with '-' and a digit is a value, not an unknown option: argparse (3.11) took only a plain
+        # negative number (-1, -0.5) as one, so `--box -1,0,5,5` was "expected one argument" and never reached the
+        # box's own check, which says what a box may be. No option of ours is named like a number.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str):
         raise VisionflowError(f"{message} (see `{self.prog} --help`)")

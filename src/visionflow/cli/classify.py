@@ -258,7 +258,7 @@ def register(commands) -> dict:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--format", default=None, choices=PREDICT_FORMATS,
                    help="default: what --output's name says (.csv, .jsonl), else table")
-    p.add_argument("--output", default=None, help="write rows to this file instead of stdout")
+    p.add_argument("--output", default=None, help="write rows to this file instead of stdout (replaced if it exists; see --resume)")
     p.add_argument("--resume", action="store_true",
                    help="after an interruption: keep the rows --output holds (csv or jsonl), label only the inputs it "
                         "has no row for, and append theirs")
@@ -273,7 +273,7 @@ def register(commands) -> dict:
     p = commands.add_parser("preview", help="write a grid of augmented samples")
     p.add_argument("data")
     p.add_argument("--augment", required=True, help="a SPEC as train takes it, e.g. flip,rotate=15 (see train --help)")
-    p.add_argument("--out", required=True, help="the grid picture to write (.png, .jpg, ...)")
+    p.add_argument("--out", required=True, help="the grid picture to write (.png, .jpg, ...; replaced if it exists)")
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     add_shape_options(p)

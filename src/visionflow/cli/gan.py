@@ -51,7 +51,7 @@ def run_gan_evaluate(args) -> int:
     from visionflow.api import gan as api
 
     result = api.evaluate_gan(args.run_dir, args.data, classifier=args.classifier, count=args.n, seed=args.seed,
-                              show_progress=not args.quiet)
+                              show_progress=not args.quiet, device=args.device, strict=args.strict)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -90,7 +90,9 @@ def register(commands) -> dict:
     p = verbs.add_parser("sample", help="write N generated images: one grid (.png, .jpg, ...) or a folder of PNGs")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True, help="grid.png (or .jpg, .webp, ...), or a folder for one PNG per image")
+    p.add_argument("--out", required=True,
+                   help="grid.png (or .jpg, .webp, ...; replaced if it exists), or a folder for one PNG per image "
+                        "(refused if it holds files of the same names)")
     p.add_argument("--label", default=None, help="conditional GANs: the class to generate (default: every class)")
     p.add_argument("--seed", type=int, default=0)
     add_device_option(p)
@@ -100,9 +102,13 @@ def register(commands) -> dict:
     p.add_argument("data")
     p.add_argument("--classifier", default=None,
                    help="a visionflow classifier run on the same data (default: train one once into RUN_DIR/classifier)")
-    p.add_argument("--n", type=int, default=2000, help="generated samples (default 2000)")
+    p.add_argument("--n", type=int, default=2000,
+                   help="generated samples (default 2000; below the features' dimensions, 64 for the run's own "
+                        "classifier, the FID is unreliable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_device_option(p)
+    p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     handlers = {"train": run_gan_train, "sample": run_gan_sample, "evaluate": run_gan_evaluate}

@@ -41,10 +41,13 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     hole = p.add_mutually_exclusive_group(required=True)
     hole.add_argument("--mask", help="a PNG of the image's size: white (>= 128) = missing pixels")
-    hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner")
-    p.add_argument("--out", required=True, help="output folder")
+    hole.add_argument("--box", help="x,y,w,h: the missing rectangle, in pixels from the top-left corner (x, y of 0 or "
+                                    "more)")
+    p.add_argument("--out", required=True, help="output folder (files of the same names in it are replaced)")
     add_device_option(p)
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that is unreadable, or that the mask or box does not fit, instead of "
+                        "skipping it")
 
     p = verbs.add_parser("evaluate", help="PSNR and SSIM of the model and of biharmonic inpainting on held-out images",
                          description="Scores the data's test part (else the run's held-out split) with the same masks "
@@ -61,7 +64,9 @@ def add_repair_parsers(commands) -> None:
     p.add_argument("--hole", type=int, default=None, help="side of the centre hole in pixels (default: half the image)")
     p.add_argument("--limit", type=int, default=None, help="score a seeded random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random masks")
-    p.add_argument("--examples", default=None, help="also write a grid picture (.png, .jpg, ...): damaged | biharmonic | model | original")
+    p.add_argument("--examples", default=None,
+                   help="also write a grid picture (.png, .jpg, ...; replaced if it exists): "
+                        "damaged | biharmonic | model | original")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     add_device_option(p)
     p.add_argument("--strict", action="store_true", help="refuse broken files instead of skipping them")

@@ -14,7 +14,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Collection, Iterator
 
 import numpy as np
 import torch
@@ -174,12 +174,13 @@ def _decode_chunks(source: DataSource, indices: range | list[int], channels: int
 
 
 def decode_part(source: DataSource, channels: int, size: int | None, strict: bool = False,
-                workers: int | None = None) -> DecodedPart:
+                workers: int | None = None, named: Collection[str] = ()) -> DecodedPart:
     """Decode every item of `source` once into one uint8 tensor (the training cache).
 
     The first readable item, decoded here, gives the shape of all; the rest are decoded by worker processes (or
     threads) straight into a tensor they share with this process. An item of another shape is broken like an
-    unreadable one: skipped with a warning naming it, or refused under `strict`.
+    unreadable one: skipped with a warning naming it, or refused under `strict`. `named`: broken items' origins
+    a warning has named already in this command (the same files decoded again): skipped without a second one.
     """
     workers = workers or default_workers()
     broken: list[tuple[int, BrokenImage]] = []
@@ -208,7 +209,8 @@ def decode_part(source: DataSource, channels: int, size: int | None, strict: boo
     for task_broken in _run_tasks(_DecodeInto(source, channels, size, out), tasks, processes, workers):
         broken += task_broken
     for _, exc in broken:  # in the collection's order: the first broken item is the one --strict names
-        _skip_or_refuse(exc, strict)
+        if strict or exc.origin not in named:
+            _skip_or_refuse(exc, strict)
     gone = {index for index, _ in broken}
     kept = [i for i in range(len(source)) if i not in gone]
     images = out[kept] if gone else out

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from visionflow.errors import VisionflowError
-from visionflow.runs import atomic_write
+from visionflow.runs import atomic_write, file_in_the_way
 
 
 # Figures made directly, not through pyplot: files only, never a window, and the caller's matplotlib backend
@@ -97,6 +97,18 @@ def image_format(path: Path) -> str:
     if not is_image_name(path):
         raise VisionflowError(f"{path}: not an image file name (end it in {', '.join(IMAGE_FORMATS)})")
     return IMAGE_FORMATS[path.suffix.lower()]
+
+
+def check_picture_path(path: Path) -> None:
+    """Refuse, before the work that draws it, a picture that could not be written at its end: a name that is not an
+    image file's, a folder of that name, a file where one of its folders should be. Missing folders are made and an
+    existing picture is replaced, as `predict --output` does with its file."""
+    image_format(path)
+    if path.is_dir():
+        raise VisionflowError(f"{path}: is a folder; give the picture's file name")
+    in_the_way = file_in_the_way(path.parent)
+    if in_the_way is not None:
+        raise VisionflowError(f"{in_the_way}: a file stands where a folder is needed")
 
 
 # The longest side each format's encoder takes; beyond it Pillow fails deep inside the encoder.
