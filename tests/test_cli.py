@@ -211,6 +211,19 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
+def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(trained, tmp_path: Path, capsys):
+    run, data = trained
+    folder = tmp_path / "rows.csv"
+    folder.mkdir()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    for output, message in ((folder, f"{folder}: is a folder; give the file's name"),
+                            (a_file / "rows.csv", f"{a_file}: a file stands where a folder is needed")):
+        # the labelling would have started (the run is fine) and failed at its first row
+        assert user_error(capsys, ["predict", str(run), str(data / "square"), "--output", str(output)]).endswith(f": {message}")
+    assert a_file.read_text() == "mine\n"
+
+
 def test_names_with_tabs_and_newlines_keep_one_row_per_line_in_the_table(trained, tmp_path: Path, capsys):
     run, data = trained
     folder = tmp_path / "incoming"

@@ -359,7 +359,7 @@ def test_a_bad_examples_path_is_refused_before_any_work_and_a_picture_there_is_r
     (tmp_path / "a-file").write_text("")
     (tmp_path / "folder.png").mkdir()
     for examples, message in ((tmp_path / "a-file" / "grid.png", f"{tmp_path / 'a-file'}: a file stands where a folder is needed"),
-                              (tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the picture's file name"),
+                              (tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the file's name"),
                               (tmp_path / "grid.txt", f"{tmp_path / 'grid.txt'}: not an image file name")):
         # DATA does not exist: the --examples error comes before the run and the data are read, not after scoring
         code = main(["repair", "evaluate", str(digits_run), str(tmp_path / "no-data"), "--mask", "center",

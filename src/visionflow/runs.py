@@ -62,6 +62,16 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse, before the work whose result it holds, an output file that could not be written at its end: a folder
+    of that name, a file where one of its folders should be. Missing folders are made; an existing file is replaced."""
+    if path.is_dir():
+        raise VisionflowError(f"{path}: is a folder; give the file's name")
+    in_the_way = file_in_the_way(path.parent)
+    if in_the_way is not None:
+        raise VisionflowError(f"{in_the_way}: a file stands where a folder is needed")
+
+
 # The files a run writes at its top level (samples/ and classifier/ are folders of their own).
 RUN_FILES = ("config.json", "split.json", "checkpoint.pt", "metrics.csv", "report.json", "curves.png",
              "confusion.png", "mistakes.png")

@@ -17,6 +17,7 @@ from visionflow.data.transforms import DEFAULT_STRENGTHS
 from visionflow.errors import VisionflowError
 from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, labelled_paths, write_rows
 from visionflow.models import model_entry
+from visionflow.runs import check_output_file
 from visionflow.train.presets import PRESETS, train_config
 
 
@@ -161,6 +162,8 @@ def run_predict(args) -> int:
 
     fmt = args.format or _output_format(args.output)
     done: set[str] = set()
+    if args.output:
+        check_output_file(Path(args.output))  # before the labelling, not after its first batch
     if args.resume:
         if not args.output:
             raise VisionflowError("--resume continues the rows in --output: give --output")

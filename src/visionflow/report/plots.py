@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from visionflow.errors import VisionflowError
-from visionflow.runs import atomic_write, file_in_the_way
+from visionflow.runs import atomic_write, check_output_file
 
 
 # Figures made directly, not through pyplot: files only, never a window, and the caller's matplotlib backend
@@ -104,11 +104,7 @@ def check_picture_path(path: Path) -> None:
     image file's, a folder of that name, a file where one of its folders should be. Missing folders are made and an
     existing picture is replaced, as `predict --output` does with its file."""
     image_format(path)
-    if path.is_dir():
-        raise VisionflowError(f"{path}: is a folder; give the picture's file name")
-    in_the_way = file_in_the_way(path.parent)
-    if in_the_way is not None:
-        raise VisionflowError(f"{in_the_way}: a file stands where a folder is needed")
+    check_output_file(path)
 
 
 # The longest side each format's encoder takes; beyond it Pillow fails deep inside the encoder.
