@@ -317,6 +317,24 @@ def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_ima
     assert "nope.png: no such file" in user_error(capsys, ["predict", str(run), str(folder / "a.png"), str(folder / "nope.png")])
 
 
+def test_predict_names_a_glob_or_folder_that_gives_no_image_and_labels_the_rest(trained, tmp_path: Path, capsys, caplog):
+    run, data = trained
+    for folder in ("notes", "empty", "good"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image")
+    shutil.copy(data / "square" / "000.png", tmp_path / "good" / "a.png")
+    assert main(["predict", str(run), str(tmp_path / "notes" / "*"), str(tmp_path / "empty"), str(tmp_path / "good"),
+                 "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(Path(r["path"]).name, r["label"]) for r in table] == [("a.png", "square")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{tmp_path / 'notes' / '*'}: matches no image files; going on with the other inputs",
+                        f"{tmp_path / 'empty'}: holds no image files; going on with the other inputs"]
+    # nothing at all left: one line, exit 2, as before
+    assert user_error(capsys, ["predict", str(run), str(tmp_path / "notes" / "*"), str(tmp_path / "empty")]) == (
+        f"visionflow: error: no image files in {tmp_path / 'notes' / '*'} {tmp_path / 'empty'}")
+
+
 def test_a_quoted_tilde_is_the_home_folder_in_every_path_argument(trained, tmp_path: Path, monkeypatch, capsys):
     run, data = trained
     assert run.parent == data.parent
