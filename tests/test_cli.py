@@ -8,9 +8,11 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +287,45 @@ def test_rows_piped_while_the_progress_bar_shows_on_a_terminal_go_to_stdout(trai
     table = list(csv.DictReader(io.StringIO(result.stdout.decode())))
     assert len(table) == 31 and sum(row["label"] == "square" for row in table) >= 27  # in the pipe, every one
     assert b"labelling" in b"".join(shown) and b"000.png" not in b"".join(shown)  # the bar, and no row, on the terminal
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_predict_stopped_by_sighup_keeps_every_row_written_and_resume_labels_the_rest(trained, tmp_path: Path):
+    run, _ = trained
+    many = write_class_folder(tmp_path / "many", per_class=300, seed=1)  # slow enough at one image a batch
+    inputs = sorted(str(p) for p in many.rglob("*.png"))
+    rows = tmp_path / "rows.csv"
+    command = [sys.executable, "-m", "visionflow", "--threads", "1", "predict", str(run), str(many), "--output",
+               str(rows), "--batch-size", "1", "--quiet"]
+
+    def stopped(ignore_hangup: bool) -> subprocess.CompletedProcess:
+        rows.unlink(missing_ok=True)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: ignore_hangup and signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        deadline = time.time() + 120
+        while not (rows.exists() and rows.stat().st_size) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # until the first rows are in the file (the buffer's first 8 KB)
+        process.send_signal(signal.SIGHUP)  # the terminal closed
+        stdout, stderr = process.communicate(timeout=120)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    result = stopped(ignore_hangup=False)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.splitlines()[-1] == (f"visionflow: interrupted; the rows written so far are in {rows}: the "
+                                              "same command with --resume labels the rest")
+    data = rows.read_bytes()
+    assert data.endswith(b"\r\n")  # every row written is whole, none cut short
+    written = list(csv.DictReader(io.StringIO(data.decode())))
+    assert 0 < len(written) < len(inputs) and all(r["label"] and r["score"] for r in written)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"wrote {len(inputs) - len(written)} rows to {rows}, after the {len(written)} it held" in resumed.stderr
+    table = list(csv.DictReader(io.StringIO(rows.read_text())))
+    assert table[:len(written)] == written and sorted(r["path"] for r in table) == inputs  # each input once
+    # started under `nohup` (SIGHUP ignored), it stays ignored: the labelling goes on to the end
+    result = stopped(ignore_hangup=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["path"] for r in csv.DictReader(io.StringIO(rows.read_text()))) == inputs
 
 
 def _read_pty(fd: int) -> bytes:

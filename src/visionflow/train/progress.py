@@ -10,8 +10,16 @@ def make_console() -> Console:
     return Console(stderr=True)
 
 
+class _Progress(Progress):
+    def stop(self) -> None:
+        try:
+            super().stop()
+        except OSError:  # the terminal closed (predict stops on SIGHUP): nothing is left to clear, and the error
+            pass         # would take the place of the interruption on its way out, with its resume hint
+
+
 def make_progress(console: Console, enabled: bool = True) -> Progress:
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=True, disable=not enabled,
