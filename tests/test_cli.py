@@ -6,12 +6,10 @@ import csv
 import io
 import json
 import os
-import pty
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from PIL import Image
 from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 
-from conftest import run_cli, write_class_folder
+from conftest import run_cli, run_with_stderr_on_a_terminal, write_class_folder
 from visionflow.cli import main
 from test_sources import write_mnist
 
@@ -271,22 +269,13 @@ def test_predict_resume_refuses_what_it_cannot_read_back(trained, tmp_path: Path
 
 def test_rows_piped_while_the_progress_bar_shows_on_a_terminal_go_to_stdout(trained):
     run, data = trained
-    terminal, child_side = pty.openpty()  # stderr on a terminal: the progress bar shows there
-    shown = []
-    reader = threading.Thread(target=lambda: shown.extend(iter(lambda: _read_pty(terminal), b"")))
-    reader.start()
-    try:
-        result = subprocess.run([sys.executable, "-m", "visionflow", "predict", str(run), str(data / "square"),
-                                 "--format", "csv"], stdout=subprocess.PIPE, stderr=child_side, timeout=300,
-                                env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
-    finally:
-        os.close(child_side)
-        reader.join(timeout=30)
-        os.close(terminal)
-    assert result.returncode == 0, b"".join(shown)
+    # stderr on a terminal: the progress bar shows there
+    result, shown = run_with_stderr_on_a_terminal([sys.executable, "-m", "visionflow", "predict", str(run),
+                                                   str(data / "square"), "--format", "csv"])
+    assert result.returncode == 0, shown
     table = list(csv.DictReader(io.StringIO(result.stdout.decode())))
     assert len(table) == 31 and sum(row["label"] == "square" for row in table) >= 27  # in the pipe, every one
-    assert b"labelling" in b"".join(shown) and b"000.png" not in b"".join(shown)  # the bar, and no row, on the terminal
+    assert b"labelling" in shown and b"000.png" not in shown  # the bar, and no row, on the terminal
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
@@ -326,13 +315,6 @@ def test_predict_stopped_by_sighup_keeps_every_row_written_and_resume_labels_the
     result = stopped(ignore_hangup=True)
     assert result.returncode == 0, result.stderr
     assert sorted(r["path"] for r in csv.DictReader(io.StringIO(rows.read_text()))) == inputs
-
-
-def _read_pty(fd: int) -> bytes:
-    try:
-        return os.read(fd, 65536)
-    except OSError:  # EIO: the child side closed
-        return b""
 
 
 def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_images(trained, tmp_path: Path, capsys,

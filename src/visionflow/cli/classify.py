@@ -192,9 +192,9 @@ def run_predict(args) -> int:
         if not args.output:
             raise VisionflowError("--resume continues the rows in --output: give --output")
         done = labelled_paths(args.output, fmt)
-    # Rows go to stdout as it is now: while the bar runs on a terminal, rich routes sys.stdout through its console,
-    # to stderr, and rows piped (| wc -l) or redirected (> rows.csv) had landed on the terminal instead. Rows
-    # printed on the terminal show their own progress: no bar then.
+    # Rows go to stdout as it is now: make_progress leaves sys.stdout alone (rich's default routed it to its console,
+    # stderr, and rows piped or redirected had landed on the terminal). Rows printed on the terminal show their own
+    # progress: no bar then.
     stdout = sys.stdout
     console = make_console()
     show = console.is_terminal and not args.quiet and (args.output is not None or not stdout.isatty())

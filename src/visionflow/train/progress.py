@@ -23,4 +23,7 @@ def make_progress(console: Console, enabled: bool = True) -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=True, disable=not enabled,
+        # The console is stderr: rich's default would route sys.stdout through it while the bar shows, so that what
+        # the caller prints meanwhile (a thread, a library) went to the terminal instead of where stdout goes.
+        redirect_stdout=False,
     )
