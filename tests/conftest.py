@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,30 @@ def write_class_folder(root: Path, per_class: int = 20, size: int = 16, seed: in
 def patterns(tmp_path: Path) -> Path:
     """Three classes x 20 grey 16x16 PNGs."""
     return write_class_folder(tmp_path / "patterns")
+
+
+def run_with_stderr_on_a_terminal(command: list[str]) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Run `command` with stderr on a pseudo-terminal, as a user's is (progress bars show there), and stdout piped;
+    returns the completed process and what the terminal showed."""
+    terminal, child_side = pty.openpty()
+    shown: list[bytes] = []
+    reader = threading.Thread(target=lambda: shown.extend(iter(lambda: _read_pty(terminal), b"")))
+    reader.start()
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=child_side, timeout=300,
+                                env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+    finally:
+        os.close(child_side)
+        reader.join(timeout=30)
+        os.close(terminal)
+    return result, b"".join(shown)
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child side closed
+        return b""
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

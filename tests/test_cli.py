@@ -6,11 +6,11 @@ import csv
 import io
 import json
 import os
-import pty
 import shutil
+import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
-from conftest import pattern_image, run_cli, write_class_folder
+from conftest import pattern_image, run_cli, run_with_stderr_on_a_terminal, write_class_folder
 from visionflow.cli import main
 from test_sources import write_mnist
 
@@ -285,29 +285,52 @@ def test_predict_resume_refuses_what_it_cannot_read_back(trained, tmp_path: Path
 
 def test_rows_piped_while_the_progress_bar_shows_on_a_terminal_go_to_stdout(trained):
     run, data = trained
-    terminal, child_side = pty.openpty()  # stderr on a terminal: the progress bar shows there
-    shown = []
-    reader = threading.Thread(target=lambda: shown.extend(iter(lambda: _read_pty(terminal), b"")))
-    reader.start()
-    try:
-        result = subprocess.run([sys.executable, "-m", "visionflow", "predict", str(run), str(data / "square"),
-                                 "--format", "csv"], stdout=subprocess.PIPE, stderr=child_side, timeout=300,
-                                env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
-    finally:
-        os.close(child_side)
-        reader.join(timeout=30)
-        os.close(terminal)
-    assert result.returncode == 0, b"".join(shown)
+    # stderr on a terminal: the progress bar shows there
+    result, shown = run_with_stderr_on_a_terminal([sys.executable, "-m", "visionflow", "predict", str(run),
+                                                   str(data / "square"), "--format", "csv"])
+    assert result.returncode == 0, shown
     table = list(csv.DictReader(io.StringIO(result.stdout.decode())))
     assert len(table) == 31 and sum(row["label"] == "square" for row in table) >= 27  # in the pipe, every one
-    assert b"labelling" in b"".join(shown) and b"000.png" not in b"".join(shown)  # the bar, and no row, on the terminal
+    assert b"labelling" in shown and b"000.png" not in shown  # the bar, and no row, on the terminal
 
 
-def _read_pty(fd: int) -> bytes:
-    try:
-        return os.read(fd, 65536)
-    except OSError:  # EIO: the child side closed
-        return b""
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_predict_stopped_by_sighup_keeps_every_row_written_and_resume_labels_the_rest(trained, tmp_path: Path):
+    run, _ = trained
+    many = write_class_folder(tmp_path / "many", per_class=300, seed=1)  # slow enough at one image a batch
+    inputs = sorted(str(p) for p in many.rglob("*.png"))
+    rows = tmp_path / "rows.csv"
+    command = [sys.executable, "-m", "visionflow", "--threads", "1", "predict", str(run), str(many), "--output",
+               str(rows), "--batch-size", "1", "--quiet"]
+
+    def stopped(ignore_hangup: bool) -> subprocess.CompletedProcess:
+        rows.unlink(missing_ok=True)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: ignore_hangup and signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        deadline = time.time() + 120
+        while not (rows.exists() and rows.stat().st_size) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # until the first rows are in the file (the buffer's first 8 KB)
+        process.send_signal(signal.SIGHUP)  # the terminal closed
+        stdout, stderr = process.communicate(timeout=120)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    result = stopped(ignore_hangup=False)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.splitlines()[-1] == (f"visionflow: interrupted; the rows written so far are in {rows}: the "
+                                              "same command with --resume labels the rest")
+    data = rows.read_bytes()
+    assert data.endswith(b"\r\n")  # every row written is whole, none cut short
+    written = list(csv.DictReader(io.StringIO(data.decode())))
+    assert 0 < len(written) < len(inputs) and all(r["label"] and r["score"] for r in written)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"wrote {len(inputs) - len(written)} rows to {rows}, after the {len(written)} it held" in resumed.stderr
+    table = list(csv.DictReader(io.StringIO(rows.read_text())))
+    assert table[:len(written)] == written and sorted(r["path"] for r in table) == inputs  # each input once
+    # started under `nohup` (SIGHUP ignored), it stays ignored: the labelling goes on to the end
+    result = stopped(ignore_hangup=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["path"] for r in csv.DictReader(io.StringIO(rows.read_text()))) == inputs
 
 
 def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_images(trained, tmp_path: Path, capsys,
@@ -331,6 +354,24 @@ def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_ima
         f"visionflow: error: {tmp_path / 'typo*.png'}, {folder / '*.jpg'}: no such file, folder or matching glob")
     # and a path that is no glob is a typo, refused before any row (as `repair run` refuses it)
     assert "nope.png: no such file" in user_error(capsys, ["predict", str(run), str(folder / "a.png"), str(folder / "nope.png")])
+
+
+def test_predict_names_a_glob_or_folder_that_gives_no_image_and_labels_the_rest(trained, tmp_path: Path, capsys, caplog):
+    run, data = trained
+    for folder in ("notes", "empty", "good"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image")
+    shutil.copy(data / "square" / "000.png", tmp_path / "good" / "a.png")
+    assert main(["predict", str(run), str(tmp_path / "notes" / "*"), str(tmp_path / "empty"), str(tmp_path / "good"),
+                 "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(Path(r["path"]).name, r["label"]) for r in table] == [("a.png", "square")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{tmp_path / 'notes' / '*'}: matches no image files; going on with the other inputs",
+                        f"{tmp_path / 'empty'}: holds no image files; going on with the other inputs"]
+    # nothing at all left: one line, exit 2, as before
+    assert user_error(capsys, ["predict", str(run), str(tmp_path / "notes" / "*"), str(tmp_path / "empty")]) == (
+        f"visionflow: error: no image files in {tmp_path / 'notes' / '*'} {tmp_path / 'empty'}")
 
 
 def test_a_quoted_tilde_is_the_home_folder_in_every_path_argument(trained, tmp_path: Path, monkeypatch, capsys):

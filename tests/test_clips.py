@@ -318,6 +318,14 @@ def test_a_glob_gives_clips_only_and_one_that_matches_nothing_is_named_and_passe
         np.save(tmp_path / "clips" / name, np.zeros((4, 8, 8), dtype=np.uint8))
     # once each, though '**' matches the folders and the clips in them
     assert expand_clip_inputs([str(tmp_path / "clips" / "**")]) == [str(tmp_path / "clips" / n) for n in ("a.npy", "sub/b.npy")]
+    # a glob that matches only other files is named too, and __MACOSX is passed over as a folder listing does
+    (tmp_path / "clips" / "__MACOSX").mkdir()
+    np.save(tmp_path / "clips" / "__MACOSX" / "c.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="visionflow"):
+        assert expand_clip_inputs([str(tmp_path / "moving.t*"), str(tmp_path / "clips" / "**")]) == [
+            str(tmp_path / "clips" / n) for n in ("a.npy", "sub/b.npy")]
+    assert caplog.messages == [f"{tmp_path / 'moving.t*'}: matches no clips; going on with the other inputs"]
 
 
 # --- sampling frames ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class LineTrainer:
     its weights depend on every epoch's random stream and on the restored optimizer state."""
 
     name = "epoch"
+    device = torch.device("cpu")
 
     def __init__(self, run: RunDir, checkpoint: dict | None = None, interrupt_in: int | None = None,
                  patience: int | None = None):
@@ -91,3 +92,43 @@ def test_stopping_early_ends_before_the_next_epoch(tmp_path: Path):
     run.create()
     rows = run_epochs(LineTrainer(run, patience=2), run, epochs=5, seed=0, show_progress=False)
     assert [r["epoch"] for r in rows] == [1, 2] and run.load_checkpoint()["epochs_done"] == 2
+
+
+def test_training_leaves_the_callers_global_random_stream_as_it_was(tmp_path: Path):
+    """Training seeds torch's global generator (initial weights, each epoch); a Python caller's own stream goes on
+    afterwards as if it had not called visionflow, for every trainer, new or resumed."""
+    from visionflow import api
+    from visionflow.api import gan as gan_api, repair as repair_api
+    from visionflow.config import TrainConfig
+    from visionflow.gan.repair import RepairConfig
+    from visionflow.gan.train import GanConfig
+
+    from conftest import write_class_folder
+
+    data = str(write_class_folder(tmp_path / "data", per_class=6))
+
+    def callers_draws_after(call, seed: int = 1234) -> torch.Tensor:
+        torch.manual_seed(seed)
+        torch.rand(1)  # the caller's stream, part way through
+        call()
+        return torch.rand(4)
+
+    untouched = callers_draws_after(lambda: None)
+    out = {name: str(tmp_path / name) for name in ("classifier", "gan", "repair")}
+    calls = {
+        "train": lambda: api.train(TrainConfig(data=data, out=out["classifier"], epochs=1, batch_size=8, seed=3),
+                                   show_progress=False),
+        "resume": lambda: api.resume(out["classifier"], epochs=2, show_progress=False),
+        "gan train": lambda: gan_api.train_gan(GanConfig(data=data, out=out["gan"], epochs=1, batch_size=8, seed=3),
+                                               show_progress=False),
+        "gan resume": lambda: gan_api.resume_gan(out["gan"], epochs=2, show_progress=False),
+        "repair train": lambda: repair_api.train(RepairConfig(data=data, out=out["repair"], epochs=1, batch_size=8,
+                                                              seed=3), show_progress=False),
+        "repair resume": lambda: repair_api.resume(out["repair"], epochs=2, show_progress=False),
+    }
+    changed = [name for name, call in calls.items() if not torch.equal(callers_draws_after(call), untouched)]
+    assert changed == []
+    # `gan evaluate` builds the untrained reference from the seed (and, as predict does, draws building the networks
+    # it loads): it goes on from the caller's stream rather than restarting it from that seed
+    evaluate = lambda: gan_api.evaluate_gan(out["gan"], data, classifier=out["classifier"], count=4, show_progress=False)
+    assert not torch.equal(callers_draws_after(evaluate, seed=1), callers_draws_after(evaluate, seed=2))

@@ -285,6 +285,37 @@ def test_expand_inputs_files_folders_globs(patterns: Path):
     assert expand_inputs([str(patterns / "**")]) == files and len(set(files)) == len(files)
 
 
+def test_an_input_that_gives_no_image_is_named_and_the_others_go_on(tmp_path: Path, caplog):
+    for folder in ("notes", "empty", "photos"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not an image")
+    Image.new("L", (8, 8)).save(tmp_path / "photos" / "a.png")
+    with caplog.at_level("WARNING", logger="visionflow"):
+        assert expand_inputs([str(tmp_path / "notes" / "*"), str(tmp_path / "empty"), str(tmp_path / "photos")]) == [
+            str(tmp_path / "photos" / "a.png")]
+    assert caplog.messages == [f"{tmp_path / 'notes' / '*'}: matches no image files; going on with the other inputs",
+                               f"{tmp_path / 'empty'}: holds no image files; going on with the other inputs"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="visionflow"):
+        assert expand_inputs([str(tmp_path / "empty")]) == []  # nothing at all: the caller's error says it, alone
+    assert caplog.messages == []
+
+
+def test_a_glob_passes_over_the_folders_a_folder_listing_passes_over(tmp_path: Path):
+    photos = tmp_path / "photos"
+    for name in ("a.png", "__MACOSX/b.png", "sub/c.png", "sub/__MACOSX/d.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(photos / name)
+    listed = [str(photos / "a.png"), str(photos / "sub" / "c.png")]
+    assert expand_inputs([str(photos)]) == listed
+    assert expand_inputs([str(photos / "**")]) == listed
+    assert expand_inputs([str(photos / "**" / "*.png")]) == listed
+    assert expand_inputs([str(photos / "*" / "*.png")]) == [str(photos / "sub" / "c.png")]
+    # a folder the glob names as typed is the user's choice, as the folder named on its own is
+    assert expand_inputs([str(photos / "__MACOSX" / "*.png")]) == expand_inputs([str(photos / "__MACOSX")]) == [
+        str(photos / "__MACOSX" / "b.png")]
+
+
 def test_images_only_in_sub_folders_are_still_an_image_collection(tmp_path: Path):
     for kind in ("cats", "dogs"):
         for year in ("2019", "2020"):

@@ -21,7 +21,7 @@ from visionflow.runs import RunDir
 from visionflow.train.classifier import class_weights, epoch_order
 from visionflow.train.metrics import classification_metrics
 
-from conftest import write_class_folder
+from conftest import run_with_stderr_on_a_terminal, write_class_folder
 
 
 def test_seed_cnn_learns_digits(tmp_path: Path):
@@ -262,3 +262,26 @@ def test_a_run_trained_on_a_gpu_resumes_on_the_cpu_when_told(tmp_path, capsys, c
     assert main(["train", "digits", "--out", str(out), "--resume", "--epochs", "2", "--device", "cpu", "--quiet"]) == 0
     assert "ignored" not in caplog.text  # --device is where it runs now, not a setting --resume ignores
     assert len(RunDir(out).read_metrics()) == 2 and json.loads((out / "config.json").read_text())["train"]["device"] == "cpu"
+
+
+def test_what_is_printed_while_the_training_bar_shows_on_a_terminal_stays_on_stdout(tmp_path: Path):
+    """rich's progress bar routes sys.stdout to its console, stderr, unless told not to: what a caller (a thread, a
+    library) printed while an epoch ran went to the terminal, not where stdout goes (as predict's rows once did)."""
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    script = f"""
+import sys
+from visionflow import api
+from visionflow.config import TrainConfig
+import visionflow.train.classifier as classifier
+
+epoch = classifier.train_one_epoch
+def printing(*args, **kwargs):  # the caller prints while an epoch runs, its bar on the terminal
+    print("printed during the epoch")
+    return epoch(*args, **kwargs)
+classifier.train_one_epoch = printing
+api.train(TrainConfig(data={str(data)!r}, out={str(tmp_path / 'run')!r}, epochs=1))
+"""
+    result, shown = run_with_stderr_on_a_terminal([sys.executable, "-c", script])  # the bar shows on the terminal
+    assert result.returncode == 0, shown
+    assert result.stdout == b"printed during the epoch\n"
+    assert b"epoch 1/1" in shown and b"printed during" not in shown  # the bar, and only it

@@ -1,7 +1,7 @@
 """The one error type that travels up to the CLI (and to any caller of the API), and its kinds.
 
 Raised where user input enters (paths, options, data, run directories). The CLI prints its message as
-one line and exits with code 2; anything else is an internal error (exit 1). TrainingInterrupted exits 130.
+one line and exits with code 2; anything else is an internal error (exit 1). Interrupted exits 130.
 """
 
 
@@ -23,5 +23,10 @@ class BrokenImage(VisionflowError):
         return BrokenImage, (self.origin, self.reason)
 
 
-class TrainingInterrupted(VisionflowError):
+class Interrupted(VisionflowError):
+    """Stopped by Ctrl-C (predict: or SIGTERM, or SIGHUP as the terminal closes); the message says what was kept
+    and how `--resume` continues. The CLI exits 130."""
+
+
+class TrainingInterrupted(Interrupted):
     """Ctrl-C during training: the last finished epoch is saved and `--resume` continues from it."""

@@ -37,6 +37,7 @@ from visionflow.models import count_parameters, create_model, list_models, model
 from visionflow.report.plots import check_picture_path, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
 from visionflow.train.classifier import epoch_augment_eval, fit
+from visionflow.train.loop import callers_random_state_kept, seed_global
 from visionflow.train.metrics import classification_metrics, worst_mistakes
 
 log = logging.getLogger("visionflow")
@@ -170,10 +171,12 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     """Train a new run in cfg.out; returns report.json's content."""
     cfg.validate()
     AugmentSpec.parse(cfg.augment).refuse_unusual_strengths()
-    select_device(cfg.device)  # an unavailable device fails before any work
+    device = select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset, channels, size = _data_shape(cfg)
-    probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)  # bad options fail before decoding
+    # bad options fail before decoding; building the probe draws from torch's global generator, the caller's
+    with callers_random_state_kept(torch.device("cpu")):
+        probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)
     data = load_training_data(cfg, channels, size, dataset)
     mean, std = channel_stats(data.train.images)
     if not getattr(probe, "standardize_inputs", True):  # the model wants pixels in [0, 1] (x / 255), e.g. seed-rnn
@@ -181,25 +184,26 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     input_kind = model_entry(cfg.model).input_kind
     preprocess = Preprocess(image_size=size, channels=channels, mean=mean, std=std,
                             frames=cfg.frames if input_kind == "clip" else None)
-    torch.manual_seed(cfg.seed)  # the initial weights
-    model = create_model(cfg.model, num_classes=len(data.train.classes), in_channels=channels, image_size=size,
-                         **cfg.model_options)
-    if hasattr(model, "init_from_data"):
-        # A data-dependent init (airbench's whitened first layer) from a seeded sample of the training
-        # images; what it sets is ordinary weights, so predict rebuilds it from config.json + weights.
-        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        model.init_from_data(preprocess(data.train.images[sample]))
-    run.create()
-    run.write_json("config.json", {
-        "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
-        "input_kind": input_kind, "augment_eval": cfg.augment_eval,
-        "data_spec": dataset.spec,
-        **({"clip_sampling": sampling_policy(cfg.frames)} if input_kind == "clip" else {}),
-    })
-    if data.held_out is not None:  # and how many items the split was made from, for a resume to count those added
-        run.write_json("split.json", {"held_out": data.held_out, "items": len(dataset.train)})
-    summary = fit(model, cfg, data.train, data.val, preprocess, run, show_progress=show_progress)
-    return write_report(run, model, cfg, data, preprocess, summary)
+    with callers_random_state_kept(device):  # seeded from here on, as before; the caller's stream given back after
+        seed_global(cfg.seed, device)  # the initial weights
+        model = create_model(cfg.model, num_classes=len(data.train.classes), in_channels=channels, image_size=size,
+                             **cfg.model_options)
+        if hasattr(model, "init_from_data"):
+            # A data-dependent init (airbench's whitened first layer) from a seeded sample of the training
+            # images; what it sets is ordinary weights, so predict rebuilds it from config.json + weights.
+            sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+            model.init_from_data(preprocess(data.train.images[sample]))
+        run.create()
+        run.write_json("config.json", {
+            "version": 1, "train": cfg.to_dict(), "classes": data.train.classes, "preprocess": preprocess.to_dict(),
+            "input_kind": input_kind, "augment_eval": cfg.augment_eval,
+            "data_spec": dataset.spec,
+            **({"clip_sampling": sampling_policy(cfg.frames)} if input_kind == "clip" else {}),
+        })
+        if data.held_out is not None:  # and how many items the split was made from, for a resume to count those added
+            run.write_json("split.json", {"held_out": data.held_out, "items": len(dataset.train)})
+        summary = fit(model, cfg, data.train, data.val, preprocess, run, show_progress=show_progress)
+        return write_report(run, model, cfg, data, preprocess, summary)
 
 
 def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
@@ -215,7 +219,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
             raise VisionflowError(f"{run.path} validated on a part of its own data, not on --val; resume without --val")
         cfg.val = val
     cfg.validate()
-    select_device(cfg.device)  # an unavailable device fails before any work
+    device = select_device(cfg.device)  # an unavailable device fails before any work
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     finished = checkpoint["state"]["epoch"]
     run.refuse_fewer_epochs(finished, epochs)
@@ -230,14 +234,16 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split)
     if data.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
-    model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
-                         image_size=preprocess.image_size, **cfg.model_options)
-    config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
-    run.write_json("config.json", config)
-    if split is not None:  # the same held-out items, under the data's paths now
-        run.write_json("split.json", split)
-    summary = fit(model, cfg, data.train, data.val, preprocess, run, checkpoint=checkpoint, show_progress=show_progress)
-    return write_report(run, model, cfg, data, preprocess, summary)
+    with callers_random_state_kept(device):  # the model's init (then the checkpoint's weights) and the epochs draw
+        model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
+                             image_size=preprocess.image_size, **cfg.model_options)
+        config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
+        run.write_json("config.json", config)
+        if split is not None:  # the same held-out items, under the data's paths now
+            run.write_json("split.json", split)
+        summary = fit(model, cfg, data.train, data.val, preprocess, run, checkpoint=checkpoint,
+                      show_progress=show_progress)
+        return write_report(run, model, cfg, data, preprocess, summary)
 
 
 def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: TrainingData, preprocess: Preprocess,

@@ -27,6 +27,7 @@ from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statis
 from visionflow.infer.predictor import Predictor
 from visionflow.report.plots import check_grid_fits, check_picture_path, is_image_name, save_image_grid
 from visionflow.runs import RunDir, atomic_write, file_in_the_way
+from visionflow.train.loop import callers_random_state_kept
 
 log = logging.getLogger("visionflow")
 
@@ -50,16 +51,17 @@ def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | No
 def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
     """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}."""
     cfg.validate()
-    select_device(cfg.device)  # an unavailable device fails before any work
+    device = select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
     part = _decode_training_images(cfg, dataset)
     channels, size = part.images.shape[1], part.images.shape[-1]
-    pair = build_pair(cfg, channels, size, len(part.classes))
-    run.create()
-    run.write_json("config.json", {"version": 1, "kind": "gan", "gan": cfg.to_dict(), "classes": part.classes,
-                                   "channels": channels, "image_size": size, "data_spec": dataset.spec})
-    summary = fit_gan(pair, cfg, part, run, show_progress=show_progress)
+    with callers_random_state_kept(device):  # seeded from here on; the caller's stream given back after
+        pair = build_pair(cfg, channels, size, len(part.classes))
+        run.create()
+        run.write_json("config.json", {"version": 1, "kind": "gan", "gan": cfg.to_dict(), "classes": part.classes,
+                                       "channels": channels, "image_size": size, "data_spec": dataset.spec})
+        summary = fit_gan(pair, cfg, part, run, show_progress=show_progress)
     return {**summary, "skipped_files": len(part.skipped)}
 
 
@@ -72,7 +74,7 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     config = run.config_to_resume("gan")
     cfg = GanConfig.for_resume(config["gan"], epochs, data, device)
     cfg.validate()
-    select_device(cfg.device)  # an unavailable device fails before any work
+    device = select_device(cfg.device)  # an unavailable device fails before any work
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     dataset = open_data(cfg.data)
@@ -80,10 +82,11 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     part = _decode_training_images(cfg, dataset, config["channels"], config["image_size"])
     if part.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")
-    pair = build_pair(cfg, config["channels"], config["image_size"], len(part.classes))
-    config["gan"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
-    run.write_json("config.json", config)
-    summary = fit_gan(pair, cfg, part, run, checkpoint=checkpoint, show_progress=show_progress)
+    with callers_random_state_kept(device):  # seeded from here on; the caller's stream given back after
+        pair = build_pair(cfg, config["channels"], config["image_size"], len(part.classes))
+        config["gan"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
+        run.write_json("config.json", config)
+        summary = fit_gan(pair, cfg, part, run, checkpoint=checkpoint, show_progress=show_progress)
     return {**summary, "skipped_files": len(part.skipped)}
 
 
@@ -197,7 +200,8 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
     generated, _ = gan.images(count, labels, seed=seed)
     generated_features, predicted = classifier_features(predictor, generated)
 
-    untrained = build_pair(gan.config, gan.channels, gan.image_size, len(gan.classes)).generator.to(gan.device)
+    with callers_random_state_kept(torch.device("cpu")):  # build_pair seeds the CPU's generator, the caller's too
+        untrained = build_pair(gan.config, gan.channels, gan.image_size, len(gan.classes)).generator.to(gan.device)
     standing_statistics(untrained, gan.config.seed)
     untrained_run = GanRun(untrained, gan.config, gan.classes, gan.channels, gan.image_size, gan.device)
     untrained_features, _ = classifier_features(predictor, untrained_run.images(count, labels, seed=seed)[0])

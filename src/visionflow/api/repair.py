@@ -29,6 +29,7 @@ from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGener
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
 from visionflow.report.plots import check_picture_path, save_image_grid
 from visionflow.runs import RunDir, atomic_write, file_in_the_way
+from visionflow.train.loop import callers_random_state_kept, seed_global
 
 log = logging.getLogger("visionflow")
 
@@ -62,7 +63,7 @@ def _networks(channels: int, width: int) -> tuple[RepairGenerator, PatchDiscrimi
 def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     """Train a new repair run in cfg.out; returns report.json's content."""
     cfg.validate()
-    select_device(cfg.device)  # an unavailable device fails before any work
+    device = select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
     dataset.train.require_kind("image", "image repair")
@@ -72,15 +73,16 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     train_source, val_source = _training_sources(cfg, dataset)
     train_part = decode_part(train_source, channels, size, strict=cfg.strict)
     val_part = decode_part(val_source, channels, size, strict=cfg.strict)
-    torch.manual_seed(cfg.seed)  # the initial weights
-    generator, discriminator = _networks(channels, cfg.width)
-    run.create()
-    run.write_json("config.json", {"version": 1, "task": "repair", "train": cfg.to_dict(), "channels": channels,
-                                   "image_size": size, "data_spec": dataset.spec})
-    run.write_json("split.json", {"held_out": val_part.origins})
-    summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run,
-                         show_progress=show_progress)
-    return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
+    with callers_random_state_kept(device):  # seeded from here on, as before; the caller's stream given back after
+        seed_global(cfg.seed, device)  # the initial weights
+        generator, discriminator = _networks(channels, cfg.width)
+        run.create()
+        run.write_json("config.json", {"version": 1, "task": "repair", "train": cfg.to_dict(), "channels": channels,
+                                       "image_size": size, "data_spec": dataset.spec})
+        run.write_json("split.json", {"held_out": val_part.origins})
+        summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run,
+                             show_progress=show_progress)
+        return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
 
 
 def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
@@ -91,7 +93,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     config = run.config_to_resume("repair")
     cfg = RepairConfig.for_resume(config["train"], epochs, data, device)
     cfg.validate()
-    select_device(cfg.device)  # an unavailable device fails before any work
+    device = select_device(cfg.device)  # an unavailable device fails before any work
     checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)
@@ -99,13 +101,14 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     train_source, val_source = _training_sources(cfg, dataset)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
-    generator, discriminator = _networks(config["channels"], cfg.width)
-    config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
-    run.write_json("config.json", config)
-    run.write_json("split.json", {"held_out": val_part.origins})  # the same split (seeded), under the data's paths now
-    summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run, checkpoint=checkpoint,
-                         show_progress=show_progress)
-    return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
+    with callers_random_state_kept(device):  # the networks' init (then the checkpoint's weights) and the epochs draw
+        generator, discriminator = _networks(config["channels"], cfg.width)
+        config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
+        run.write_json("config.json", config)
+        run.write_json("split.json", {"held_out": val_part.origins})  # the same split (seeded), under the data's paths now
+        summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run,
+                             checkpoint=checkpoint, show_progress=show_progress)
+        return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
 
 
 def _write_report(run: RunDir, summary: dict, skipped: list[tuple[str, str]], generator: RepairGenerator) -> dict:

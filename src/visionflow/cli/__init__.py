@@ -2,7 +2,8 @@
 
 Each module here adds its verbs with `register(commands) -> {verb: handler}`.
 Exit codes: 0 success, 2 a user error or a path the system refused (one line on stderr, no traceback),
-1 an internal error, 130 interrupted (training leaves a resumable checkpoint).
+1 an internal error, 130 interrupted (training leaves a resumable checkpoint; predict's --output holds whole rows
+that --resume continues).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import sys
 import warnings
 
-from visionflow.errors import TrainingInterrupted, VisionflowError
+from visionflow.errors import Interrupted, VisionflowError
 
 
 # The arguments that name files or folders, in every verb. '~' is expanded in them as DATA's is (open_data): the
@@ -96,6 +97,14 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
+def _say_if_possible(message: str) -> None:
+    """A line on stderr, unless stderr is gone: a terminal closed (predict stops on SIGHUP) refuses writes (EIO)."""
+    try:
+        print(message, file=sys.stderr)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     try:
@@ -115,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise VisionflowError(f"--threads must be at least 1 (got {args.threads})")
             torch.set_num_threads(args.threads)  # this process is the CLI's own: the setting ends with it
         return handlers[args.command](args)
-    except TrainingInterrupted as exc:
-        print(f"visionflow: {exc}", file=sys.stderr)
+    except Interrupted as exc:
+        _say_if_possible(f"visionflow: {exc}")
         return 130
     except VisionflowError as exc:
         print(f"visionflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("visionflow: interrupted", file=sys.stderr)
+        _say_if_possible("visionflow: interrupted")
         return 130
     except BrokenPipeError:
         return 0

@@ -6,15 +6,17 @@ import io
 import itertools
 import json
 import os
+import signal
 import sys
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
                                     given_flags, warn_ignored, warn_ignored_on_resume)
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
 from visionflow.data.transforms import DEFAULT_STRENGTHS
-from visionflow.errors import VisionflowError
+from visionflow.errors import Interrupted, VisionflowError
 from visionflow.infer.predict import FORMATS as PREDICT_FORMATS, labelled_paths, write_rows
 from visionflow.models import model_entry
 from visionflow.runs import check_output_file
@@ -156,6 +158,31 @@ def _output_format(output: str | None) -> str:
     return suffix if suffix in PREDICT_FORMATS else "table"
 
 
+@contextmanager
+def _stopping_as_ctrl_c_does():
+    """SIGTERM (`kill`) and SIGHUP (the terminal closed) stop the labelling as Ctrl-C does, raising
+    KeyboardInterrupt: Python's default for them ends the process at once, and the rows still in --output's buffer
+    were lost (the last one written out often cut short). A signal ignored when the command started (`nohup`)
+    stays ignored."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    earlier = {number: signal.getsignal(number) for number in numbers}
+    for number in numbers:
+        if earlier[number] is not signal.SIG_IGN:
+            signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in earlier.items():
+            signal.signal(number, handler)
+
+
 def run_predict(args) -> int:
     from visionflow import api
     from visionflow.train.progress import make_console, make_progress
@@ -168,13 +195,13 @@ def run_predict(args) -> int:
         if not args.output:
             raise VisionflowError("--resume continues the rows in --output: give --output")
         done = labelled_paths(args.output, fmt)
-    # Rows go to stdout as it is now: while the bar runs on a terminal, rich routes sys.stdout through its console,
-    # to stderr, and rows piped (| wc -l) or redirected (> rows.csv) had landed on the terminal instead. Rows
-    # printed on the terminal show their own progress: no bar then.
+    # Rows go to stdout as it is now: make_progress leaves sys.stdout alone (rich's default routed it to its console,
+    # stderr, and rows piped or redirected had landed on the terminal). Rows printed on the terminal show their own
+    # progress: no bar then.
     stdout = sys.stdout
     console = make_console()
     show = console.is_terminal and not args.quiet and (args.output is not None or not stdout.isatty())
-    with make_progress(console, show) as progress:
+    with _stopping_as_ctrl_c_does(), make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=None, status="")
         labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                                device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,
@@ -193,7 +220,14 @@ def run_predict(args) -> int:
         out = (open(args.output, "a" if appending else "w", newline="", errors="surrogateescape") if args.output
                else nullcontext(stdout))
         with out as stream:
-            count = write_rows(rows, stream, fmt, header=not appending)
+            try:
+                count = write_rows(rows, stream, fmt, header=not appending)
+            except KeyboardInterrupt:
+                if not args.output:
+                    raise
+                # leaving `with out` flushes every row written so far, each whole: --resume appends the others
+                raise Interrupted(f"interrupted; the rows written so far are in {args.output}: the same command "
+                                  "with --resume labels the rest") from None
     say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
     if args.output:
         earlier = f", after the {len(done)} it held" if appending else ""

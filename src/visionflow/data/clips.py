@@ -30,8 +30,8 @@ from PIL import Image
 
 from visionflow.data.decode import (VIDEO_EXTENSIONS, decode_image, is_image_file, pil_to_tensor, probe_image,
                                     require_nonempty_file)
-from visionflow.data.sources import (ImageFiles, _class_folders, _files_below, labelled_items, matching_inputs,
-                                    report_unmatched, walk_folder)
+from visionflow.data.sources import (ImageFiles, _class_folders, _files_below, gather_inputs, labelled_items,
+                                    walk_folder)
 from visionflow.errors import BrokenImage, VisionflowError
 
 ARRAY_EXTENSION = ".npy"
@@ -302,25 +302,23 @@ def clip_folder(root: Path, classes: list[str] | None, frames: int) -> ClipFiles
     return ClipFiles(paths, labels, classes, frames, name=str(root))
 
 
+def _clips_of(item: str, named: bool) -> list[str]:
+    if os.path.isdir(item):
+        below = _clips_below(Path(item))
+        if below and any(is_image_file(f) for f in os.listdir(item)):
+            raise images_next_to_clips_error(item)  # a cover image among videos is no clip of one frame
+        return below or [item]  # a folder of frames is one clip; one with nothing in it, a clip with no frames
+    if named and is_image_file(item):
+        raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
+                              "(video files, .npy arrays or folders of frames)")
+    return [item] if named or is_clip_file(item) else []
+
+
 def expand_clip_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
     """Clip files, folders (searched recursively for clips; a folder of images is one clip) and globs, which give
-    their clips and folders only. A glob that matches nothing is a warning (`warn`), or an error when none of the
-    inputs gives a clip."""
-    paths: list[str] = []
-    found, unmatched = matching_inputs(inputs)
-    for item, named in found:
-        if os.path.isdir(item):
-            below = _clips_below(Path(item))
-            if below and any(is_image_file(f) for f in os.listdir(item)):
-                raise images_next_to_clips_error(item)  # a cover image among videos is no clip of one frame
-            paths.extend(below or [item])  # a folder of frames is one clip; one with nothing in it, a clip with no frames
-        elif named and is_image_file(item):
-            raise VisionflowError(f"{item}: an image file, but the run's model takes clips "
-                                  "(video files, .npy arrays or folders of frames)")
-        elif named or is_clip_file(item):
-            paths.append(item)
-    report_unmatched(unmatched, paths, warn)
-    return list(dict.fromkeys(paths))  # once each: 'clips/**' matches a folder and the clips in it
+    their clips and folders only. An input that gives no clip is a warning (`warn`), or, for globs that match
+    nothing, an error when none of the inputs gives a clip."""
+    return gather_inputs(inputs, _clips_of, "clips", warn)
 
 
 def unlabelled_clips(inputs: Sequence[str], frames: int) -> ClipFiles:

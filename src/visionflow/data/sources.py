@@ -356,48 +356,71 @@ def open_data(spec: str | os.PathLike, frames: int = 16, kind: str = "image") ->
     return DataSet(str(root), class_folder(root, frames=frames, kind=kind), None)
 
 
-def matching_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, bool]], list[str]]:
-    """What files, folders and globs name: (path, named) pairs, `named` when the input is that path as typed rather
-    than a glob's match, and the globs that match nothing. A path that does not exist, no glob, is a typo: an error
-    before any work."""
-    found: list[tuple[str, bool]] = []
-    unmatched: list[str] = []
+def matching_inputs(inputs: Sequence[str]) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """What files, folders and globs name: each input with its (path, named) pairs, `named` when the input is that
+    path as typed rather than a glob's match (a glob that matches nothing has none). A path that does not exist, no
+    glob, is a typo: an error before any work."""
+    found: list[tuple[str, list[tuple[str, bool]]]] = []
     for item in map(os.path.expanduser, inputs):  # '~/photos' from Python too, as the shell expands it
         if os.path.lexists(item):  # a dangling link too: named, it gets its error row
-            found.append((item, True))
-            continue
-        if not any(c in item for c in "*?["):
+            found.append((item, [(item, True)]))
+        elif any(c in item for c in "*?["):
+            found.append((item, [(match, False) for match in sorted(glob.glob(item, recursive=True))]))
+        else:
             raise VisionflowError(f"{item}: no such file, folder or matching glob")
-        matches = sorted(glob.glob(item, recursive=True))
-        found.extend((match, False) for match in matches)
+    return found
+
+
+def _in_ignored_folder(pattern: str, match: str) -> bool:
+    """Whether the wildcards of `pattern` reached `match` through a folder that a folder's listing leaves out
+    (_ignored_folder: __MACOSX), so that 'photos/**' gives what 'photos/' gives. A folder the pattern names as typed
+    is kept, as a folder named on its own is listed whatever its name."""
+    typed = 0
+    for part in Path(pattern).parts:
+        if any(c in part for c in "*?["):
+            break
+        typed += 1
+    reached = Path(match).parts[typed:]
+    return any(map(_ignored_folder, reached if os.path.isdir(match) else reached[:-1]))
+
+
+def gather_inputs(inputs: Sequence[str], items_of, what: str, warn: bool = True) -> list[str]:
+    """The paths `items_of(path, named)` gives for what each input names (matching_inputs), once each, in the order
+    given; a glob's match in a folder that listings leave out gives none. An input that gives nothing (a glob that
+    matches no file, or only other files; a folder that holds none) is a warning naming it (with `warn`), and the
+    others go on. When no input gives anything, globs that match no file are an error naming them; otherwise the
+    caller says there is nothing to label."""
+    paths: list[str] = []
+    unmatched: list[str] = []
+    passed_over: list[tuple[str, str]] = []  # (input, why it gave nothing), in the order given
+    for item, matches in matching_inputs(inputs):
+        given = [path for match, named in matches if named or not _in_ignored_folder(item, match)
+                 for path in items_of(match, named)]
+        paths.extend(given)
         if not matches:
             unmatched.append(item)
-    return found, unmatched
-
-
-def report_unmatched(unmatched: list[str], paths: list[str], warn: bool = True) -> None:
-    """Globs that match nothing: an error when no input gave a path either, else (with `warn`) a warning naming
-    each, and the others go on."""
+            passed_over.append((item, "no such file, folder or matching glob"))
+        elif not given:
+            passed_over.append((item, f"{'holds' if matches[0][1] else 'matches'} no {what}"))
     if unmatched and not paths:
         raise VisionflowError(f"{', '.join(unmatched)}: no such file, folder or matching glob")
-    for glob_text in unmatched if warn else ():
-        log.warning("%s: no such file, folder or matching glob; going on with the other inputs", glob_text)
+    for item, why in passed_over if warn and paths else ():  # with no paths at all, the caller's error says it
+        log.warning("%s: %s; going on with the other inputs", item, why)
+    return list(dict.fromkeys(paths))  # once each: 'photos/**' matches a folder and the files in it
+
+
+def _image_files_of(path: str, named: bool) -> list[str]:
+    if os.path.isdir(path):
+        return _files_below(Path(path), is_image_file)
+    return [path] if named or is_image_file(path) else []
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files, folders (recursive) and globs -> image file paths, in the order given. Folders and globs give their
     image files only, as DATA's folders do; a file named as typed is kept whatever it is (a non-image then gets an
-    error row, as an unreadable image does). A glob that matches nothing is a warning, or an error when none of the
-    inputs gives a path."""
-    found, unmatched = matching_inputs(inputs)
-    paths: list[str] = []
-    for path, named in found:
-        if os.path.isdir(path):
-            paths.extend(_files_below(Path(path), is_image_file))
-        elif named or is_image_file(path):
-            paths.append(path)
-    report_unmatched(unmatched, paths)
-    return list(dict.fromkeys(paths))  # once each: 'photos/**' matches a folder and the files in it
+    error row, as an unreadable image does). An input that gives no image file is a warning naming it, or, for
+    globs that match nothing, an error when none of the inputs gives a path."""
+    return gather_inputs(inputs, _image_files_of, "image files")
 
 
 def unlabelled_files(inputs: Sequence[str], paths: list[str]) -> ImageFiles:

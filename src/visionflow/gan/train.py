@@ -31,7 +31,7 @@ from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.report.plots import save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.loop import ShowProgress, resume_command, run_epochs
+from visionflow.train.loop import ShowProgress, resume_command, run_epochs, seed_global
 
 log = logging.getLogger("visionflow")
 
@@ -96,7 +96,7 @@ class GanPair:
 
 def build_pair(cfg: GanConfig, channels: int, image_size: int, num_classes: int) -> GanPair:
     """Both networks, seeded by cfg.seed: the untrained reference of `gan evaluate` is built the same way."""
-    torch.manual_seed(cfg.seed)
+    seed_global(cfg.seed, torch.device("cpu"))  # built on the CPU: its generator alone draws the initial weights
     classes = num_classes if cfg.conditional else 0
     generator = Generator(channels, image_size, classes, cfg.latent_dim, cfg.width)
     discriminator = Discriminator(channels, image_size, classes, cfg.width, cfg.spectral_norm, cfg.minibatch_std)

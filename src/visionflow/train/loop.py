@@ -3,7 +3,9 @@
 What is trained differs (one network or two, the step, what "better" means), so each kind supplies an
 `EpochTrainer`: four small methods. How it runs is the same for all and lives here, once:
 - each epoch's random stream (shuffle, augmentation, noise, masks, dropout) is seeded by (seed, epoch), so a
-  resumed run continues exactly where the uninterrupted one would have been;
+  resumed run continues exactly where the uninterrupted one would have been; torch's global generators, which the
+  epochs and the initial weights seed (seed_global), are the caller's: the API puts them back afterwards
+  (callers_random_state_kept);
 - a checkpoint is saved before the first epoch (an interruption there still leaves something to resume) and
   after every epoch, with the epoch's row appended to metrics.csv first;
 - Ctrl-C ends with `TrainingInterrupted`, naming what was saved and the command that continues it; the
@@ -13,6 +15,7 @@ What is trained differs (one network or two, the step, what "better" means), so 
 from __future__ import annotations
 
 import shlex
+from contextlib import contextmanager
 from typing import Callable, Protocol
 
 import torch
@@ -30,6 +33,32 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def _gpus(device: torch.device) -> list[int]:
+    """The GPU that `device` is, as a list of indices ([] for the CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextmanager
+def callers_random_state_kept(device: torch.device):
+    """Training seeds torch's global generators (the initial weights, and each epoch for dropout), and they are a
+    Python caller's too: on leaving, the CPU's and, when `device` is a GPU, that GPU's are put back as they were, so
+    that the caller's own stream goes on as if visionflow had not run. Inside, every draw is what it was. On a GPU
+    it starts CUDA: enter it once the data is decoded, as the decoding forks worker processes."""
+    with torch.random.fork_rng(devices=_gpus(device)):
+        yield
+
+
+def seed_global(seed: int, device: torch.device) -> None:
+    """Seed the global generators that callers_random_state_kept puts back, and only those: torch.manual_seed also
+    seeds every other GPU's, and, where CUDA has not started yet, leaves a seed for it to take when it starts."""
+    torch.default_generator.manual_seed(seed)
+    for index in _gpus(device):
+        torch.cuda.init()  # the GPUs' generators exist once CUDA has started
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def resume_command(verb: str, data: str, run: RunDir) -> str:
     """The command that continues `run`, ready to paste (paths with spaces quoted)."""
     return f"{verb} {shlex.quote(str(data))} --out {shlex.quote(str(run.path))} --resume"
@@ -40,6 +69,7 @@ class EpochTrainer(Protocol):
     items: int            # training items per epoch, for the progress bar
     start_epoch: int      # the epochs finished before this call: 0 for a new run, the checkpoint's for a resumed one
     resume_command: str   # what continues the run, for the Ctrl-C message
+    device: torch.device  # where it trains: the global generator seeded per epoch is this one's (and the CPU's)
 
     def stop_early(self) -> bool:
         """Whether to stop before the next epoch (the classifier's --patience)."""
@@ -68,7 +98,7 @@ def run_epochs(trainer: EpochTrainer, run: RunDir, epochs: int, seed: int, show_
                 if trainer.stop_early():
                     break
                 task = progress.add_task(f"{trainer.name} {epoch + 1}/{epochs}", total=trainer.items, status="")
-                torch.manual_seed(epoch_seed(seed, epoch))  # dropout and any other draw from the global generator
+                seed_global(epoch_seed(seed, epoch), trainer.device)  # dropout and any other draw from the global generator
                 random = torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
                 def show(done: int, status: Callable[[], str]) -> None:

@@ -10,9 +10,20 @@ def make_console() -> Console:
     return Console(stderr=True)
 
 
+class _Progress(Progress):
+    def stop(self) -> None:
+        try:
+            super().stop()
+        except OSError:  # the terminal closed (predict stops on SIGHUP): nothing is left to clear, and the error
+            pass         # would take the place of the interruption on its way out, with its resume hint
+
+
 def make_progress(console: Console, enabled: bool = True) -> Progress:
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=True, disable=not enabled,
+        # The console is stderr: rich's default would route sys.stdout through it while the bar shows, so that what
+        # the caller prints meanwhile (a thread, a library) went to the terminal instead of where stdout goes.
+        redirect_stdout=False,
     )
