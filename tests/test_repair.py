@@ -15,6 +15,9 @@ from visionflow.gan.masks import (box_masks, center_masks, coverage, random_mask
                                   random_stroke_masks)
 from visionflow.gan.repair import RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
 from visionflow.api.repair import mean_scores
+from visionflow.runs import RunDir
+
+from conftest import write_class_folder
 
 
 # --- masks -------------------------------------------------------------------------------------------------
@@ -248,6 +251,32 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_a_one_line_error(
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{run / 'checkpoint.pt'}: weights do not fit the generator in config.json (size mismatch for " in err
     assert len((run / "metrics.csv").read_text().strip().splitlines()) - 1 == epochs  # nothing trained
+
+
+def test_resuming_another_kind_of_checkpoint_is_a_one_line_error_naming_its_kind(digits_run, tmp_path, capsys):
+    classifier = tmp_path / "classifier"
+    data = write_class_folder(tmp_path / "data", per_class=6, size=12)
+    assert main(["train", str(data), "--out", str(classifier), "--epochs", "1", "--quiet"]) == 0
+    repair = shutil.copytree(digits_run, tmp_path / "repair")
+    epochs = len((repair / "metrics.csv").read_text().strip().splitlines()) - 1
+    own = {run: (run / "checkpoint.pt").read_bytes() for run in (classifier, repair)}
+    (classifier / "checkpoint.pt").write_bytes(own[repair])  # each run's checkpoint.pt copied into the other
+    (repair / "checkpoint.pt").write_bytes(own[classifier])
+    capsys.readouterr()
+    for argv, expected in (
+            (["train", str(data), "--out", str(classifier), "--resume", "--epochs", "2"],
+             f"{classifier / 'checkpoint.pt'}: the checkpoint of an image-repair run, not of a classifier run;"),
+            (["repair", "train", "digits", "--out", str(repair), "--resume", "--epochs", str(epochs + 1)],
+             f"{repair / 'checkpoint.pt'}: the checkpoint of a classifier run, not of an image-repair run;")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"visionflow: error: {expected}"), err
+    torch.save({"generator": {}, "epoch": 3}, repair / "checkpoint.pt")  # no visionflow trainer's
+    assert main(["repair", "train", "digits", "--out", str(repair), "--resume", "--epochs", str(epochs + 1)]) == 2
+    assert (f"{repair / 'checkpoint.pt'}: not the checkpoint of an image-repair run (it has no discriminator, "
+            "g_optimizer, d_optimizer, state)") in capsys.readouterr().err
+    assert len((repair / "metrics.csv").read_text().strip().splitlines()) - 1 == epochs  # nothing trained
+    assert [row["epoch"] for row in RunDir(classifier).read_metrics()] == [1]
 
 
 def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run, tmp_path, caplog):

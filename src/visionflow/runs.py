@@ -68,6 +68,11 @@ MODEL_WEIGHTS = {"classifier": ("best.safetensors", "last.safetensors"), "gan": 
 # verb names what the folder holds instead (RunDir.require).
 NOT_A_RUN = {"gan": "not a visionflow GAN run directory (train one with `visionflow gan train`)",
              "repair": "not a repair run (train one with `visionflow repair train`)"}
+# What each task's trainer writes in checkpoint.pt (its checkpoint(); a classifier's lookahead average is optional):
+# what tells a checkpoint.pt copied from another run from the run's own.
+CHECKPOINT_PARTS = {"classifier": ("model", "optimizer", "schedule", "state"),
+                    "gan": ("generator", "discriminator", "ema", "optimizer_g", "optimizer_d", "epoch", "step"),
+                    "repair": ("generator", "discriminator", "g_optimizer", "d_optimizer", "state")}
 
 
 def run_task(config: dict) -> str | None:
@@ -80,6 +85,11 @@ def run_task(config: dict) -> str | None:
     if config.get("task") == "repair":
         return "repair"
     return "classifier" if {"train", "preprocess"} <= set(config) else None
+
+
+def holds_parts(checkpoint: Any, task: str) -> bool:
+    """Whether a loaded checkpoint.pt holds every part the trainer of `task` writes."""
+    return isinstance(checkpoint, dict) and all(part in checkpoint for part in CHECKPOINT_PARTS[task])
 
 
 class RunDir:
@@ -209,7 +219,9 @@ class RunDir:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_write(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
-    def load_checkpoint(self) -> dict[str, Any]:
+    def load_checkpoint(self, task: str | None = None) -> dict[str, Any]:
+        """checkpoint.pt, checked to hold every part the trainer of `task` reads (None: any, for a test's own trainer),
+        so that another kind of run's file is one line, not a KeyError from the first part it lacks."""
         path = self.path / "checkpoint.pt"
         if not path.exists():
             raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt: training never started); "
@@ -219,12 +231,22 @@ class RunDir:
                                   "another kind of file)")
         try:
             # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise VisionflowError(f"{path}: refused: it holds objects other than tensors and plain values, "
                                   f"which visionflow never writes and will not unpickle") from None
         except (RuntimeError, EOFError, OSError) as exc:  # truncated, or not a checkpoint at all
             raise VisionflowError(f"{path}: unreadable checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+        if task is None or holds_parts(checkpoint, task):
+            return checkpoint
+        found = next((kind for kind in CHECKPOINT_PARTS if holds_parts(checkpoint, kind)), None)
+        if found is not None:
+            what = f"the checkpoint of {RUN_TASKS[found]}, not of {RUN_TASKS[task]}"
+        else:
+            parts = checkpoint if isinstance(checkpoint, dict) else {}
+            missing = ", ".join(part for part in CHECKPOINT_PARTS[task] if part not in parts)
+            what = f"not the checkpoint of {RUN_TASKS[task]} (it has no {missing})"
+        raise VisionflowError(f"{path}: {what}; put the run's own checkpoint.pt back, or train a new run")
 
     # --- metrics.csv ---
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:

@@ -216,7 +216,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
         cfg.val = val
     cfg.validate()
     select_device(cfg.device)  # an unavailable device fails before any work
-    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    checkpoint = run.load_checkpoint("classifier")  # before decoding: damaged, or another kind of run's: fails at once
     finished = checkpoint["state"]["epoch"]
     run.refuse_fewer_epochs(finished, epochs)
     if epochs is not None and epochs > finished and cfg.patience and checkpoint["state"]["stale_epochs"] >= cfg.patience:

@@ -92,7 +92,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     cfg = RepairConfig.for_resume(config["train"], epochs, data, device)
     cfg.validate()
     select_device(cfg.device)  # an unavailable device fails before any work
-    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    checkpoint = run.load_checkpoint("repair")  # before decoding: damaged, or another kind of run's: fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)
     require_same_data(run, dataset)
