@@ -501,6 +501,31 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained on the wrong weights
 
 
+@pytest.mark.parametrize("trained_with,edit,difference", [
+    ([], {"optimizer": "sgd"}, "config.json's SGD: momentum 0.9, the checkpoint's: none"),  # traceback at the first step
+    (["--optimizer", "sgd"], {"optimizer": "adam"}, "config.json's Adam cannot load it: its state has no 'step'"),
+    (["--optimizer", "sgd"], {"momentum": 0.5}, "config.json's SGD: momentum 0.5, the checkpoint's: 0.9"),  # trained on
+])
+def test_resuming_an_optimizer_state_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys, trained_with,
+                                                                            edit, difference):
+    data = write_class_folder(tmp_path / "data", per_class=6, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet", *trained_with]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"].update(edit)  # edited by hand: checkpoint.pt holds the state of the optimizer the run trained with
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    error = user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"])
+    assert error == (f"visionflow: error: {out / 'checkpoint.pt'}: its optimizer state does not fit the optimizer "
+                     f"config.json describes ({difference}); put back the settings the run trained with, or train a "
+                     "new run")
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained
+    config["train"].update({"optimizer": "sgd" if trained_with else "adam", "momentum": 0.9})
+    (out / "config.json").write_text(json.dumps(config))  # put back: it resumes
+    assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
+
+
 def test_resume_reads_val_where_it_is_now(tmp_path: Path, capsys, caplog):
     data = write_class_folder(tmp_path / "data", per_class=6)
     val = write_class_folder(tmp_path / "val", per_class=2, seed=3)

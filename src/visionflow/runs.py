@@ -68,6 +68,9 @@ MODEL_WEIGHTS = {"classifier": ("best.safetensors", "last.safetensors"), "gan": 
 # verb names what the folder holds instead (RunDir.require).
 NOT_A_RUN = {"gan": "not a visionflow GAN run directory (train one with `visionflow gan train`)",
              "repair": "not a repair run (train one with `visionflow repair train`)"}
+# What an optimizer's param_groups hold besides its settings: its parameters, the rate of the step to come (the
+# schedule's) and the kernel the machine runs it with, which may differ on another machine.
+NOT_OPTIMIZER_SETTINGS = {"params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
 # What each task's trainer writes in checkpoint.pt (its checkpoint(); a classifier's lookahead average is optional):
 # what tells a checkpoint.pt copied from another run from the run's own.
 CHECKPOINT_PARTS = {"classifier": ("model", "optimizer", "schedule", "state"),
@@ -211,6 +214,30 @@ class RunDir:
                 mismatch = mismatch[:200] + " ..."
             raise VisionflowError(f"{self.path / name}: weights do not fit the {what} in config.json "
                                   f"({mismatch})") from None
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """The optimizer state `state`, checkpoint.pt's, loaded into `optimizer`, built from config.json: the state of
+        another optimizer or of other settings (config.json edited by hand: adam -> sgd, another momentum) is one line
+        naming the first difference, not a traceback from load_state_dict or the first step, nor a run that trains on
+        with settings config.json does not describe (load_state_dict takes the checkpoint's). Not compared: the rate,
+        which the schedule sets, and the kernel (foreach, fused), which the machine chooses."""
+        kind = type(optimizer).__name__
+        built = [{name: value for name, value in group.items() if name not in NOT_OPTIMIZER_SETTINGS}
+                 for group in optimizer.param_groups]
+        try:
+            # loaded before comparing: torch fills in the settings a checkpoint of an older torch lacks
+            optimizer.load_state_dict(state)
+            difference = next((f"config.json's {kind}: {name} {value}, the checkpoint's: {loaded.get(name, 'none')}"
+                               for settings, loaded in zip(built, optimizer.param_groups)
+                               for name, value in settings.items() if loaded.get(name) != value), None)
+        except KeyError as exc:  # the state another optimizer keeps (SGD's momentum buffers, loaded into Adam)
+            difference = f"config.json's {kind} cannot load it: its state has no {exc}"
+        except ValueError as exc:  # another number of parameters
+            difference = f"config.json's {kind} cannot load it: {str(exc).splitlines()[0]}"
+        if difference is not None:
+            raise VisionflowError(f"{self.path / 'checkpoint.pt'}: its optimizer state does not fit the optimizer "
+                                  f"config.json describes ({difference}); put back the settings the run trained "
+                                  "with, or train a new run")
 
     def best_weights_name(self) -> str:
         return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"
