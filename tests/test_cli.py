@@ -24,7 +24,7 @@ from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
-from conftest import pattern_image, run_cli, write_class_folder
+from conftest import add_images, run_cli, write_class_folder
 from visionflow.cli import main
 from test_sources import write_mnist
 
@@ -440,14 +440,6 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     moved_again = moved.rename(tmp_path / "moved-again")  # the original gone: nothing to compare bytes with
     assert main(["evaluate", str(out), str(moved_again), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 3
-
-
-def add_images(folder: Path, count: int, seed: int) -> None:
-    """`count` more 12x12 images in each class folder, named to sort among the ones there."""
-    rng = np.random.default_rng(seed)
-    for kind in ("square", "stripes_h", "stripes_v"):
-        for i in range(count):
-            Image.fromarray(pattern_image(kind, rng, 12)).save(folder / kind / f"{i:03d}-new{seed}.png")
 
 
 def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path: Path, capsys, caplog):

@@ -13,11 +13,12 @@ from PIL import Image
 from visionflow.cli import main
 from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
                                   random_stroke_masks)
-from visionflow.gan.repair import RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
-from visionflow.api.repair import mean_scores
+from visionflow.gan.repair import RepairConfig, RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
+from visionflow.api.repair import _training_sources, mean_scores
+from visionflow.data.sources import open_data
 from visionflow.runs import RunDir
 
-from conftest import write_class_folder
+from conftest import add_images, write_class_folder
 
 
 # --- masks -------------------------------------------------------------------------------------------------
@@ -133,6 +134,29 @@ def test_resume_reads_the_data_given_and_names_the_flags_it_ignores(digits_run, 
     assert "ignored: --width, --hole-weight" in caplog.text
     after = json.loads((run / "config.json").read_text())["train"]
     assert after == {**before, "epochs": 2}  # the run's own settings
+
+
+@pytest.mark.parametrize("max_images", [None, 24])
+def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path, caplog, max_images):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    argv = ["repair", "train", str(data), "--out", str(out), "--quiet"]
+    assert main([*argv, "--epochs", "1", "--image-size", "16", "--width", "4", "--batch-size", "8",
+                 *([] if max_images is None else ["--max-images", str(max_images)])]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["held_out"]) == 3
+    add_images(data, 3, seed=1)  # a seeded split (and draw) of the new listing holds out others, trained on in epoch 1
+    caplog.clear()
+    assert main([*argv, "--resume", "--epochs", "2"]) == 0
+    assert json.loads((out / "split.json").read_text()) == split
+    assert "the images held out in split.json stay held out" in caplog.text
+    if max_images is None:
+        assert caplog.messages == [f"{data}: 9 more files to train on than when the run started; the images held "
+                                   "out in split.json stay held out"]
+    cfg = RepairConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
+    train, val, _ = _training_sources(cfg, open_data(str(data)), split)  # what the resume trained and validated on
+    assert sorted(val.origin(i) for i in range(len(val))) == sorted(split["held_out"])
+    assert not {train.origin(i) for i in range(len(train))} & set(split["held_out"])
 
 
 @pytest.mark.parametrize("verb", [["train"], ["gan", "train"]])

@@ -75,7 +75,7 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
         return dataset.train, dataset.test, None, f"the data's {'val/' if folder in ('val', 'validation') else 'test'} part"
     held_out_from = f"{cfg.val_split:.0%} of the training part, held out (split.json)"
     if split is not None:
-        train, val = _recorded_split(cfg.data, dataset.train, split["held_out"], split.get("items"))
+        train, val = recorded_split(cfg.data, dataset.train, split)
         return train, val, split["held_out"], held_out_from
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
     if len(val_idx) == 0:
@@ -85,13 +85,14 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
     return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))], held_out_from
 
 
-def _recorded_split(data: str, source: DataSource, held_out: list[str], items: int | None) -> tuple[DataSource, DataSource]:
-    """(train, validation) of a resumed run: the items split.json held out stay held out and every other one trains.
-    The split is not computed again: with files added since the run started, a seeded split of the new listing holds
-    out other files, some of which the run has trained on. `items`: how many the training part held when the run
-    started (split.json's, None for a run from before it was recorded). What changed since is one warning; a
-    held-out part mostly gone is an error, as its accuracy, which chose best.safetensors, would not compare."""
-    recorded = set(held_out)
+def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSource, DataSource]:
+    """(train, validation) of a resumed run, a classifier's or a repair run's: the items split.json held out stay held
+    out and every other one of `source` trains. The split is not computed again: with files added since the run
+    started, a seeded split of the new listing holds out other files, some of which the run has trained on. `split`:
+    split.json as require_same_data gives it, whose "items" is how many items the split was made from (absent for a
+    run from before it was recorded). What changed since is one warning; a held-out part mostly gone is an error, as
+    its scores, which chose best.safetensors, would not compare."""
+    recorded, items = set(split["held_out"]), split.get("items")
     is_held_out = [source.origin(i) in recorded for i in range(len(source))]
     val_idx = [i for i, held in enumerate(is_held_out) if held]
     train_idx = [i for i, held in enumerate(is_held_out) if not held]
@@ -225,8 +226,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
                     finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
-    held_out = require_same_data(run, dataset)
-    split = None if held_out is None else {**run.read_json("split.json"), "held_out": held_out}
+    split = require_same_data(run, dataset)
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split)
     if data.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
@@ -315,13 +315,16 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     return source.subset([i for i in range(len(source)) if source.origin(i) in keep])
 
 
-def require_same_data(run: RunDir, dataset: DataSet) -> list[str] | None:
+def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
     """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data.
-    Returns the items the run held out (split.json) as `dataset` names them, or None when it held none out."""
+    Returns split.json with the items the run held out as `dataset` names them (recorded_split), or None when it held
+    none out."""
     recorded = run.read_json("config.json").get("data_spec")
     held_out = held_out_in(run, dataset, recorded)
-    if held_out is not None or dataset.spec == recorded:
-        return held_out
+    if held_out is not None:
+        return {**run.read_json("split.json"), "held_out": held_out}
+    if dataset.spec == recorded:
+        return None
     if run.exists("split.json"):
         raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): the images it held "
                               "out are not in it. Resume on that data, moved or not, or train a new run")
