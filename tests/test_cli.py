@@ -493,6 +493,31 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained on the wrong weights
 
 
+def test_moved_data_missing_some_held_out_images_resumes_as_data_not_moved_does(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    moved = data.rename(tmp_path / "moved")
+    held_out = [os.path.join(moved.resolve(), os.path.relpath(path, data.resolve()))
+                for path in json.loads((out / "split.json").read_text())["held_out"]]
+    os.unlink(held_out[0])  # and one of the 3 held-out images deleted
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2 and "scoring the 2 images it held out" in caplog.text
+    caplog.clear()
+    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert caplog.messages == [f"{moved}: 1 of the 3 held-out images are gone (validating on the other 2); the images "
+                               "held out in split.json stay held out"]  # as for the data where it was
+    assert json.loads((out / "report.json").read_text())["validation"]["n"] == 2
+    assert json.loads((out / "split.json").read_text())["held_out"] == held_out
+    again = moved.rename(tmp_path / "again")  # moved again with most of them gone: not told apart from other data
+    os.unlink(again / os.path.relpath(held_out[1], moved.resolve()))
+    capsys.readouterr()
+    assert "is not the data the run trained on" in user_error(
+        capsys, ["train", str(again), "--out", str(out), "--resume", "--epochs", "3"])
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
+
+
 @pytest.mark.parametrize("trained_with,edit,difference", [
     ([], {"optimizer": "sgd"}, "config.json's SGD: momentum 0.9, the checkpoint's: none"),  # traceback at the first step
     (["--optimizer", "sgd"], {"optimizer": "adam"}, "config.json's Adam cannot load it: its state has no 'step'"),

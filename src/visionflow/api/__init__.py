@@ -85,6 +85,13 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
     return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))], held_out_from
 
 
+def mostly_gone(gone: int, held_out: int) -> bool:
+    """Whether `gone` of the `held_out` images a run held out is too many to go on with: what is left would neither
+    validate as the part that chose best.safetensors did (recorded_split) nor tell the run's data, moved, from other
+    data under the same names (held_out_in). Up to half gone, the data is the run's with some images deleted."""
+    return gone * 2 > held_out
+
+
 def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSource, DataSource]:
     """(train, validation) of a resumed run, a classifier's or a repair run's: the items split.json held out stay held
     out and every other one of `source` trains. The split is not computed again: with files added since the run
@@ -97,7 +104,7 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     val_idx = [i for i, held in enumerate(is_held_out) if held]
     train_idx = [i for i, held in enumerate(is_held_out) if not held]
     gone = len(recorded) - len(val_idx)
-    if gone * 2 > len(recorded):
+    if mostly_gone(gone, len(recorded)):
         raise VisionflowError(f"{data}: {gone} of the {len(recorded)} images the run held out for validation "
                               "(split.json) are gone; put them back, or train a new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
@@ -280,8 +287,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
 def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str] | None:
     """The run's held-out items as `dataset` names them: as split.json records them when it is the data the run
     trained on (`recorded`, config.json's data_spec), or at the same paths below its folder when it is that data
-    moved or copied (every one of them there, and any whose original is still in place with the same bytes); None
-    when the run held nothing out or `dataset` is other data."""
+    moved or copied (most of them there, as for data not moved, and any whose original is still in place with the
+    same bytes); None when the run held nothing out or `dataset` is other data."""
     if not run.exists("split.json"):
         return None
     held_out = run.read_json("split.json")["held_out"]
@@ -291,9 +298,11 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
         return None  # a built-in data set is never moved
     moved = [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in held_out]
     source = dataset.train
-    if not set(moved) <= {source.origin(i) for i in range(len(source))}:
+    listed = {source.origin(i) for i in range(len(source))}
+    found = [(origin, copy) for origin, copy in zip(held_out, moved) if copy in listed]
+    if mostly_gone(len(held_out) - len(found), len(held_out)):
         return None
-    originals = [(origin, copy) for origin, copy in zip(held_out[:100], moved) if os.path.isfile(origin)]
+    originals = [(origin, copy) for origin, copy in found[:100] if os.path.isfile(origin)]
     if not all(filecmp.cmp(origin, copy, shallow=False) for origin, copy in originals):
         return None  # other data under the same names: a data set generated again
     return moved
@@ -308,11 +317,12 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     held_out = held_out_in(run, dataset, recorded)
     if held_out is None:
         return dataset.train
+    keep, source = set(held_out), dataset.train
+    part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
     if dataset.spec != recorded:
         log.warning("%s holds the data the run trained on (%s), moved or copied: scoring the %d images it held out",
-                    dataset.spec, recorded, len(held_out))
-    keep, source = set(held_out), dataset.train
-    return source.subset([i for i in range(len(source)) if source.origin(i) in keep])
+                    dataset.spec, recorded, len(part))
+    return part
 
 
 def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
@@ -326,8 +336,9 @@ def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
     if dataset.spec == recorded:
         return None
     if run.exists("split.json"):
-        raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): the images it held "
-                              "out are not in it. Resume on that data, moved or not, or train a new run")
+        raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): most of the images it "
+                              "held out (split.json) are not in it, or differ. Resume on that data, moved or not, or "
+                              "train a new run")
     # nothing held out to recognise it by
     log.warning("resuming on %s; the run trained on %s (if that is other data, the epochs will not compare)",
                 dataset.spec, recorded)
