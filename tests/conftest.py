@@ -40,6 +40,14 @@ def write_class_folder(root: Path, per_class: int = 20, size: int = 16, seed: in
     return root
 
 
+def add_images(folder: Path, count: int, seed: int) -> None:
+    """`count` more 12x12 images in each class folder of write_class_folder, named to sort among the ones there."""
+    rng = np.random.default_rng(seed)
+    for kind in ("square", "stripes_h", "stripes_v"):
+        for i in range(count):
+            Image.fromarray(pattern_image(kind, rng, 12)).save(folder / kind / f"{i:03d}-new{seed}.png")
+
+
 @pytest.fixture
 def patterns(tmp_path: Path) -> Path:
     """Three classes x 20 grey 16x16 PNGs."""

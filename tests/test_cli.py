@@ -24,7 +24,7 @@ from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
-from conftest import pattern_image, run_cli, run_with_stderr_on_a_terminal, write_class_folder
+from conftest import add_images, run_cli, run_with_stderr_on_a_terminal, write_class_folder
 from visionflow.cli import main
 from test_sources import write_mnist
 
@@ -496,14 +496,6 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     assert json.loads(capsys.readouterr().out)["n"] == 3
 
 
-def add_images(folder: Path, count: int, seed: int) -> None:
-    """`count` more 12x12 images in each class folder, named to sort among the ones there."""
-    rng = np.random.default_rng(seed)
-    for kind in ("square", "stripes_h", "stripes_v"):
-        for i in range(count):
-            Image.fromarray(pattern_image(kind, rng, 12)).save(folder / kind / f"{i:03d}-new{seed}.png")
-
-
 def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path: Path, capsys, caplog):
     data = write_class_folder(tmp_path / "data", per_class=10, size=12)
     out = tmp_path / "run"
@@ -553,6 +545,56 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path
     error = user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"])
     assert f"{out / 'checkpoint.pt'}: weights do not fit the model in config.json (Missing key(s)" in error
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained on the wrong weights
+
+
+def test_moved_data_missing_some_held_out_images_resumes_as_data_not_moved_does(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    moved = data.rename(tmp_path / "moved")
+    held_out = [os.path.join(moved.resolve(), os.path.relpath(path, data.resolve()))
+                for path in json.loads((out / "split.json").read_text())["held_out"]]
+    os.unlink(held_out[0])  # and one of the 3 held-out images deleted
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2 and "scoring the 2 images it held out" in caplog.text
+    caplog.clear()
+    assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert caplog.messages == [f"{moved}: 1 of the 3 held-out images are gone (validating on the other 2); the images "
+                               "held out in split.json stay held out"]  # as for the data where it was
+    assert json.loads((out / "report.json").read_text())["validation"]["n"] == 2
+    assert json.loads((out / "split.json").read_text())["held_out"] == held_out
+    again = moved.rename(tmp_path / "again")  # moved again with most of them gone: not told apart from other data
+    os.unlink(again / os.path.relpath(held_out[1], moved.resolve()))
+    capsys.readouterr()
+    assert "is not the data the run trained on" in user_error(
+        capsys, ["train", str(again), "--out", str(out), "--resume", "--epochs", "3"])
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
+
+
+@pytest.mark.parametrize("trained_with,edit,difference", [
+    ([], {"optimizer": "sgd"}, "config.json's SGD: momentum 0.9, the checkpoint's: none"),  # traceback at the first step
+    (["--optimizer", "sgd"], {"optimizer": "adam"}, "config.json's Adam cannot load it: its state has no 'step'"),
+    (["--optimizer", "sgd"], {"momentum": 0.5}, "config.json's SGD: momentum 0.5, the checkpoint's: 0.9"),  # trained on
+])
+def test_resuming_an_optimizer_state_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys, trained_with,
+                                                                            edit, difference):
+    data = write_class_folder(tmp_path / "data", per_class=6, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet", *trained_with]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"].update(edit)  # edited by hand: checkpoint.pt holds the state of the optimizer the run trained with
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    error = user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"])
+    assert error == (f"visionflow: error: {out / 'checkpoint.pt'}: its optimizer state does not fit the optimizer "
+                     f"config.json describes ({difference}); put back the settings the run trained with, or train a "
+                     "new run")
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained
+    config["train"].update({"optimizer": "sgd" if trained_with else "adam", "momentum": 0.9})
+    (out / "config.json").write_text(json.dumps(config))  # put back: it resumes
+    assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
 
 
 def test_resume_reads_val_where_it_is_now(tmp_path: Path, capsys, caplog):

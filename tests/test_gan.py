@@ -388,6 +388,27 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_a_one_line_error(
     assert RunDir(run).load_checkpoint()["epoch"] == 1
 
 
+def test_resuming_another_kind_of_checkpoint_is_a_one_line_error_naming_its_kind(one_epoch_run, digit_folder, tmp_path,
+                                                                                 capsys):
+    gan = _copy(one_epoch_run, tmp_path)
+    classifier = tmp_path / "classifier"
+    assert main(["train", digit_folder, "--out", str(classifier), "--epochs", "1", "--quiet"]) == 0
+    own = {run: (run / "checkpoint.pt").read_bytes() for run in (classifier, gan)}
+    (classifier / "checkpoint.pt").write_bytes(own[gan])  # each run's checkpoint.pt copied into the other
+    (gan / "checkpoint.pt").write_bytes(own[classifier])
+    capsys.readouterr()
+    for argv, expected in (
+            (["train", digit_folder, "--out", str(classifier)],
+             f"{classifier / 'checkpoint.pt'}: the checkpoint of a GAN run, not of a classifier run;"),
+            (["gan", "train", digit_folder, "--out", str(gan)],
+             f"{gan / 'checkpoint.pt'}: the checkpoint of a classifier run, not of a GAN run;")):
+        assert main([*argv, "--resume", "--epochs", "2", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"visionflow: error: {expected}"), err
+    assert [row["epoch"] for row in RunDir(gan).read_metrics()] == [1]  # nothing trained
+    assert [row["epoch"] for row in RunDir(classifier).read_metrics()] == [1]
+
+
 # --- domain FID on a run -----------------------------------------------------------------------------------
 
 def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path):

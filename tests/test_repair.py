@@ -13,8 +13,12 @@ from PIL import Image
 from visionflow.cli import main
 from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
                                   random_stroke_masks)
-from visionflow.gan.repair import RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
-from visionflow.api.repair import mean_scores
+from visionflow.gan.repair import RepairConfig, RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
+from visionflow.api.repair import _training_sources, mean_scores
+from visionflow.data.sources import open_data
+from visionflow.runs import RunDir
+
+from conftest import add_images, write_class_folder
 
 
 # --- masks -------------------------------------------------------------------------------------------------
@@ -130,6 +134,29 @@ def test_resume_reads_the_data_given_and_names_the_flags_it_ignores(digits_run, 
     assert "ignored: --width, --hole-weight" in caplog.text
     after = json.loads((run / "config.json").read_text())["train"]
     assert after == {**before, "epochs": 2}  # the run's own settings
+
+
+@pytest.mark.parametrize("max_images", [None, 24])
+def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path, caplog, max_images):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    argv = ["repair", "train", str(data), "--out", str(out), "--quiet"]
+    assert main([*argv, "--epochs", "1", "--image-size", "16", "--width", "4", "--batch-size", "8",
+                 *([] if max_images is None else ["--max-images", str(max_images)])]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["held_out"]) == 3
+    add_images(data, 3, seed=1)  # a seeded split (and draw) of the new listing holds out others, trained on in epoch 1
+    caplog.clear()
+    assert main([*argv, "--resume", "--epochs", "2"]) == 0
+    assert json.loads((out / "split.json").read_text()) == split
+    assert "the images held out in split.json stay held out" in caplog.text
+    if max_images is None:
+        assert caplog.messages == [f"{data}: 9 more files to train on than when the run started; the images held "
+                                   "out in split.json stay held out"]
+    cfg = RepairConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
+    train, val, _ = _training_sources(cfg, open_data(str(data)), split)  # what the resume trained and validated on
+    assert sorted(val.origin(i) for i in range(len(val))) == sorted(split["held_out"])
+    assert not {train.origin(i) for i in range(len(train))} & set(split["held_out"])
 
 
 @pytest.mark.parametrize("verb", [["train"], ["gan", "train"]])
@@ -282,6 +309,32 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_a_one_line_error(
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{run / 'checkpoint.pt'}: weights do not fit the generator in config.json (size mismatch for " in err
     assert len((run / "metrics.csv").read_text().strip().splitlines()) - 1 == epochs  # nothing trained
+
+
+def test_resuming_another_kind_of_checkpoint_is_a_one_line_error_naming_its_kind(digits_run, tmp_path, capsys):
+    classifier = tmp_path / "classifier"
+    data = write_class_folder(tmp_path / "data", per_class=6, size=12)
+    assert main(["train", str(data), "--out", str(classifier), "--epochs", "1", "--quiet"]) == 0
+    repair = shutil.copytree(digits_run, tmp_path / "repair")
+    epochs = len((repair / "metrics.csv").read_text().strip().splitlines()) - 1
+    own = {run: (run / "checkpoint.pt").read_bytes() for run in (classifier, repair)}
+    (classifier / "checkpoint.pt").write_bytes(own[repair])  # each run's checkpoint.pt copied into the other
+    (repair / "checkpoint.pt").write_bytes(own[classifier])
+    capsys.readouterr()
+    for argv, expected in (
+            (["train", str(data), "--out", str(classifier), "--resume", "--epochs", "2"],
+             f"{classifier / 'checkpoint.pt'}: the checkpoint of an image-repair run, not of a classifier run;"),
+            (["repair", "train", "digits", "--out", str(repair), "--resume", "--epochs", str(epochs + 1)],
+             f"{repair / 'checkpoint.pt'}: the checkpoint of a classifier run, not of an image-repair run;")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"visionflow: error: {expected}"), err
+    torch.save({"generator": {}, "epoch": 3}, repair / "checkpoint.pt")  # no visionflow trainer's
+    assert main(["repair", "train", "digits", "--out", str(repair), "--resume", "--epochs", str(epochs + 1)]) == 2
+    assert (f"{repair / 'checkpoint.pt'}: not the checkpoint of an image-repair run (it has no discriminator, "
+            "g_optimizer, d_optimizer, state)") in capsys.readouterr().err
+    assert len((repair / "metrics.csv").read_text().strip().splitlines()) - 1 == epochs  # nothing trained
+    assert [row["epoch"] for row in RunDir(classifier).read_metrics()] == [1]
 
 
 def test_run_says_when_a_colour_image_is_turned_grey_for_a_grey_model(digits_run, tmp_path, caplog):

@@ -170,7 +170,7 @@ def test_config_values_of_the_wrong_type_are_named_before_any_work(tmp_path):
     assert cfg.out == str(tmp_path / "run")
 
 
-def test_a_stretched_schedule_sets_the_rate_of_the_first_resumed_step():
+def test_a_stretched_schedule_sets_the_rate_of_the_first_resumed_step(tmp_path):
     from torch import nn
 
     from visionflow.train.classifier import build_optimizer, build_schedule, restore_optimizer
@@ -181,7 +181,7 @@ def test_a_stretched_schedule_sets_the_rate_of_the_first_resumed_step():
         optimizer = build_optimizer(cfg, model)
         schedule = build_schedule(cfg, optimizer, steps_per_epoch=10)
         if checkpoint is not None:
-            restore_optimizer(optimizer, schedule, checkpoint)
+            restore_optimizer(optimizer, schedule, checkpoint, RunDir(tmp_path))
         rates = []
         for _ in range(count):
             rates.append(optimizer.param_groups[0]["lr"])

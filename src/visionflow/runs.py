@@ -84,6 +84,14 @@ MODEL_WEIGHTS = {"classifier": ("best.safetensors", "last.safetensors"), "gan": 
 # verb names what the folder holds instead (RunDir.require).
 NOT_A_RUN = {"gan": "not a visionflow GAN run directory (train one with `visionflow gan train`)",
              "repair": "not a repair run (train one with `visionflow repair train`)"}
+# What an optimizer's param_groups hold besides its settings: its parameters, the rate of the step to come (the
+# schedule's) and the kernel the machine runs it with, which may differ on another machine.
+NOT_OPTIMIZER_SETTINGS = {"params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
+# What each task's trainer writes in checkpoint.pt (its checkpoint(); a classifier's lookahead average is optional):
+# what tells a checkpoint.pt copied from another run from the run's own.
+CHECKPOINT_PARTS = {"classifier": ("model", "optimizer", "schedule", "state"),
+                    "gan": ("generator", "discriminator", "ema", "optimizer_g", "optimizer_d", "epoch", "step"),
+                    "repair": ("generator", "discriminator", "g_optimizer", "d_optimizer", "state")}
 
 
 def run_task(config: dict) -> str | None:
@@ -96,6 +104,11 @@ def run_task(config: dict) -> str | None:
     if config.get("task") == "repair":
         return "repair"
     return "classifier" if {"train", "preprocess"} <= set(config) else None
+
+
+def holds_parts(checkpoint: Any, task: str) -> bool:
+    """Whether a loaded checkpoint.pt holds every part the trainer of `task` writes."""
+    return isinstance(checkpoint, dict) and all(part in checkpoint for part in CHECKPOINT_PARTS[task])
 
 
 class RunDir:
@@ -218,6 +231,30 @@ class RunDir:
             raise VisionflowError(f"{self.path / name}: weights do not fit the {what} in config.json "
                                   f"({mismatch})") from None
 
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """The optimizer state `state`, checkpoint.pt's, loaded into `optimizer`, built from config.json: the state of
+        another optimizer or of other settings (config.json edited by hand: adam -> sgd, another momentum) is one line
+        naming the first difference, not a traceback from load_state_dict or the first step, nor a run that trains on
+        with settings config.json does not describe (load_state_dict takes the checkpoint's). Not compared: the rate,
+        which the schedule sets, and the kernel (foreach, fused), which the machine chooses."""
+        kind = type(optimizer).__name__
+        built = [{name: value for name, value in group.items() if name not in NOT_OPTIMIZER_SETTINGS}
+                 for group in optimizer.param_groups]
+        try:
+            # loaded before comparing: torch fills in the settings a checkpoint of an older torch lacks
+            optimizer.load_state_dict(state)
+            difference = next((f"config.json's {kind}: {name} {value}, the checkpoint's: {loaded.get(name, 'none')}"
+                               for settings, loaded in zip(built, optimizer.param_groups)
+                               for name, value in settings.items() if loaded.get(name) != value), None)
+        except KeyError as exc:  # the state another optimizer keeps (SGD's momentum buffers, loaded into Adam)
+            difference = f"config.json's {kind} cannot load it: its state has no {exc}"
+        except ValueError as exc:  # another number of parameters
+            difference = f"config.json's {kind} cannot load it: {str(exc).splitlines()[0]}"
+        if difference is not None:
+            raise VisionflowError(f"{self.path / 'checkpoint.pt'}: its optimizer state does not fit the optimizer "
+                                  f"config.json describes ({difference}); put back the settings the run trained "
+                                  "with, or train a new run")
+
     def best_weights_name(self) -> str:
         return "best.safetensors" if self.exists("best.safetensors") else "last.safetensors"
 
@@ -225,7 +262,9 @@ class RunDir:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_write(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
-    def load_checkpoint(self) -> dict[str, Any]:
+    def load_checkpoint(self, task: str | None = None) -> dict[str, Any]:
+        """checkpoint.pt, checked to hold every part the trainer of `task` reads (None: any, for a test's own trainer),
+        so that another kind of run's file is one line, not a KeyError from the first part it lacks."""
         path = self.path / "checkpoint.pt"
         if not path.exists():
             raise VisionflowError(f"{self.path}: nothing to resume (no checkpoint.pt: training never started); "
@@ -235,12 +274,22 @@ class RunDir:
                                   "another kind of file)")
         try:
             # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise VisionflowError(f"{path}: refused: it holds objects other than tensors and plain values, "
                                   f"which visionflow never writes and will not unpickle") from None
         except (RuntimeError, EOFError, OSError) as exc:  # truncated, or not a checkpoint at all
             raise VisionflowError(f"{path}: unreadable checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+        if task is None or holds_parts(checkpoint, task):
+            return checkpoint
+        found = next((kind for kind in CHECKPOINT_PARTS if holds_parts(checkpoint, kind)), None)
+        if found is not None:
+            what = f"the checkpoint of {RUN_TASKS[found]}, not of {RUN_TASKS[task]}"
+        else:
+            parts = checkpoint if isinstance(checkpoint, dict) else {}
+            missing = ", ".join(part for part in CHECKPOINT_PARTS[task] if part not in parts)
+            what = f"not the checkpoint of {RUN_TASKS[task]} (it has no {missing})"
+        raise VisionflowError(f"{path}: {what}; put the run's own checkpoint.pt back, or train a new run")
 
     # --- metrics.csv ---
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:

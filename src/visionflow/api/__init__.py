@@ -76,7 +76,7 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
         return dataset.train, dataset.test, None, f"the data's {'val/' if folder in ('val', 'validation') else 'test'} part"
     held_out_from = f"{cfg.val_split:.0%} of the training part, held out (split.json)"
     if split is not None:
-        train, val = _recorded_split(cfg.data, dataset.train, split["held_out"], split.get("items"))
+        train, val = recorded_split(cfg.data, dataset.train, split)
         return train, val, split["held_out"], held_out_from
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
     if len(val_idx) == 0:
@@ -86,18 +86,26 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
     return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))], held_out_from
 
 
-def _recorded_split(data: str, source: DataSource, held_out: list[str], items: int | None) -> tuple[DataSource, DataSource]:
-    """(train, validation) of a resumed run: the items split.json held out stay held out and every other one trains.
-    The split is not computed again: with files added since the run started, a seeded split of the new listing holds
-    out other files, some of which the run has trained on. `items`: how many the training part held when the run
-    started (split.json's, None for a run from before it was recorded). What changed since is one warning; a
-    held-out part mostly gone is an error, as its accuracy, which chose best.safetensors, would not compare."""
-    recorded = set(held_out)
+def mostly_gone(gone: int, held_out: int) -> bool:
+    """Whether `gone` of the `held_out` images a run held out is too many to go on with: what is left would neither
+    validate as the part that chose best.safetensors did (recorded_split) nor tell the run's data, moved, from other
+    data under the same names (held_out_in). Up to half gone, the data is the run's with some images deleted."""
+    return gone * 2 > held_out
+
+
+def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSource, DataSource]:
+    """(train, validation) of a resumed run, a classifier's or a repair run's: the items split.json held out stay held
+    out and every other one of `source` trains. The split is not computed again: with files added since the run
+    started, a seeded split of the new listing holds out other files, some of which the run has trained on. `split`:
+    split.json as require_same_data gives it, whose "items" is how many items the split was made from (absent for a
+    run from before it was recorded). What changed since is one warning; a held-out part mostly gone is an error, as
+    its scores, which chose best.safetensors, would not compare."""
+    recorded, items = set(split["held_out"]), split.get("items")
     is_held_out = [source.origin(i) in recorded for i in range(len(source))]
     val_idx = [i for i, held in enumerate(is_held_out) if held]
     train_idx = [i for i, held in enumerate(is_held_out) if not held]
     gone = len(recorded) - len(val_idx)
-    if gone * 2 > len(recorded):
+    if mostly_gone(gone, len(recorded)):
         raise VisionflowError(f"{data}: {gone} of the {len(recorded)} images the run held out for validation "
                               "(split.json) are gone; put them back, or train a new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
@@ -220,7 +228,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
         cfg.val = val
     cfg.validate()
     device = select_device(cfg.device)  # an unavailable device fails before any work
-    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    checkpoint = run.load_checkpoint("classifier")  # before decoding: damaged, or another kind of run's: fails at once
     finished = checkpoint["state"]["epoch"]
     run.refuse_fewer_epochs(finished, epochs)
     if epochs is not None and epochs > finished and cfg.patience and checkpoint["state"]["stale_epochs"] >= cfg.patience:
@@ -229,8 +237,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
                     finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
-    held_out = require_same_data(run, dataset)
-    split = None if held_out is None else {**run.read_json("split.json"), "held_out": held_out}
+    split = require_same_data(run, dataset)
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split)
     if data.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
@@ -286,8 +293,8 @@ def write_report(run: RunDir, model: torch.nn.Module, cfg: TrainConfig, data: Tr
 def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str] | None:
     """The run's held-out items as `dataset` names them: as split.json records them when it is the data the run
     trained on (`recorded`, config.json's data_spec), or at the same paths below its folder when it is that data
-    moved or copied (every one of them there, and any whose original is still in place with the same bytes); None
-    when the run held nothing out or `dataset` is other data."""
+    moved or copied (most of them there, as for data not moved, and any whose original is still in place with the
+    same bytes); None when the run held nothing out or `dataset` is other data."""
     if not run.exists("split.json"):
         return None
     held_out = run.read_json("split.json")["held_out"]
@@ -297,9 +304,11 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
         return None  # a built-in data set is never moved
     moved = [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in held_out]
     source = dataset.train
-    if not set(moved) <= {source.origin(i) for i in range(len(source))}:
+    listed = {source.origin(i) for i in range(len(source))}
+    found = [(origin, copy) for origin, copy in zip(held_out, moved) if copy in listed]
+    if mostly_gone(len(held_out) - len(found), len(held_out)):
         return None
-    originals = [(origin, copy) for origin, copy in zip(held_out[:100], moved) if os.path.isfile(origin)]
+    originals = [(origin, copy) for origin, copy in found[:100] if os.path.isfile(origin)]
     if not all(filecmp.cmp(origin, copy, shallow=False) for origin, copy in originals):
         return None  # other data under the same names: a data set generated again
     return moved
@@ -314,23 +323,28 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     held_out = held_out_in(run, dataset, recorded)
     if held_out is None:
         return dataset.train
+    keep, source = set(held_out), dataset.train
+    part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
     if dataset.spec != recorded:
         log.warning("%s holds the data the run trained on (%s), moved or copied: scoring the %d images it held out",
-                    dataset.spec, recorded, len(held_out))
-    keep, source = set(held_out), dataset.train
-    return source.subset([i for i in range(len(source)) if source.origin(i) in keep])
+                    dataset.spec, recorded, len(part))
+    return part
 
 
-def require_same_data(run: RunDir, dataset: DataSet) -> list[str] | None:
+def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
     """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data.
-    Returns the items the run held out (split.json) as `dataset` names them, or None when it held none out."""
+    Returns split.json with the items the run held out as `dataset` names them (recorded_split), or None when it held
+    none out."""
     recorded = run.read_json("config.json").get("data_spec")
     held_out = held_out_in(run, dataset, recorded)
-    if held_out is not None or dataset.spec == recorded:
-        return held_out
+    if held_out is not None:
+        return {**run.read_json("split.json"), "held_out": held_out}
+    if dataset.spec == recorded:
+        return None
     if run.exists("split.json"):
-        raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): the images it held "
-                              "out are not in it. Resume on that data, moved or not, or train a new run")
+        raise VisionflowError(f"{dataset.spec} is not the data the run trained on ({recorded}): most of the images it "
+                              "held out (split.json) are not in it, or differ. Resume on that data, moved or not, or "
+                              "train a new run")
     # nothing held out to recognise it by
     log.warning("resuming on %s; the run trained on %s (if that is other data, the epochs will not compare)",
                 dataset.spec, recorded)

@@ -75,7 +75,7 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     cfg = GanConfig.for_resume(config["gan"], epochs, data, device)
     cfg.validate()
     device = select_device(cfg.device)  # an unavailable device fails before any work
-    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    checkpoint = run.load_checkpoint("gan")  # before decoding: damaged, or another kind of run's: fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     dataset = open_data(cfg.data)
     require_same_data(run, dataset)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part, require_same_data
+from visionflow.api import evaluation_part, recorded_split, require_same_data
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -42,18 +42,31 @@ PERFECT_REPAIR_PSNR = 100.0
 
 # --- training ------------------------------------------------------------------------------------------
 
-def _training_sources(cfg: RepairConfig, dataset: DataSet) -> tuple[DataSource, DataSource]:
-    """(train, validation): validation is always split off the training part, so the data's test part
-    stays untouched for `repair evaluate`."""
+def _training_sources(cfg: RepairConfig, dataset: DataSet,
+                      split: dict | None = None) -> tuple[DataSource, DataSource, dict]:
+    """(train, validation, split.json): validation is always split off the training part, so the data's test part
+    stays untouched for `repair evaluate`, and scores the first VALIDATION_LIMIT held-out images. `split`: a resumed
+    run's split.json (require_same_data), whose held-out images stay held out (recorded_split)."""
     source = dataset.train
+    drawn = source
     if cfg.max_images is not None and cfg.max_images < len(source):
-        picked = np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images, replace=False)
-        source = source.subset(np.sort(picked))
-    train_idx, val_idx = stratified_split(source.labels, cfg.val_split, cfg.seed)
-    if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
-        raise VisionflowError(f"{cfg.data}: too few images to train on and hold out {cfg.val_split:.0%} for "
-                              f"validation ({len(source)} in all); add images")
-    return source.subset(train_idx), source.subset(val_idx[:VALIDATION_LIMIT])
+        drawn = source.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images,
+                                                                             replace=False)))
+    if split is not None:
+        train, held = recorded_split(cfg.data, source, split)
+        if drawn is not source:  # --max-images: those of the seeded draw (the same as before when no file was added)
+            keep = {drawn.origin(i) for i in range(len(drawn))}
+            train = train.subset([i for i in range(len(train)) if train.origin(i) in keep])
+    else:
+        train_idx, val_idx = stratified_split(drawn.labels, cfg.val_split, cfg.seed)
+        if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
+            raise VisionflowError(f"{cfg.data}: too few images to train on and hold out {cfg.val_split:.0%} for "
+                                  f"validation ({len(drawn)} in all); add images")
+        train, held = drawn.subset(train_idx), drawn.subset(val_idx)
+        # every held-out image, validated or not (none is trained on), and how many items the data held, as a
+        # classifier's split.json records them
+        split = {"held_out": [held.origin(i) for i in range(len(held))], "items": len(source)}
+    return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split
 
 
 def _networks(channels: int, width: int) -> tuple[RepairGenerator, PatchDiscriminator]:
@@ -70,7 +83,7 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
     channels, size = dataset.train.decoding_shape(cfg.channels, cfg.image_size)
     if size < 16:
         raise VisionflowError(f"{cfg.data}: images of {size}px are too small to repair (use --image-size 16 or more)")
-    train_source, val_source = _training_sources(cfg, dataset)
+    train_source, val_source, split = _training_sources(cfg, dataset)
     train_part = decode_part(train_source, channels, size, strict=cfg.strict)
     val_part = decode_part(val_source, channels, size, strict=cfg.strict)
     with callers_random_state_kept(device):  # seeded from here on, as before; the caller's stream given back after
@@ -79,7 +92,7 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
         run.create()
         run.write_json("config.json", {"version": 1, "task": "repair", "train": cfg.to_dict(), "channels": channels,
                                        "image_size": size, "data_spec": dataset.spec})
-        run.write_json("split.json", {"held_out": val_part.origins})
+        run.write_json("split.json", split)
         summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run,
                              show_progress=show_progress)
         return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)
@@ -94,18 +107,17 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     cfg = RepairConfig.for_resume(config["train"], epochs, data, device)
     cfg.validate()
     device = select_device(cfg.device)  # an unavailable device fails before any work
-    checkpoint = run.load_checkpoint()  # before decoding: a damaged checkpoint fails at once
+    checkpoint = run.load_checkpoint("repair")  # before decoding: damaged, or another kind of run's: fails at once
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)
-    require_same_data(run, dataset)
-    train_source, val_source = _training_sources(cfg, dataset)
+    train_source, val_source, split = _training_sources(cfg, dataset, require_same_data(run, dataset))
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
     with callers_random_state_kept(device):  # the networks' init (then the checkpoint's weights) and the epochs draw
         generator, discriminator = _networks(config["channels"], cfg.width)
         config["train"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved
         run.write_json("config.json", config)
-        run.write_json("split.json", {"held_out": val_part.origins})  # the same split (seeded), under the data's paths now
+        run.write_json("split.json", split)  # the same held-out images, under the data's paths now
         summary = fit_repair(generator, discriminator, cfg, train_part.images, val_part.images, run,
                              checkpoint=checkpoint, show_progress=show_progress)
         return _write_report(run, summary, train_part.skipped + val_part.skipped, generator)

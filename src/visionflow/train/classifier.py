@@ -66,10 +66,11 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
-                      checkpoint: dict) -> None:
-    """The optimizer's and the schedule's saved state, and the rate for the step to come from the schedule as
-    rebuilt (--resume --epochs M stretches it): the saved rate was the old schedule's."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
+                      checkpoint: dict, run: RunDir) -> None:
+    """The optimizer's and the schedule's saved state (the optimizer's checked against config.json's settings,
+    RunDir.load_optimizer), and the rate for the step to come from the schedule as rebuilt (--resume --epochs M
+    stretches it): the saved rate was the old schedule's."""
+    run.load_optimizer(optimizer, checkpoint["optimizer"])
     schedule.load_state_dict(checkpoint["schedule"])
     for group, base, multiplier in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
         group["lr"] = base * multiplier(schedule.last_epoch)
@@ -202,7 +203,7 @@ class ClassifierTrainer:
         self.state = FitState()
         if checkpoint is not None:
             run.load_into(model, "checkpoint.pt", weights=checkpoint["model"])
-            restore_optimizer(self.optimizer, self.schedule, checkpoint)
+            restore_optimizer(self.optimizer, self.schedule, checkpoint, run)
             self.state = FitState(**checkpoint["state"])
         self.lookahead = Lookahead(model, cfg.lookahead, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
         if checkpoint is not None and self.lookahead is not None and "lookahead" in checkpoint:
