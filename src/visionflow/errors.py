@@ -24,8 +24,8 @@ class BrokenImage(VisionflowError):
 
 
 class Interrupted(VisionflowError):
-    """Stopped by Ctrl-C (predict: or SIGTERM, or SIGHUP as the terminal closes); the message says what was kept
-    and how `--resume` continues. The CLI exits 130."""
+    """Stopped by Ctrl-C (or by SIGTERM, or SIGHUP as the terminal closes, which the CLI takes as Ctrl-C); the
+    message says what was kept and how `--resume` continues. The CLI exits 130."""
 
 
 class TrainingInterrupted(Interrupted):

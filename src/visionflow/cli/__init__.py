@@ -2,8 +2,9 @@
 
 Each module here adds its verbs with `register(commands) -> {verb: handler}`.
 Exit codes: 0 success, 2 a user error or a path the system refused (one line on stderr, no traceback),
-1 an internal error, 130 interrupted (training leaves a resumable checkpoint; predict's --output holds whole rows
-that --resume continues).
+1 an internal error, 130 interrupted: by Ctrl-C, or by SIGTERM (`kill`) or SIGHUP (the terminal closed), which every
+verb takes as Ctrl-C (training leaves a resumable checkpoint; predict's --output holds whole rows that --resume
+continues).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 
 from visionflow.errors import Interrupted, VisionflowError
 
@@ -105,6 +109,32 @@ def _say_if_possible(message: str) -> None:
         pass
 
 
+@contextmanager
+def _stopping_as_ctrl_c_does():
+    """SIGTERM (`kill`) and SIGHUP (the terminal closed) stop a verb as Ctrl-C does, raising KeyboardInterrupt:
+    Python's default for them ends the process at once, with no word, and what Ctrl-C keeps was lost (training's
+    message naming the saved epochs and the command that continues them; the rows still in predict's --output
+    buffer, the last one written out often cut short). A signal ignored when the command started (`nohup`) stays
+    ignored."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    earlier = {number: signal.getsignal(number) for number in numbers}
+    for number in numbers:
+        if earlier[number] is not signal.SIG_IGN:
+            signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in earlier.items():
+            signal.signal(number, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     try:
@@ -123,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise VisionflowError(f"--threads must be at least 1 (got {args.threads})")
             torch.set_num_threads(args.threads)  # this process is the CLI's own: the setting ends with it
-        return handlers[args.command](args)
+        with _stopping_as_ctrl_c_does():
+            return handlers[args.command](args)
     except Interrupted as exc:
         _say_if_possible(f"visionflow: {exc}")
         return 130

@@ -6,10 +6,8 @@ import io
 import itertools
 import json
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
@@ -158,31 +156,6 @@ def _output_format(output: str | None) -> str:
     return suffix if suffix in PREDICT_FORMATS else "table"
 
 
-@contextmanager
-def _stopping_as_ctrl_c_does():
-    """SIGTERM (`kill`) and SIGHUP (the terminal closed) stop the labelling as Ctrl-C does, raising
-    KeyboardInterrupt: Python's default for them ends the process at once, and the rows still in --output's buffer
-    were lost (the last one written out often cut short). A signal ignored when the command started (`nohup`)
-    stays ignored."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
-    earlier = {number: signal.getsignal(number) for number in numbers}
-    for number in numbers:
-        if earlier[number] is not signal.SIG_IGN:
-            signal.signal(number, interrupt)
-    try:
-        yield
-    finally:
-        for number, handler in earlier.items():
-            signal.signal(number, handler)
-
-
 def run_predict(args) -> int:
     from visionflow import api
     from visionflow.train.progress import make_console, make_progress
@@ -201,7 +174,7 @@ def run_predict(args) -> int:
     stdout = sys.stdout
     console = make_console()
     show = console.is_terminal and not args.quiet and (args.output is not None or not stdout.isatty())
-    with _stopping_as_ctrl_c_does(), make_progress(console, show) as progress:
+    with make_progress(console, show) as progress:
         task = progress.add_task("labelling", total=None, status="")
         labelled = api.predict(args.run_dir, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                                device=args.device, weights=args.weights, engine=args.engine, precision=args.precision,

@@ -8,8 +8,8 @@ What is trained differs (one network or two, the step, what "better" means), so 
   (callers_random_state_kept);
 - a checkpoint is saved before the first epoch (an interruption there still leaves something to resume) and
   after every epoch, with the epoch's row appended to metrics.csv first;
-- Ctrl-C ends with `TrainingInterrupted`, naming what was saved and the command that continues it; the
-  interrupted epoch restarts on resume.
+- Ctrl-C (and in the CLI SIGTERM and SIGHUP, taken as Ctrl-C) ends with `TrainingInterrupted`, naming what was
+  saved and the command that continues it; the interrupted epoch restarts on resume.
 """
 
 from __future__ import annotations
