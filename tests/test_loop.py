@@ -94,9 +94,10 @@ def test_stopping_early_ends_before_the_next_epoch(tmp_path: Path):
     assert [r["epoch"] for r in rows] == [1, 2] and run.load_checkpoint()["epochs_done"] == 2
 
 
-def test_training_leaves_the_callers_global_random_stream_as_it_was(tmp_path: Path):
-    """Training seeds torch's global generator (initial weights, each epoch); a Python caller's own stream goes on
-    afterwards as if it had not called visionflow, for every trainer, new or resumed."""
+def test_training_and_loading_leave_the_callers_global_random_stream_as_it_was(tmp_path: Path):
+    """Training seeds torch's global generator (initial weights, each epoch), and loading a saved model draws from it
+    (the network's random init, which the saved weights replace); a Python caller's own stream goes on afterwards as if
+    it had not called visionflow, for every trainer, new or resumed, and for every verb that loads a run."""
     from visionflow import api
     from visionflow.api import gan as gan_api, repair as repair_api
     from visionflow.config import TrainConfig
@@ -125,10 +126,14 @@ def test_training_leaves_the_callers_global_random_stream_as_it_was(tmp_path: Pa
         "repair train": lambda: repair_api.train(RepairConfig(data=data, out=out["repair"], epochs=1, batch_size=8,
                                                               seed=3), show_progress=False),
         "repair resume": lambda: repair_api.resume(out["repair"], epochs=2, show_progress=False),
+        "predict": lambda: list(api.predict(out["classifier"], [data])),
+        "evaluate": lambda: api.evaluate(out["classifier"], data),
+        "gan sample": lambda: gan_api.sample(out["gan"], 4, str(tmp_path / "samples.png")),
+        # the untrained reference built from the seed, the GAN and the classifier loaded
+        "gan evaluate": lambda: gan_api.evaluate_gan(out["gan"], data, classifier=out["classifier"], count=4,
+                                                     show_progress=False),
+        "repair run": lambda: repair_api.run(out["repair"], [data], str(tmp_path / "repaired"), box="4,4,6,6"),
+        "repair evaluate": lambda: repair_api.evaluate(out["repair"], data, limit=3),
     }
     changed = [name for name, call in calls.items() if not torch.equal(callers_draws_after(call), untouched)]
     assert changed == []
-    # `gan evaluate` builds the untrained reference from the seed (and, as predict does, draws building the networks
-    # it loads): it goes on from the caller's stream rather than restarting it from that seed
-    evaluate = lambda: gan_api.evaluate_gan(out["gan"], data, classifier=out["classifier"], count=4, show_progress=False)
-    assert not torch.equal(callers_draws_after(evaluate, seed=1), callers_draws_after(evaluate, seed=2))

@@ -1,4 +1,5 @@
-"""Where and how models run: device choice, autocast and memory format, each with a plain fallback."""
+"""Where and how models run: device choice, autocast and memory format, each with a plain fallback; and the
+global random generators of the devices a model runs on, which are a Python caller's too."""
 
 from __future__ import annotations
 
@@ -30,6 +31,33 @@ def select_device(name: str = "auto") -> torch.device:
         raise VisionflowError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def _gpus(device: torch.device) -> list[int]:
+    """The GPU that `device` is, as a list of indices ([] for the CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def callers_random_state_kept(device: torch.device):
+    """Training seeds torch's global generators (the initial weights, and each epoch for dropout), loading a saved
+    model draws from them (the network's random init, then replaced by the saved weights), and they are a Python
+    caller's too: on leaving, the CPU's and, when `device` is a GPU, that GPU's are put back as they were, so
+    that the caller's own stream goes on as if visionflow had not run. Inside, every draw is what it was. On a GPU
+    it starts CUDA: enter it once the data is decoded, as the decoding forks worker processes."""
+    with torch.random.fork_rng(devices=_gpus(device)):
+        yield
+
+
+def seed_global(seed: int, device: torch.device) -> None:
+    """Seed the global generators that callers_random_state_kept puts back, and only those: torch.manual_seed also
+    seeds every other GPU's, and, where CUDA has not started yet, leaves a seed for it to take when it starts."""
+    torch.default_generator.manual_seed(seed)
+    for index in _gpus(device):
+        torch.cuda.init()  # the GPUs' generators exist once CUDA has started
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ from visionflow.data.loading import DecodedPart, decode_part, stratified_split, 
 from visionflow.data.moving_digits import MovingDigitsSpec, make_moving_digits
 from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data, unlabelled_files
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
-from visionflow.devices import select_device
+from visionflow.devices import callers_random_state_kept, seed_global, select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.generate import synthetic_images
 from visionflow.infer.predict import LabelledRows, predict_rows
@@ -37,7 +37,6 @@ from visionflow.models import count_parameters, create_model, list_models, model
 from visionflow.report.plots import check_picture_path, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
 from visionflow.train.classifier import epoch_augment_eval, fit
-from visionflow.train.loop import callers_random_state_kept, seed_global
 from visionflow.train.metrics import classification_metrics, worst_mistakes
 
 log = logging.getLogger("visionflow")

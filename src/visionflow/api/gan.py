@@ -18,7 +18,7 @@ from visionflow.api import require_same_data, resume as resume_classifier, train
 from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import DataSet, open_data
-from visionflow.devices import select_device
+from visionflow.devices import callers_random_state_kept, select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import upsampling_plan
 from visionflow.gan.fid import classifier_features, feature_distance
@@ -27,7 +27,6 @@ from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statis
 from visionflow.infer.predictor import Predictor
 from visionflow.report.plots import check_grid_fits, check_picture_path, is_image_name, save_image_grid
 from visionflow.runs import RunDir, atomic_write, file_in_the_way
-from visionflow.train.loop import callers_random_state_kept
 
 log = logging.getLogger("visionflow")
 

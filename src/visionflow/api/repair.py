@@ -22,14 +22,13 @@ from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
 from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data
-from visionflow.devices import select_device
+from visionflow.devices import callers_random_state_kept, seed_global, select_device
 from visionflow.errors import BrokenImage, VisionflowError
 from visionflow.gan.masks import center_masks, coverage, random_masks
 from visionflow.gan.repair import (PatchDiscriminator, RepairConfig, RepairGenerator, biharmonic_repair, composite,
                                    damage, fit_repair, psnr_ssim, repair_images, to_uint8, to_unit_range)
 from visionflow.report.plots import check_picture_path, save_image_grid
 from visionflow.runs import RunDir, atomic_write, file_in_the_way
-from visionflow.train.loop import callers_random_state_kept, seed_global
 
 log = logging.getLogger("visionflow")
 
@@ -136,7 +135,9 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
     """The run's best generator, ready to repair, and its config.json."""
     run = RunDir(run_dir)
     config = run.require("repair")
-    generator = RepairGenerator(config["channels"], config["train"]["width"])
+    # built on the CPU with a random init that the saved weights replace: drawn from the global generator, the caller's
+    with callers_random_state_kept(torch.device("cpu")):
+        generator = RepairGenerator(config["channels"], config["train"]["width"])
     run.load_into(generator, run.best_weights_name(), what="generator")
     return generator.to(select_device(device)).eval(), config
 

@@ -25,13 +25,13 @@ from torch import nn
 
 from visionflow.data.loading import DecodedPart
 from visionflow.config import RunConfig
-from visionflow.devices import select_device
+from visionflow.devices import seed_global, select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import Discriminator, Generator, upsampling_plan
 from visionflow.gan.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from visionflow.report.plots import save_image_grid
 from visionflow.runs import RunDir
-from visionflow.train.loop import ShowProgress, resume_command, run_epochs, seed_global
+from visionflow.train.loop import ShowProgress, resume_command, run_epochs
 
 log = logging.getLogger("visionflow")
 

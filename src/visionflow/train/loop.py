@@ -4,8 +4,8 @@ What is trained differs (one network or two, the step, what "better" means), so 
 `EpochTrainer`: four small methods. How it runs is the same for all and lives here, once:
 - each epoch's random stream (shuffle, augmentation, noise, masks, dropout) is seeded by (seed, epoch), so a
   resumed run continues exactly where the uninterrupted one would have been; torch's global generators, which the
-  epochs and the initial weights seed (seed_global), are the caller's: the API puts them back afterwards
-  (callers_random_state_kept);
+  epochs and the initial weights seed (devices.seed_global), are the caller's: the API puts them back afterwards
+  (devices.callers_random_state_kept);
 - a checkpoint is saved before the first epoch (an interruption there still leaves something to resume) and
   after every epoch, with the epoch's row appended to metrics.csv first;
 - Ctrl-C (and in the CLI SIGTERM and SIGHUP, taken as Ctrl-C) ends with `TrainingInterrupted`, naming what was
@@ -15,11 +15,11 @@ What is trained differs (one network or two, the step, what "better" means), so 
 from __future__ import annotations
 
 import shlex
-from contextlib import contextmanager
 from typing import Callable, Protocol
 
 import torch
 
+from visionflow.devices import seed_global
 from visionflow.errors import TrainingInterrupted
 from visionflow.runs import RunDir
 from visionflow.train.progress import make_console, make_progress
@@ -31,32 +31,6 @@ ShowProgress = Callable[[int, Callable[[], str]], None]
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
-
-
-def _gpus(device: torch.device) -> list[int]:
-    """The GPU that `device` is, as a list of indices ([] for the CPU)."""
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-@contextmanager
-def callers_random_state_kept(device: torch.device):
-    """Training seeds torch's global generators (the initial weights, and each epoch for dropout), and they are a
-    Python caller's too: on leaving, the CPU's and, when `device` is a GPU, that GPU's are put back as they were, so
-    that the caller's own stream goes on as if visionflow had not run. Inside, every draw is what it was. On a GPU
-    it starts CUDA: enter it once the data is decoded, as the decoding forks worker processes."""
-    with torch.random.fork_rng(devices=_gpus(device)):
-        yield
-
-
-def seed_global(seed: int, device: torch.device) -> None:
-    """Seed the global generators that callers_random_state_kept puts back, and only those: torch.manual_seed also
-    seeds every other GPU's, and, where CUDA has not started yet, leaves a seed for it to take when it starts."""
-    torch.default_generator.manual_seed(seed)
-    for index in _gpus(device):
-        torch.cuda.init()  # the GPUs' generators exist once CUDA has started
-        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def resume_command(verb: str, data: str, run: RunDir) -> str:
