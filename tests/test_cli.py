@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -187,13 +188,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, trained):
     assert_user_error(run_cli("train", tmp_path / "hollow", "--out", tmp_path / "x"), "holds no images")
 
 
-def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_path: Path):
-    run, data = trained
+def around_a_broken_file(data: Path, tmp_path: Path) -> Path:
+    """tmp_path/incoming: a.png (a square of `data`), b.png (not an image), c.png (horizontal stripes)."""
     folder = tmp_path / "incoming"
     folder.mkdir()
     shutil.copy(data / "square" / "000.png", folder / "a.png")
     (folder / "b.png").write_bytes(b"not a png")
     shutil.copy(data / "stripes_h" / "000.png", folder / "c.png")
+    return folder
+
+
+def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_path: Path):
+    run, data = trained
+    folder = around_a_broken_file(data, tmp_path)
     result = run_cli("predict", run, folder, "--format", "csv")
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -292,6 +299,25 @@ def test_rows_piped_while_the_progress_bar_shows_on_a_terminal_go_to_stdout(trai
     table = list(csv.DictReader(io.StringIO(result.stdout.decode())))
     assert len(table) == 31 and sum(row["label"] == "square" for row in table) >= 27  # in the pipe, every one
     assert b"labelling" in shown and b"000.png" not in shown  # the bar, and no row, on the terminal
+
+
+def terminal_lines(shown: bytes) -> list[str]:
+    """The lines a terminal shows for `shown`, near enough: escape sequences (colours, erasing, the cursor) left out,
+    and of a line written over after a carriage return only what was written last."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+def test_a_warning_while_the_progress_bar_shows_is_a_line_of_its_own(trained, tmp_path: Path):
+    run, data = trained
+    folder = around_a_broken_file(data, tmp_path)
+    result, shown = run_with_stderr_on_a_terminal([sys.executable, "-m", "visionflow", "--threads", "1", "predict",
+                                                   str(run), str(folder), "--output", str(tmp_path / "rows.csv")])
+    assert result.returncode == 0, shown
+    assert b"labelling" in shown  # the bar, drawn before the labelling started
+    # written straight to stderr, the warning landed on the bar's line, right after the bar
+    expected = rf"warning: skipped {re.escape(str(folder / 'b.png'))}: not a readable image \(\w+\)"
+    assert any(re.fullmatch(expected, line) for line in terminal_lines(shown)), terminal_lines(shown)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
