@@ -218,6 +218,26 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
+def test_predict_with_no_input_labelled_writes_the_error_rows_and_exits_2(trained, tmp_path: Path, capsys, caplog):
+    run, _ = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "b.png").write_bytes(b"not a png")
+    (folder / "e.jpg").write_bytes(b"")
+    rows = tmp_path / "rows.csv"
+    assert main(["predict", str(run), str(folder), "--output", str(rows)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: none of the 2 inputs could be labelled: see the error rows in {rows}"]
+    table = list(csv.DictReader(io.StringIO(rows.read_text())))
+    assert [(Path(r["path"]).name, r["label"], bool(r["error"])) for r in table] == [("b.png", "", True),
+                                                                                      ("e.jpg", "", True)]
+    assert len(caplog.messages) == 2  # each named as it was skipped, as among images that label
+    assert main(["predict", str(run), str(folder / "b.png"), "--format", "csv"]) == 2  # the row on stdout
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["visionflow: error: the input could not be labelled: see the error row"]
+    assert [r["error"] for r in csv.DictReader(io.StringIO(captured.out))] == ["not a readable image (UnidentifiedImageError)"]
+
+
 def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(trained, tmp_path: Path, capsys):
     run, data = trained
     folder = tmp_path / "rows.csv"
@@ -371,9 +391,11 @@ def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_ima
     assert [(Path(r["path"]).name, r["label"], r["error"]) for r in table] == [("a.png", "square", "")]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [f"{tmp_path / 'typo*.png'}: no such file, folder or matching glob; going on with the other inputs"]
-    # named on its own, a non-image is a row with its error, as an unreadable image is
-    assert main(["predict", str(run), str(folder / "notes.txt"), "--format", "csv"]) == 0
-    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    # named on its own, a non-image is a row with its error, as an unreadable image is (no input labelled: exit 2)
+    assert main(["predict", str(run), str(folder / "notes.txt"), "--format", "csv"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "visionflow: error: the input could not be labelled: see the error row\n"
+    table = list(csv.DictReader(io.StringIO(captured.out)))
     assert len(table) == 1 and table[0]["path"].endswith("notes.txt") and "not a readable image" in table[0]["error"]
     # nothing at all to label: still an error, naming the globs
     assert user_error(capsys, ["predict", str(run), str(tmp_path / "typo*.png"), str(folder / "*.jpg")]) == (

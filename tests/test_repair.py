@@ -375,6 +375,21 @@ def test_run_skips_an_unreadable_image_and_repairs_the_rest(digits_run, tmp_path
     assert "nope.png: no such file" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
+def test_run_with_no_image_repaired_exits_2(digits_run, tmp_path, capsys, caplog):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    _digit_png(tmp_path / "b.png", size=6)  # smaller than the box
+    argv = ["repair", "run", str(digits_run), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--box", "8,8,12,12",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "visionflow: error: none of the 2 images could be repaired: see the warnings above"]
+    assert [message.split(":")[0] for message in caplog.messages] == [f"skipped {tmp_path / 'a.png'}",
+                                                                      f"skipped {tmp_path / 'b.png'}"]
+    assert main(argv[:3] + [str(tmp_path / "a.png")] + argv[5:]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "visionflow: error: the image could not be repaired: see the warning above"]
+
+
 def test_clips_and_contradicting_options_are_one_line_errors(digits_run, tmp_path, capsys):
     for name in ("left", "right"):
         (tmp_path / "clips" / name).mkdir(parents=True)

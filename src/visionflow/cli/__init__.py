@@ -1,7 +1,8 @@
 """The command line: a thin layer over the Python API. Every option maps onto one API argument.
 
 Each module here adds its verbs with `register(commands) -> {verb: handler}`.
-Exit codes: 0 success, 2 a user error or a path the system refused (one line on stderr, no traceback),
+Exit codes: 0 success, 2 a user error or a path the system refused (one line on stderr, no traceback), or no input
+of predict or repair run done (each failed, with its error row or warning),
 1 an internal error, 130 interrupted: by Ctrl-C, or by SIGTERM (`kill`) or SIGHUP (the terminal closed), which every
 verb takes as Ctrl-C (training leaves a resumable checkpoint; predict's --output holds whole rows that --resume
 continues).
@@ -99,6 +100,13 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if chosen in group.choices:
             return _chosen_parser(group.choices[chosen], args)
     return parser
+
+
+def none_succeeded(count: int, noun: str, verb: str, why: str) -> VisionflowError:
+    """The error when every one of `count` inputs failed, each with its error row or warning as when some fail among
+    others: exit 0 would say that the command did its work."""
+    what = f"the {noun} could not be {verb}" if count == 1 else f"none of the {count} {noun}s could be {verb}"
+    return VisionflowError(f"{what}: {why}")
 
 
 def _say_if_possible(message: str) -> None:

@@ -10,6 +10,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from visionflow.cli import none_succeeded
 from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
                                     given_flags, warn_ignored, warn_ignored_on_resume)
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
@@ -201,6 +202,9 @@ def run_predict(args) -> int:
                 # leaving `with out` flushes every row written so far, each whole: --resume appends the others
                 raise Interrupted(f"interrupted; the rows written so far are in {args.output}: the same command "
                                   "with --resume labels the rest") from None
+    if count and labelled.failed == count and not appending:  # rows --resume kept from before may be labels
+        raise none_succeeded(count, "input", "labelled", f"see the error row{'s' if count > 1 else ''}"
+                                                         + (f" in {args.output}" if args.output else ""))
     say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
     if args.output:
         earlier = f", after the {len(done)} it held" if appending else ""

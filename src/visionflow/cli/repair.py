@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from visionflow.cli import none_succeeded
 from visionflow.cli.options import (add_device_option, add_run_options, add_shape_options, given_flags,
                                     warn_ignored_on_resume)
 from visionflow.gan.losses import GAN_LOSSES
@@ -85,10 +86,13 @@ def run_repair(args) -> int:
         print(f"{args.out}: best validation PSNR {report['best_val_psnr']:.2f} dB (epoch {report['best_epoch']} of "
               f"{report['epochs']}, {report['parameters']:,} generator parameters, {report['skipped_files']} skipped files)")
     elif args.repair_command == "run":
-        for row in repair_api.run(args.run_dir, args.images, args.out, mask=args.mask, box=args.box, device=args.device,
-                                  strict=args.strict):
+        rows = repair_api.run(args.run_dir, args.images, args.out, mask=args.mask, box=args.box, device=args.device,
+                              strict=args.strict)
+        for row in rows:
             if "error" not in row:  # a skipped image has had its warning
                 print(f"{row['image']}: {row['repaired']}  {row['side_by_side']}  (hole {row['hole_fraction']:.1%})")
+        if all("error" in row for row in rows):
+            raise none_succeeded(len(rows), "image", "repaired", f"see the warning{'s' if len(rows) > 1 else ''} above")
     else:
         result = repair_api.evaluate(args.run_dir, args.data, mask=args.mask, hole=args.hole, limit=args.limit,
                                      seed=args.seed, examples=args.examples, device=args.device, strict=args.strict)

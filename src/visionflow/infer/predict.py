@@ -29,19 +29,23 @@ _VISIBLE_CONTROLS = {code: {9: "\\t", 10: "\\n", 13: "\\r"}.get(code, f"\\x{code
 @dataclass
 class LabelledRows:
     """`predict`'s rows as batches finish (an iterator), how many there will be, and what labels them: the
-    predictor's engine, precision and device, for a caller to say."""
+    predictor's engine, precision and device, for a caller to say; `failed`: how many of the rows so far are error
+    rows (the CLI exits 2 when every one is)."""
 
     rows: Iterator[dict]
     engine: str
     precision: str
     device: str
     total: int  # rows to come: one per input listed (a progress bar's length, without listing the inputs again)
+    failed: int = 0
 
     def __iter__(self) -> "LabelledRows":
         return self
 
     def __next__(self) -> dict:
-        return next(self.rows)
+        row = next(self.rows)
+        self.failed += row["error"] is not None
+        return row
 
 
 def predict_rows(predictor: Predictor, source: DataSource, top_k: int = 5, batch_size: int = 64,
