@@ -143,8 +143,21 @@ def _stopping_as_ctrl_c_does():
             signal.signal(number, handler)
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Log lines to sys.stderr as it is when each is written, as logging's own last-resort handler does, not to the
+    stream it was when logging was set up: while a progress bar shows, rich puts a proxy there that prints above the
+    bar, and a warning written to the stream itself landed on the bar's line, right after it."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", handlers=[CurrentStderrHandler()])
     try:
         from PIL import Image
         import torch
