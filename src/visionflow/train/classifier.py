@@ -161,7 +161,8 @@ def train_one_epoch(model: nn.Module, part: DecodedPart, preprocess: Preprocess,
                     and isinstance(exc, torch._dynamo.exc.TorchDynamoException)):
                 raise
             # The backward pass is compiled at its graph's first backward(), beyond the forward's fallback. It failed
-            # before optimizer.step(): the weights are untouched, so the same batch is redone uncompiled.
+            # before optimizer.step(): the weights are untouched, so the same batch is redone uncompiled (BatchNorm's
+            # running statistics, which the compiled forward pass updated, count it twice: one batch, once per run).
             forward.fall_back(exc)
             logits, loss = forward_backward(forward, x, labels)
         optimizer.step()
