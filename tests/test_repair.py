@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from visionflow.cli import main
 from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
@@ -157,6 +158,24 @@ def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path,
     train, val, _ = _training_sources(cfg, open_data(str(data)), split)  # what the resume trained and validated on
     assert sorted(val.origin(i) for i in range(len(val))) == sorted(split["held_out"])
     assert not {train.origin(i) for i in range(len(train))} & set(split["held_out"])
+
+
+def test_resume_of_a_run_whose_split_json_lists_the_first_held_out_images_only_splits_as_the_run_did(tmp_path):
+    # split.json from before it recorded "items" lists the first VALIDATION_LIMIT (1000) held-out images; the others,
+    # past them, were held out all the same by the seeded split that every resume made again
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    argv = ["repair", "train", str(data), "--image-size", "16", "--width", "4", "--batch-size", "8", "--quiet"]
+    new = tmp_path / "new"
+    assert main([*argv, "--out", str(new), "--epochs", "1"]) == 0
+    old = shutil.copytree(new, tmp_path / "old")
+    split = json.loads((new / "split.json").read_text())
+    assert len(split["held_out"]) == 3
+    (old / "split.json").write_text(json.dumps({"held_out": split["held_out"][:1]}))  # a strict prefix, as then
+    for run in (new, old):
+        assert main(["repair", "train", str(data), "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((old / "split.json").read_text()) == split  # in full from then on
+    weights, as_new = load_file(old / "last.safetensors"), load_file(new / "last.safetensors")
+    assert all(torch.equal(weights[name], as_new[name]) for name in as_new)  # no held-out image trained on
 
 
 @pytest.mark.parametrize("verb", [["train"], ["gan", "train"]])

@@ -45,13 +45,15 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
                       split: dict | None = None) -> tuple[DataSource, DataSource, dict]:
     """(train, validation, split.json): validation is always split off the training part, so the data's test part
     stays untouched for `repair evaluate`, and scores the first VALIDATION_LIMIT held-out images. `split`: a resumed
-    run's split.json (require_same_data), whose held-out images stay held out (recorded_split)."""
+    run's split.json (require_same_data), whose held-out images stay held out (recorded_split); one without "items",
+    from before it recorded every held-out image (only the first VALIDATION_LIMIT), has the seeded split made again,
+    as its resume did then, and is written in full from then on."""
     source = dataset.train
     drawn = source
     if cfg.max_images is not None and cfg.max_images < len(source):
         drawn = source.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images,
                                                                              replace=False)))
-    if split is not None:
+    if split is not None and "items" in split:
         train, held = recorded_split(cfg.data, source, split)
         if drawn is not source:  # --max-images: those of the seeded draw (the same as before when no file was added)
             keep = {drawn.origin(i) for i in range(len(drawn))}
