@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -158,6 +159,30 @@ def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path,
     train, val, _ = _training_sources(cfg, open_data(str(data)), split)  # what the resume trained and validated on
     assert sorted(val.origin(i) for i in range(len(val))) == sorted(split["held_out"])
     assert not {train.origin(i) for i in range(len(train))} & set(split["held_out"])
+
+
+def test_resume_with_max_images_trains_on_the_images_the_run_drew_whatever_files_come_and_go(tmp_path, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["repair", "train", str(data), "--out", str(out), "--epochs", "1", "--image-size", "16", "--width", "4",
+                 "--batch-size", "8", "--max-images", "24", "--quiet"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["trained_on"]) == 21 and not set(split["trained_on"]) & set(split["held_out"])
+    changed, moved = shutil.copytree(out, tmp_path / "changed"), shutil.copytree(data, tmp_path / "moved")
+    drawn = [str(moved / os.path.relpath(path, data)) for path in split["trained_on"]]
+    held_out = [str(moved / os.path.relpath(path, data)) for path in split["held_out"]]
+    outside = sorted(set(map(str, moved.rglob("[0-9][0-9][0-9].png"))) - set(drawn + held_out))
+    assert len(outside) == 6
+    os.unlink(outside[0])  # one that the run did not draw
+    add_images(moved, 3, seed=1)  # a seeded draw of the new listing picks other images
+    caplog.clear()
+    assert main(["repair", "train", str(moved), "--out", str(changed), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert caplog.messages == [f"{moved}: 8 more files than when the run started, not trained on (the run trains on "
+                               "the 21 images --max-images drew); the images held out in split.json stay held out"]
+    assert json.loads((changed / "split.json").read_text())["trained_on"] == drawn
+    assert main(["repair", "train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    weights, unchanged = load_file(changed / "last.safetensors"), load_file(out / "last.safetensors")
+    assert all(torch.equal(weights[name], unchanged[name]) for name in unchanged)  # trained on the same images
 
 
 def test_resume_of_a_run_whose_split_json_lists_the_first_held_out_images_only_splits_as_the_run_did(tmp_path):

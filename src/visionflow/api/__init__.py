@@ -97,8 +97,9 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     out and every other one of `source` trains. The split is not computed again: with files added since the run
     started, a seeded split of the new listing holds out other files, some of which the run has trained on. `split`:
     split.json as require_same_data gives it, whose "items" is how many items the split was made from (absent for a
-    run from before it was recorded). What changed since is one warning; a held-out part mostly gone is an error, as
-    its scores, which chose best.safetensors, would not compare."""
+    run from before it was recorded), and "trained_on", when present (a repair run's --max-images sample), the items
+    that train: those still there, and no file added. What changed since is one warning; a held-out part mostly gone
+    is an error, as its scores, which chose best.safetensors, would not compare."""
     recorded, items = set(split["held_out"]), split.get("items")
     is_held_out = [source.origin(i) in recorded for i in range(len(source))]
     val_idx = [i for i, held in enumerate(is_held_out) if held]
@@ -109,7 +110,18 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
                               "(split.json) are gone; put them back, or train a new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
     changes = []
-    if added:
+    if "trained_on" in split:
+        sample = set(split["trained_on"])
+        drawn = [i for i in train_idx if source.origin(i) in sample]
+        lost = len(sample) - len(drawn)
+        if added + lost > 0:  # files outside the sample
+            changes.append(f"{added + lost} more files than when the run started, not trained on (the run trains on "
+                           f"the {len(sample)} images --max-images drew)")
+        if lost:
+            changes.append(f"{lost} of the {len(sample)} images it trains on are gone (training on the other "
+                           f"{len(drawn)})")
+        train_idx = drawn
+    elif added:
         changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} files to train on than when the run started")
     if gone:
         changes.append(f"{gone} of the {len(recorded)} held-out images are gone (validating on the other {len(val_idx)})")
@@ -301,7 +313,7 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
         return held_out
     if not held_out or not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
         return None  # a built-in data set is never moved
-    moved = [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in held_out]
+    moved = named_in(dataset, recorded, held_out)
     source = dataset.train
     listed = {source.origin(i) for i in range(len(source))}
     found = [(origin, copy) for origin, copy in zip(held_out, moved) if copy in listed]
@@ -311,6 +323,13 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
     if not all(filecmp.cmp(origin, copy, shallow=False) for origin, copy in originals):
         return None  # other data under the same names: a data set generated again
     return moved
+
+
+def named_in(dataset: DataSet, recorded: str, origins: list[str]) -> list[str]:
+    """Items of the data at `recorded` as `dataset`, that data moved or not, names them."""
+    if dataset.spec == recorded:
+        return origins
+    return [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in origins]
 
 
 def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
@@ -332,12 +351,15 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
 
 def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
     """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data.
-    Returns split.json with the items the run held out as `dataset` names them (recorded_split), or None when it held
-    none out."""
+    Returns split.json with the items the run held out (and a repair run's --max-images sample) as `dataset` names them
+    (recorded_split), or None when it held none out."""
     recorded = run.read_json("config.json").get("data_spec")
     held_out = held_out_in(run, dataset, recorded)
     if held_out is not None:
-        return {**run.read_json("split.json"), "held_out": held_out}
+        split = run.read_json("split.json")
+        if "trained_on" in split:  # a repair run's --max-images sample
+            split["trained_on"] = named_in(dataset, recorded, split["trained_on"])
+        return {**split, "held_out": held_out}
     if dataset.spec == recorded:
         return None
     if run.exists("split.json"):

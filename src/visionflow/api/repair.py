@@ -45,9 +45,10 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
                       split: dict | None = None) -> tuple[DataSource, DataSource, dict]:
     """(train, validation, split.json): validation is always split off the training part, so the data's test part
     stays untouched for `repair evaluate`, and scores the first VALIDATION_LIMIT held-out images. `split`: a resumed
-    run's split.json (require_same_data), whose held-out images stay held out (recorded_split); one without "items",
-    from before it recorded every held-out image (only the first VALIDATION_LIMIT), has the seeded split made again,
-    as its resume did then, and is written in full from then on."""
+    run's split.json (require_same_data), whose held-out images stay held out and, with --max-images, whose images
+    trained on ("trained_on") are the ones that train (recorded_split); one without "items", from before it recorded
+    every held-out image (only the first VALIDATION_LIMIT), has the seeded split made again, as its resume did then,
+    and is written in full from then on."""
     source = dataset.train
     drawn = source
     if cfg.max_images is not None and cfg.max_images < len(source):
@@ -55,9 +56,10 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
                                                                              replace=False)))
     if split is not None and "items" in split:
         train, held = recorded_split(cfg.data, source, split)
-        if drawn is not source:  # --max-images: those of the seeded draw (the same as before when no file was added)
+        if cfg.max_images is not None and "trained_on" not in split:  # from before "trained_on": the seeded draw
             keep = {drawn.origin(i) for i in range(len(drawn))}
             train = train.subset([i for i in range(len(train)) if train.origin(i) in keep])
+            split = {**split, "trained_on": [train.origin(i) for i in range(len(train))]}
     else:
         train_idx, val_idx = stratified_split(drawn.labels, cfg.val_split, cfg.seed)
         if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
@@ -67,6 +69,8 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
         # every held-out image, validated or not (none is trained on), and how many items the data held, as a
         # classifier's split.json records them
         split = {"held_out": [held.origin(i) for i in range(len(held))], "items": len(source)}
+        if cfg.max_images is not None:  # the sample a resume trains on, whatever files are added or removed since
+            split["trained_on"] = [train.origin(i) for i in range(len(train))]
     return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split
 
 
