@@ -605,7 +605,9 @@ def test_moved_data_missing_some_held_out_images_resumes_as_data_not_moved_does(
     os.unlink(held_out[0])  # and one of the 3 held-out images deleted
     capsys.readouterr()
     assert main(["evaluate", str(out), str(moved), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 2 and "scoring the 2 images it held out" in caplog.text
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert caplog.messages == [f"{moved} holds the data the run trained on ({data}), moved or copied: 1 of the 3 "
+                               "held-out images are gone (scoring the other 2)"]
     caplog.clear()
     assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert caplog.messages == [f"{moved}: 1 of the 3 held-out images are gone (validating on the other 2); the images "
@@ -618,6 +620,31 @@ def test_moved_data_missing_some_held_out_images_resumes_as_data_not_moved_does(
     assert "is not the data the run trained on" in user_error(
         capsys, ["train", str(again), "--out", str(out), "--resume", "--epochs", "3"])
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
+
+
+def test_evaluate_on_the_runs_data_with_held_out_images_gone_says_so_and_never_scores_training_images_unsaid(
+        tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    held_out = json.loads((out / "split.json").read_text())["held_out"]
+    os.unlink(held_out[0])
+    capsys.readouterr()
+    caplog.clear()
+    assert main(["evaluate", str(out), str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert caplog.messages == [f"{data}: 1 of the 3 held-out images are gone (scoring the other 2)"]  # as --resume says
+    os.unlink(held_out[1])  # most of them gone: the other images of the data trained the run
+    assert user_error(capsys, ["evaluate", str(out), str(data)]) == (
+        f"visionflow: error: {data}: 2 of the 3 images the run held out (split.json) are gone, and the others trained "
+        "it; put them back, or evaluate on other data")
+    moved = data.rename(tmp_path / "moved")  # and moved: not told apart from other data, which is scored in full
+    caplog.clear()
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 28
+    assert caplog.messages == [f"scoring all of {moved} as other data: it holds 1 of the 3 images the run held out "
+                               f"(split.json) at their places in {data}, the others gone (if it is that data, moved, "
+                               "the run trained on the rest)"]
 
 
 @pytest.mark.parametrize("trained_with,edit,difference", [

@@ -311,18 +311,23 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
     held_out = run.read_json("split.json")["held_out"]
     if dataset.spec == recorded:
         return held_out
-    if not held_out or not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
-        return None  # a built-in data set is never moved
-    moved = named_in(dataset, recorded, held_out)
-    source = dataset.train
-    listed = {source.origin(i) for i in range(len(source))}
-    found = [(origin, copy) for origin, copy in zip(held_out, moved) if copy in listed]
-    if mostly_gone(len(held_out) - len(found), len(held_out)):
+    found = found_moved(dataset, recorded, held_out)
+    if not found or mostly_gone(len(held_out) - len(found), len(held_out)):
         return None
     originals = [(origin, copy) for origin, copy in found[:100] if os.path.isfile(origin)]
     if not all(filecmp.cmp(origin, copy, shallow=False) for origin, copy in originals):
         return None  # other data under the same names: a data set generated again
-    return moved
+    return named_in(dataset, recorded, held_out)
+
+
+def found_moved(dataset: DataSet, recorded: str | None, held_out: list[str]) -> list[tuple[str, str]]:
+    """(as split.json records it, as `dataset` names it) of each held-out item found at its place below `dataset`'s
+    folder, as in the run's data (at `recorded`) moved or copied there."""
+    if not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
+        return []  # a built-in data set is never moved
+    source = dataset.train
+    listed = {source.origin(i) for i in range(len(source))}
+    return [(origin, copy) for origin, copy in zip(held_out, named_in(dataset, recorded, held_out)) if copy in listed]
 
 
 def named_in(dataset: DataSet, recorded: str, origins: list[str]) -> list[str]:
@@ -333,8 +338,9 @@ def named_in(dataset: DataSet, recorded: str, origins: list[str]) -> list[str]:
 
 
 def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
-    """The data's own test part; else the part the run held out, when the data is the run's own (moved or not);
-    else all of it."""
+    """The data's own test part; else the part the run held out, when the data is the run's own (moved or not), what
+    is left of it as for --resume (recorded_split): some gone is a warning, most gone an error, as the rest trained the
+    run; else all of it."""
     if dataset.test is not None:
         return dataset.test
     recorded = run.read_json("config.json").get("data_spec")
@@ -343,9 +349,18 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
         return dataset.train
     keep, source = set(held_out), dataset.train
     part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
+    gone = len(held_out) - len(part)
+    if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (held_out_in refuses it moved)
+        raise VisionflowError(f"{dataset.spec}: {gone} of the {len(held_out)} images the run held out (split.json) are "
+                              "gone, and the others trained it; put them back, or evaluate on other data")
+    where = dataset.spec
     if dataset.spec != recorded:
-        log.warning("%s holds the data the run trained on (%s), moved or copied: scoring the %d images it held out",
-                    dataset.spec, recorded, len(part))
+        where = f"{dataset.spec} holds the data the run trained on ({recorded}), moved or copied"
+    if gone:
+        log.warning("%s: %d of the %d held-out images are gone (scoring the other %d)", where, gone, len(held_out),
+                    len(part))
+    elif dataset.spec != recorded:
+        log.warning("%s: scoring the %d images it held out", where, len(part))
     return part
 
 
@@ -374,9 +389,21 @@ def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
 
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
     """Why evaluation_part may give the run's training images, or None: all of the run's own training data when it
-    validated on other data (--val)."""
-    if dataset.test is None and not run.exists("split.json") and dataset.spec == run.read_json("config.json").get("data_spec"):
-        return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
+    validated on other data (--val), or all of data that holds some of the images the run held out at their places, but
+    too few to take it for the run's data moved with some gone (held_out_in)."""
+    if dataset.test is not None:
+        return None
+    recorded = run.read_json("config.json").get("data_spec")
+    if not run.exists("split.json"):
+        if dataset.spec == recorded:
+            return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
+        return None
+    held_out = run.read_json("split.json")["held_out"]
+    found = len(found_moved(dataset, recorded, held_out)) if dataset.spec != recorded else 0
+    if found and mostly_gone(len(held_out) - found, len(held_out)):
+        return (f"scoring all of {dataset.spec} as other data: it holds {found} of the {len(held_out)} images the run "
+                f"held out (split.json) at their places in {recorded}, the others gone (if it is that data, moved, "
+                "the run trained on the rest)")
     return None
 
 

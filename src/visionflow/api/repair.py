@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part, recorded_split, require_same_data
+from visionflow.api import evaluation_part, recorded_split, require_same_data, training_images_warning
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -299,8 +299,12 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole must be between 1 and {size - 1} for {size}px images (got {hole})")
     if limit is not None and limit < 1:
         raise VisionflowError(f"--limit must be at least 1 (got {limit})")
-    source = evaluation_part(RunDir(run_dir), open_data(data))
+    run_directory, dataset = RunDir(run_dir), open_data(data)
+    source = evaluation_part(run_directory, dataset)
     source.require_kind("image", "image repair")
+    warning = training_images_warning(run_directory, dataset)
+    if warning is not None:
+        log.warning(warning)
     if limit is not None and limit < len(source):
         # a seeded spread over the whole part: folders list one class after another
         source = source.subset(np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))
