@@ -107,7 +107,7 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     gone = len(recorded) - len(val_idx)
     if mostly_gone(gone, len(recorded)):
         raise VisionflowError(f"{data}: {gone} of the {len(recorded)} images the run held out for validation "
-                              "(split.json) are gone; put them back, or train a new run")
+                              f"(split.json) {'is' if gone == 1 else 'are'} gone; put them back, or train a new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
     changes = []
     if "trained_on" in split:
@@ -115,16 +115,18 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
         drawn = [i for i in train_idx if source.origin(i) in sample]
         lost = len(sample) - len(drawn)
         if added + lost > 0:  # files outside the sample
-            changes.append(f"{added + lost} more files than when the run started, not trained on (the run trains on "
-                           f"the {len(sample)} images --max-images drew)")
+            changes.append(f"{added + lost} more file{'' if added + lost == 1 else 's'} than when the run started, not "
+                           f"trained on (the run trains on the {len(sample)} images --max-images drew)")
         if lost:
-            changes.append(f"{lost} of the {len(sample)} images it trains on are gone (training on the other "
-                           f"{len(drawn)})")
+            changes.append(f"{lost} of the {len(sample)} images it trains on {'is' if lost == 1 else 'are'} gone "
+                           f"(training on the other {len(drawn)})")
         train_idx = drawn
     elif added:
-        changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} files to train on than when the run started")
+        changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} file{'' if abs(added) == 1 else 's'} to train "
+                       "on than when the run started")
     if gone:
-        changes.append(f"{gone} of the {len(recorded)} held-out images are gone (validating on the other {len(val_idx)})")
+        changes.append(f"{gone} of the {len(recorded)} held-out images {'is' if gone == 1 else 'are'} gone (validating "
+                       f"on the other {len(val_idx)})")
     if changes:
         log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
     return source.subset(train_idx), source.subset(val_idx)
@@ -351,14 +353,15 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
     gone = len(held_out) - len(part)
     if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (held_out_in refuses it moved)
-        raise VisionflowError(f"{dataset.spec}: {gone} of the {len(held_out)} images the run held out (split.json) are "
-                              "gone, and the others trained it; put them back, or evaluate on other data")
+        raise VisionflowError(f"{dataset.spec}: {gone} of the {len(held_out)} images the run held out (split.json) "
+                              f"{'is' if gone == 1 else 'are'} gone, and the others trained it; put them back, or "
+                              "evaluate on other data")
     where = dataset.spec
     if dataset.spec != recorded:
         where = f"{dataset.spec} holds the data the run trained on ({recorded}), moved or copied"
     if gone:
-        log.warning("%s: %d of the %d held-out images are gone (scoring the other %d)", where, gone, len(held_out),
-                    len(part))
+        log.warning("%s: %d of the %d held-out images %s gone (scoring the other %d)", where, gone, len(held_out),
+                    "is" if gone == 1 else "are", len(part))
     elif dataset.spec != recorded:
         log.warning("%s: scoring the %d images it held out", where, len(part))
     return part
@@ -507,7 +510,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
     RunConfig.require(shape_checks(channels, image_size))
     check_seed(seed)
-    check_picture_path(Path(out))  # a wrong name or place found before the work, not after it
+    check_picture_path(Path(out), "--out")  # a wrong name or place found before the work, not after it
     spec = AugmentSpec.parse(augment).refuse_unusual_strengths()
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train

@@ -291,7 +291,7 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole sets the size of the center mask; --mask {mask} draws its own holes")
     check_seed(seed)
     if examples is not None:
-        check_picture_path(Path(examples))  # a wrong name or place found before the work, not after it
+        check_picture_path(Path(examples), "--examples")  # a wrong name or place found before the work, not after it
     generator, config = load_generator(run_dir, device)
     size, channels = config["image_size"], config["channels"]
     hole = size // 2 if hole is None else hole
