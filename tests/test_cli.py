@@ -244,10 +244,11 @@ def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(tra
     folder.mkdir()
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine\n")
-    for output, message in ((folder, f"{folder}: is a folder; give the file's name"),
-                            (a_file / "rows.csv", f"{a_file}: a file stands where a folder is needed")):
+    for output, message in ((folder, f"--output {folder}: is a folder; give the file's name"),
+                            (a_file / "rows.csv", f"--output {a_file / 'rows.csv'}: {a_file} is a file, not a folder")):
         # the labelling would have started (the run is fine) and failed at its first row
-        assert user_error(capsys, ["predict", str(run), str(data / "square"), "--output", str(output)]).endswith(f": {message}")
+        assert user_error(capsys, ["predict", str(run), str(data / "square"), "--output", str(output)]) == (
+            f"visionflow: error: {message}")
     assert a_file.read_text() == "mine\n"
 
 
@@ -464,7 +465,7 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
             assert "no CUDA GPU" in user_error(capsys, [*verb, str(data), "--out", str(out), "--device", "cuda"])
     assert not (data / "square" / "run").exists() and not out.exists()
     # what the system refuses further on is one line naming the path too
-    assert f"{tmp_path / 'a-file'}: a file stands where a folder is needed" in user_error(
+    assert f"--out {tmp_path / 'a-file' / 'x.png'}: {tmp_path / 'a-file'} is a file, not a folder" in user_error(
         capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path / "a-file" / "x.png")])
     assert "not an image file name" in user_error(capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path)])
 
@@ -572,7 +573,7 @@ def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path:
     os.unlink(held_out[0])  # a held-out image gone: said, and the others still validate
     caplog.clear()
     assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "4", "--quiet"]) == 0
-    assert ("12 more files to train on than when the run started, and 1 of the 3 held-out images are gone "
+    assert ("12 more files to train on than when the run started, and 1 of the 3 held-out images is gone "
             "(validating on the other 2)") in caplog.text
     assert json.loads((out / "report.json").read_text())["validation"]["n"] == 2
     assert json.loads((out / "split.json").read_text())["held_out"] == held_out  # if it comes back, it stays held out
@@ -605,10 +606,12 @@ def test_moved_data_missing_some_held_out_images_resumes_as_data_not_moved_does(
     os.unlink(held_out[0])  # and one of the 3 held-out images deleted
     capsys.readouterr()
     assert main(["evaluate", str(out), str(moved), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 2 and "scoring the 2 images it held out" in caplog.text
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert caplog.messages == [f"{moved} holds the data the run trained on ({data}), moved or copied: 1 of the 3 "
+                               "held-out images is gone (scoring the other 2)"]
     caplog.clear()
     assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
-    assert caplog.messages == [f"{moved}: 1 of the 3 held-out images are gone (validating on the other 2); the images "
+    assert caplog.messages == [f"{moved}: 1 of the 3 held-out images is gone (validating on the other 2); the images "
                                "held out in split.json stay held out"]  # as for the data where it was
     assert json.loads((out / "report.json").read_text())["validation"]["n"] == 2
     assert json.loads((out / "split.json").read_text())["held_out"] == held_out
@@ -620,9 +623,36 @@ def test_moved_data_missing_some_held_out_images_resumes_as_data_not_moved_does(
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
 
 
+def test_evaluate_on_the_runs_data_with_held_out_images_gone_says_so_and_never_scores_training_images_unsaid(
+        tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    held_out = json.loads((out / "split.json").read_text())["held_out"]
+    os.unlink(held_out[0])
+    capsys.readouterr()
+    caplog.clear()
+    assert main(["evaluate", str(out), str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert caplog.messages == [f"{data}: 1 of the 3 held-out images is gone (scoring the other 2)"]  # as --resume says
+    os.unlink(held_out[1])  # most of them gone: the other images of the data trained the run
+    assert user_error(capsys, ["evaluate", str(out), str(data)]) == (
+        f"visionflow: error: {data}: 2 of the 3 images the run held out (split.json) are gone, and the others trained "
+        "it; put them back, or evaluate on other data")
+    moved = data.rename(tmp_path / "moved")  # and moved: not told apart from other data, which is scored in full
+    caplog.clear()
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 28
+    assert caplog.messages == [f"scoring all of {moved} as other data: it holds 1 of the 3 images the run held out "
+                               f"(split.json) at their places in {data}, the others gone (if it is that data, moved, "
+                               "the run trained on the rest)"]
+
+
 @pytest.mark.parametrize("trained_with,edit,difference", [
-    ([], {"optimizer": "sgd"}, "config.json's SGD: momentum 0.9, the checkpoint's: none"),  # traceback at the first step
-    (["--optimizer", "sgd"], {"optimizer": "adam"}, "config.json's Adam cannot load it: its state has no 'step'"),
+    ([], {"optimizer": "sgd"}, "the checkpoint holds Adam's state, config.json says sgd"),  # traceback at the first step
+    (["--optimizer", "sgd"], {"optimizer": "adam"}, "the checkpoint holds SGD's state, config.json says adam"),
+    ([], {"optimizer": "adamw"}, "the checkpoint holds Adam's state, config.json says adamw"),  # AdamW took it silently
+    (["--optimizer", "adamw"], {"optimizer": "adam"}, "the checkpoint holds AdamW's state, config.json says adam"),
     (["--optimizer", "sgd"], {"momentum": 0.5}, "config.json's SGD: momentum 0.5, the checkpoint's: 0.9"),  # trained on
 ])
 def test_resuming_an_optimizer_state_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys, trained_with,
@@ -639,7 +669,7 @@ def test_resuming_an_optimizer_state_that_does_not_fit_the_config_is_one_line(tm
                      f"config.json describes ({difference}); put back the settings the run trained with, or train a "
                      "new run")
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]  # nothing trained
-    config["train"].update({"optimizer": "sgd" if trained_with else "adam", "momentum": 0.9})
+    config["train"].update({"optimizer": trained_with[1] if trained_with else "adam", "momentum": 0.9})
     (out / "config.json").write_text(json.dumps(config))  # put back: it resumes
     assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]

@@ -332,7 +332,7 @@ def test_a_grid_too_large_for_its_format_is_a_one_line_error(one_epoch_run, tmp_
 def test_a_grid_that_could_not_be_written_is_refused_before_sampling(one_epoch_run, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "a-file").write_text("")
-    for out, message in ((tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the file's name"),
+    for out, message in ((tmp_path / "folder.png", f"--out {tmp_path / 'folder.png'}: is a folder; give the file's name"),
                          (tmp_path / "a-file" / "samples", f"--out {tmp_path / 'a-file' / 'samples'}: {tmp_path / 'a-file'} "
                                                            "is a file; give a folder, or an image file name for one grid")):
         assert main(["gan", "sample", str(one_epoch_run), "--n", "4", "--out", str(out)]) == 2

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from visionflow.cli import main
 from visionflow.gan.masks import (box_masks, center_masks, coverage, random_masks, random_rectangle_masks,
                                   random_stroke_masks)
 from visionflow.gan.repair import RepairConfig, RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
+from visionflow.api import recorded_split
 from visionflow.api.repair import _training_sources, mean_scores
 from visionflow.data.sources import open_data
 from visionflow.runs import RunDir
@@ -157,6 +160,66 @@ def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path,
     train, val, _ = _training_sources(cfg, open_data(str(data)), split)  # what the resume trained and validated on
     assert sorted(val.origin(i) for i in range(len(val))) == sorted(split["held_out"])
     assert not {train.origin(i) for i in range(len(train))} & set(split["held_out"])
+
+
+def test_resume_with_max_images_trains_on_the_images_the_run_drew_whatever_files_come_and_go(tmp_path, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["repair", "train", str(data), "--out", str(out), "--epochs", "1", "--image-size", "16", "--width", "4",
+                 "--batch-size", "8", "--max-images", "24", "--quiet"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["trained_on"]) == 21 and not set(split["trained_on"]) & set(split["held_out"])
+    changed, moved = shutil.copytree(out, tmp_path / "changed"), shutil.copytree(data, tmp_path / "moved")
+    drawn = [str(moved / os.path.relpath(path, data)) for path in split["trained_on"]]
+    held_out = [str(moved / os.path.relpath(path, data)) for path in split["held_out"]]
+    outside = sorted(set(map(str, moved.rglob("[0-9][0-9][0-9].png"))) - set(drawn + held_out))
+    assert len(outside) == 6
+    os.unlink(outside[0])  # one that the run did not draw
+    add_images(moved, 3, seed=1)  # a seeded draw of the new listing picks other images
+    caplog.clear()
+    assert main(["repair", "train", str(moved), "--out", str(changed), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert caplog.messages == [f"{moved}: 8 more files than when the run started, not trained on (the run trains on "
+                               "the 21 images --max-images drew); the images held out in split.json stay held out"]
+    assert json.loads((changed / "split.json").read_text())["trained_on"] == drawn
+    assert main(["repair", "train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    weights, unchanged = load_file(changed / "last.safetensors"), load_file(out / "last.safetensors")
+    assert all(torch.equal(weights[name], unchanged[name]) for name in unchanged)  # trained on the same images
+
+
+@pytest.mark.parametrize("split,change", [
+    ({"held_out": ["square/000.png", "square/001.png", "square/gone.png"], "items": 6},
+     "1 more file to train on than when the run started"),
+    ({"held_out": ["square/000.png", "square/001.png", "square/gone.png"], "items": 7,
+      "trained_on": ["stripes_h/000.png", "stripes_h/001.png", "stripes_h/gone.png"]},
+     "1 more file than when the run started, not trained on (the run trains on the 3 images --max-images drew), and 1 "
+     "of the 3 images it trains on is gone (training on the other 2)"),
+])
+def test_what_changed_since_the_run_started_is_said_in_the_singular_for_one(tmp_path, caplog, split, change):
+    data = write_class_folder(tmp_path / "data", per_class=2, size=12)
+    split = {name: [str(data / path) for path in value] if isinstance(value, list) else value
+             for name, value in split.items()}
+    train, val = recorded_split(str(data), open_data(str(data)).train, split)
+    assert (len(train), len(val)) == (4 if "trained_on" not in split else 2, 2)
+    assert caplog.messages == [f"{data}: {change}, and 1 of the 3 held-out images is gone (validating on the other 2); "
+                               "the images held out in split.json stay held out"]
+
+
+def test_resume_of_a_run_whose_split_json_lists_the_first_held_out_images_only_splits_as_the_run_did(tmp_path):
+    # split.json from before it recorded "items" lists the first VALIDATION_LIMIT (1000) held-out images; the others,
+    # past them, were held out all the same by the seeded split that every resume made again
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    argv = ["repair", "train", str(data), "--image-size", "16", "--width", "4", "--batch-size", "8", "--quiet"]
+    new = tmp_path / "new"
+    assert main([*argv, "--out", str(new), "--epochs", "1"]) == 0
+    old = shutil.copytree(new, tmp_path / "old")
+    split = json.loads((new / "split.json").read_text())
+    assert len(split["held_out"]) == 3
+    (old / "split.json").write_text(json.dumps({"held_out": split["held_out"][:1]}))  # a strict prefix, as then
+    for run in (new, old):
+        assert main(["repair", "train", str(data), "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((old / "split.json").read_text()) == split  # in full from then on
+    weights, as_new = load_file(old / "last.safetensors"), load_file(new / "last.safetensors")
+    assert all(torch.equal(weights[name], as_new[name]) for name in as_new)  # no held-out image trained on
 
 
 @pytest.mark.parametrize("verb", [["train"], ["gan", "train"]])
@@ -426,8 +489,9 @@ def test_evaluate_examples_are_written_in_the_format_their_name_asks_for(digits_
 def test_a_bad_examples_path_is_refused_before_any_work_and_a_picture_there_is_replaced(digits_run, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     (tmp_path / "folder.png").mkdir()
-    for examples, message in ((tmp_path / "a-file" / "grid.png", f"{tmp_path / 'a-file'}: a file stands where a folder is needed"),
-                              (tmp_path / "folder.png", f"{tmp_path / 'folder.png'}: is a folder; give the file's name"),
+    for examples, message in ((tmp_path / "a-file" / "grid.png",
+                               f"--examples {tmp_path / 'a-file' / 'grid.png'}: {tmp_path / 'a-file'} is a file, not a folder"),
+                              (tmp_path / "folder.png", f"--examples {tmp_path / 'folder.png'}: is a folder; give the file's name"),
                               (tmp_path / "grid.txt", f"{tmp_path / 'grid.txt'}: not an image file name")):
         # DATA does not exist: the --examples error comes before the run and the data are read, not after scoring
         code = main(["repair", "evaluate", str(digits_run), str(tmp_path / "no-data"), "--mask", "center",

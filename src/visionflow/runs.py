@@ -62,14 +62,28 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
-def check_output_file(path: Path) -> None:
+def saved_optimizer_kind(state: dict) -> str | None:
+    """The class of the optimizer (of those config.json names: adam, adamw, sgd) whose state_dict `state` is, when
+    its settings tell: SGD's hold a momentum, Adam's and AdamW's differ by decoupled_weight_decay (None for an older
+    torch's, without it). Asked before loading: AdamW sets decoupled_weight_decay on whatever state it loads."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    settings = groups[0] if groups and isinstance(groups[0], dict) else {}
+    if "momentum" in settings:
+        return "SGD"
+    if "decoupled_weight_decay" in settings:
+        return "AdamW" if settings["decoupled_weight_decay"] else "Adam"
+    return None
+
+
+def check_output_file(path: Path, option: str) -> None:
     """Refuse, before the work whose result it holds, an output file that could not be written at its end: a folder
-    of that name, a file where one of its folders should be. Missing folders are made; an existing file is replaced."""
+    of that name, a file where one of its folders should be. Missing folders are made; an existing file is replaced.
+    `option`: the one that names the file, which the message names."""
     if path.is_dir():
-        raise VisionflowError(f"{path}: is a folder; give the file's name")
+        raise VisionflowError(f"{option} {path}: is a folder; give the file's name")
     in_the_way = file_in_the_way(path.parent)
     if in_the_way is not None:
-        raise VisionflowError(f"{in_the_way}: a file stands where a folder is needed")
+        raise VisionflowError(f"{option} {path}: {in_the_way} is a file, not a folder")
 
 
 # The files a run writes at its top level (samples/ and classifier/ are folders of their own).
@@ -240,16 +254,20 @@ class RunDir:
         kind = type(optimizer).__name__
         built = [{name: value for name, value in group.items() if name not in NOT_OPTIMIZER_SETTINGS}
                  for group in optimizer.param_groups]
-        try:
-            # loaded before comparing: torch fills in the settings a checkpoint of an older torch lacks
-            optimizer.load_state_dict(state)
-            difference = next((f"config.json's {kind}: {name} {value}, the checkpoint's: {loaded.get(name, 'none')}"
-                               for settings, loaded in zip(built, optimizer.param_groups)
-                               for name, value in settings.items() if loaded.get(name) != value), None)
-        except KeyError as exc:  # the state another optimizer keeps (SGD's momentum buffers, loaded into Adam)
-            difference = f"config.json's {kind} cannot load it: its state has no {exc}"
-        except ValueError as exc:  # another number of parameters
-            difference = f"config.json's {kind} cannot load it: {str(exc).splitlines()[0]}"
+        saved = saved_optimizer_kind(state)
+        if saved not in (None, kind):  # said in words, not by a setting of torch's that tells them apart
+            difference = f"the checkpoint holds {saved}'s state, config.json says {kind.lower()}"
+        else:
+            try:
+                # loaded before comparing: torch fills in the settings a checkpoint of an older torch lacks
+                optimizer.load_state_dict(state)
+                difference = next((f"config.json's {kind}: {name} {value}, the checkpoint's: {loaded.get(name, 'none')}"
+                                   for settings, loaded in zip(built, optimizer.param_groups)
+                                   for name, value in settings.items() if loaded.get(name) != value), None)
+            except KeyError as exc:  # the state another optimizer keeps (SGD's momentum buffers, loaded into Adam)
+                difference = f"config.json's {kind} cannot load it: its state has no {exc}"
+            except ValueError as exc:  # another number of parameters
+                difference = f"config.json's {kind} cannot load it: {str(exc).splitlines()[0]}"
         if difference is not None:
             raise VisionflowError(f"{self.path / 'checkpoint.pt'}: its optimizer state does not fit the optimizer "
                                   f"config.json describes ({difference}); put back the settings the run trained "

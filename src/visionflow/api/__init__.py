@@ -97,8 +97,9 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     out and every other one of `source` trains. The split is not computed again: with files added since the run
     started, a seeded split of the new listing holds out other files, some of which the run has trained on. `split`:
     split.json as require_same_data gives it, whose "items" is how many items the split was made from (absent for a
-    run from before it was recorded). What changed since is one warning; a held-out part mostly gone is an error, as
-    its scores, which chose best.safetensors, would not compare."""
+    run from before it was recorded), and "trained_on", when present (a repair run's --max-images sample), the items
+    that train: those still there, and no file added. What changed since is one warning; a held-out part mostly gone
+    is an error, as its scores, which chose best.safetensors, would not compare."""
     recorded, items = set(split["held_out"]), split.get("items")
     is_held_out = [source.origin(i) in recorded for i in range(len(source))]
     val_idx = [i for i, held in enumerate(is_held_out) if held]
@@ -106,13 +107,26 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     gone = len(recorded) - len(val_idx)
     if mostly_gone(gone, len(recorded)):
         raise VisionflowError(f"{data}: {gone} of the {len(recorded)} images the run held out for validation "
-                              "(split.json) are gone; put them back, or train a new run")
+                              f"(split.json) {'is' if gone == 1 else 'are'} gone; put them back, or train a new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
     changes = []
-    if added:
-        changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} files to train on than when the run started")
+    if "trained_on" in split:
+        sample = set(split["trained_on"])
+        drawn = [i for i in train_idx if source.origin(i) in sample]
+        lost = len(sample) - len(drawn)
+        if added + lost > 0:  # files outside the sample
+            changes.append(f"{added + lost} more file{'' if added + lost == 1 else 's'} than when the run started, not "
+                           f"trained on (the run trains on the {len(sample)} images --max-images drew)")
+        if lost:
+            changes.append(f"{lost} of the {len(sample)} images it trains on {'is' if lost == 1 else 'are'} gone "
+                           f"(training on the other {len(drawn)})")
+        train_idx = drawn
+    elif added:
+        changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} file{'' if abs(added) == 1 else 's'} to train "
+                       "on than when the run started")
     if gone:
-        changes.append(f"{gone} of the {len(recorded)} held-out images are gone (validating on the other {len(val_idx)})")
+        changes.append(f"{gone} of the {len(recorded)} held-out images {'is' if gone == 1 else 'are'} gone (validating "
+                       f"on the other {len(val_idx)})")
     if changes:
         log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
     return source.subset(train_idx), source.subset(val_idx)
@@ -299,23 +313,36 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
     held_out = run.read_json("split.json")["held_out"]
     if dataset.spec == recorded:
         return held_out
-    if not held_out or not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
-        return None  # a built-in data set is never moved
-    moved = [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in held_out]
-    source = dataset.train
-    listed = {source.origin(i) for i in range(len(source))}
-    found = [(origin, copy) for origin, copy in zip(held_out, moved) if copy in listed]
-    if mostly_gone(len(held_out) - len(found), len(held_out)):
+    found = found_moved(dataset, recorded, held_out)
+    if not found or mostly_gone(len(held_out) - len(found), len(held_out)):
         return None
     originals = [(origin, copy) for origin, copy in found[:100] if os.path.isfile(origin)]
     if not all(filecmp.cmp(origin, copy, shallow=False) for origin, copy in originals):
         return None  # other data under the same names: a data set generated again
-    return moved
+    return named_in(dataset, recorded, held_out)
+
+
+def found_moved(dataset: DataSet, recorded: str | None, held_out: list[str]) -> list[tuple[str, str]]:
+    """(as split.json records it, as `dataset` names it) of each held-out item found at its place below `dataset`'s
+    folder, as in the run's data (at `recorded`) moved or copied there."""
+    if not (os.path.isabs(str(recorded)) and os.path.isabs(dataset.spec)):
+        return []  # a built-in data set is never moved
+    source = dataset.train
+    listed = {source.origin(i) for i in range(len(source))}
+    return [(origin, copy) for origin, copy in zip(held_out, named_in(dataset, recorded, held_out)) if copy in listed]
+
+
+def named_in(dataset: DataSet, recorded: str, origins: list[str]) -> list[str]:
+    """Items of the data at `recorded` as `dataset`, that data moved or not, names them."""
+    if dataset.spec == recorded:
+        return origins
+    return [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in origins]
 
 
 def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
-    """The data's own test part; else the part the run held out, when the data is the run's own (moved or not);
-    else all of it."""
+    """The data's own test part; else the part the run held out, when the data is the run's own (moved or not), what
+    is left of it as for --resume (recorded_split): some gone is a warning, most gone an error, as the rest trained the
+    run; else all of it."""
     if dataset.test is not None:
         return dataset.test
     recorded = run.read_json("config.json").get("data_spec")
@@ -324,20 +351,33 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
         return dataset.train
     keep, source = set(held_out), dataset.train
     part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
+    gone = len(held_out) - len(part)
+    if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (held_out_in refuses it moved)
+        raise VisionflowError(f"{dataset.spec}: {gone} of the {len(held_out)} images the run held out (split.json) "
+                              f"{'is' if gone == 1 else 'are'} gone, and the others trained it; put them back, or "
+                              "evaluate on other data")
+    where = dataset.spec
     if dataset.spec != recorded:
-        log.warning("%s holds the data the run trained on (%s), moved or copied: scoring the %d images it held out",
-                    dataset.spec, recorded, len(part))
+        where = f"{dataset.spec} holds the data the run trained on ({recorded}), moved or copied"
+    if gone:
+        log.warning("%s: %d of the %d held-out images %s gone (scoring the other %d)", where, gone, len(held_out),
+                    "is" if gone == 1 else "are", len(part))
+    elif dataset.spec != recorded:
+        log.warning("%s: scoring the %d images it held out", where, len(part))
     return part
 
 
 def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
     """--resume continues on the data the run trained on, wherever it is now: a one-line error for other data.
-    Returns split.json with the items the run held out as `dataset` names them (recorded_split), or None when it held
-    none out."""
+    Returns split.json with the items the run held out (and a repair run's --max-images sample) as `dataset` names them
+    (recorded_split), or None when it held none out."""
     recorded = run.read_json("config.json").get("data_spec")
     held_out = held_out_in(run, dataset, recorded)
     if held_out is not None:
-        return {**run.read_json("split.json"), "held_out": held_out}
+        split = run.read_json("split.json")
+        if "trained_on" in split:  # a repair run's --max-images sample
+            split["trained_on"] = named_in(dataset, recorded, split["trained_on"])
+        return {**split, "held_out": held_out}
     if dataset.spec == recorded:
         return None
     if run.exists("split.json"):
@@ -352,9 +392,21 @@ def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
 
 def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
     """Why evaluation_part may give the run's training images, or None: all of the run's own training data when it
-    validated on other data (--val)."""
-    if dataset.test is None and not run.exists("split.json") and dataset.spec == run.read_json("config.json").get("data_spec"):
-        return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
+    validated on other data (--val), or all of data that holds some of the images the run held out at their places, but
+    too few to take it for the run's data moved with some gone (held_out_in)."""
+    if dataset.test is not None:
+        return None
+    recorded = run.read_json("config.json").get("data_spec")
+    if not run.exists("split.json"):
+        if dataset.spec == recorded:
+            return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
+        return None
+    held_out = run.read_json("split.json")["held_out"]
+    found = len(found_moved(dataset, recorded, held_out)) if dataset.spec != recorded else 0
+    if found and mostly_gone(len(held_out) - found, len(held_out)):
+        return (f"scoring all of {dataset.spec} as other data: it holds {found} of the {len(held_out)} images the run "
+                f"held out (split.json) at their places in {recorded}, the others gone (if it is that data, moved, "
+                "the run trained on the rest)")
     return None
 
 
@@ -458,7 +510,7 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         raise VisionflowError(f"--frames must be at least 1 (got {frames})")
     RunConfig.require(shape_checks(channels, image_size))
     check_seed(seed)
-    check_picture_path(Path(out))  # a wrong name or place found before the work, not after it
+    check_picture_path(Path(out), "--out")  # a wrong name or place found before the work, not after it
     spec = AugmentSpec.parse(augment).refuse_unusual_strengths()
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train

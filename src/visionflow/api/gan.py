@@ -106,7 +106,7 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
     path = Path(out)
     if is_image_name(path):
         columns = min(len(gan.classes) if gan.config.conditional and label is None else 8, count)
-        check_picture_path(path)
+        check_picture_path(path, "--out")
         check_grid_fits(path, count, columns, gan.image_size, gan.image_size)  # before generating them all
         images, _ = gan.images(count, labels, seed=seed)
         save_image_grid(images, path, columns=columns)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part, recorded_split, require_same_data
+from visionflow.api import evaluation_part, recorded_split, require_same_data, training_images_warning
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -45,17 +45,21 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
                       split: dict | None = None) -> tuple[DataSource, DataSource, dict]:
     """(train, validation, split.json): validation is always split off the training part, so the data's test part
     stays untouched for `repair evaluate`, and scores the first VALIDATION_LIMIT held-out images. `split`: a resumed
-    run's split.json (require_same_data), whose held-out images stay held out (recorded_split)."""
+    run's split.json (require_same_data), whose held-out images stay held out and, with --max-images, whose images
+    trained on ("trained_on") are the ones that train (recorded_split); one without "items", from before it recorded
+    every held-out image (only the first VALIDATION_LIMIT), has the seeded split made again, as its resume did then,
+    and is written in full from then on."""
     source = dataset.train
     drawn = source
     if cfg.max_images is not None and cfg.max_images < len(source):
         drawn = source.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images,
                                                                              replace=False)))
-    if split is not None:
+    if split is not None and "items" in split:
         train, held = recorded_split(cfg.data, source, split)
-        if drawn is not source:  # --max-images: those of the seeded draw (the same as before when no file was added)
+        if cfg.max_images is not None and "trained_on" not in split:  # from before "trained_on": the seeded draw
             keep = {drawn.origin(i) for i in range(len(drawn))}
             train = train.subset([i for i in range(len(train)) if train.origin(i) in keep])
+            split = {**split, "trained_on": [train.origin(i) for i in range(len(train))]}
     else:
         train_idx, val_idx = stratified_split(drawn.labels, cfg.val_split, cfg.seed)
         if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
@@ -65,6 +69,8 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
         # every held-out image, validated or not (none is trained on), and how many items the data held, as a
         # classifier's split.json records them
         split = {"held_out": [held.origin(i) for i in range(len(held))], "items": len(source)}
+        if cfg.max_images is not None:  # the sample a resume trains on, whatever files are added or removed since
+            split["trained_on"] = [train.origin(i) for i in range(len(train))]
     return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split
 
 
@@ -285,7 +291,7 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole sets the size of the center mask; --mask {mask} draws its own holes")
     check_seed(seed)
     if examples is not None:
-        check_picture_path(Path(examples))  # a wrong name or place found before the work, not after it
+        check_picture_path(Path(examples), "--examples")  # a wrong name or place found before the work, not after it
     generator, config = load_generator(run_dir, device)
     size, channels = config["image_size"], config["channels"]
     hole = size // 2 if hole is None else hole
@@ -293,8 +299,12 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
         raise VisionflowError(f"--hole must be between 1 and {size - 1} for {size}px images (got {hole})")
     if limit is not None and limit < 1:
         raise VisionflowError(f"--limit must be at least 1 (got {limit})")
-    source = evaluation_part(RunDir(run_dir), open_data(data))
+    run_directory, dataset = RunDir(run_dir), open_data(data)
+    source = evaluation_part(run_directory, dataset)
     source.require_kind("image", "image repair")
+    warning = training_images_warning(run_directory, dataset)
+    if warning is not None:
+        log.warning(warning)
     if limit is not None and limit < len(source):
         # a seeded spread over the whole part: folders list one class after another
         source = source.subset(np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))

@@ -164,7 +164,7 @@ def run_predict(args) -> int:
     fmt = args.format or _output_format(args.output)
     done: set[str] = set()
     if args.output:
-        check_output_file(Path(args.output))  # before the labelling, not after its first batch
+        check_output_file(Path(args.output), "--output")  # before the labelling, not after its first batch
     if args.resume:
         if not args.output:
             raise VisionflowError("--resume continues the rows in --output: give --output")

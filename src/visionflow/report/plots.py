@@ -99,12 +99,12 @@ def image_format(path: Path) -> str:
     return IMAGE_FORMATS[path.suffix.lower()]
 
 
-def check_picture_path(path: Path) -> None:
+def check_picture_path(path: Path, option: str) -> None:
     """Refuse, before the work that draws it, a picture that could not be written at its end: a name that is not an
     image file's, a folder of that name, a file where one of its folders should be. Missing folders are made and an
-    existing picture is replaced, as `predict --output` does with its file."""
+    existing picture is replaced, as `predict --output` does with its file. `option`: the one that names it."""
     image_format(path)
-    check_output_file(path)
+    check_output_file(path, option)
 
 
 # The longest side each format's encoder takes; beyond it Pillow fails deep inside the encoder.
