@@ -17,8 +17,10 @@ from visionflow.gan.masks import (box_masks, center_masks, coverage, random_mask
                                   random_stroke_masks)
 from visionflow.gan.repair import RepairConfig, RepairGenerator, biharmonic_repair, psnr_ssim, repair_images
 from visionflow.api import recorded_split
+from visionflow.api import repair as repair_api
 from visionflow.api.repair import _training_sources, mean_scores
 from visionflow.data.sources import open_data
+from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
 from conftest import add_images, write_class_folder
@@ -204,9 +206,12 @@ def test_what_changed_since_the_run_started_is_said_in_the_singular_for_one(tmp_
                                "the images held out in split.json stay held out"]
 
 
-def test_resume_of_a_run_whose_split_json_lists_the_first_held_out_images_only_splits_as_the_run_did(tmp_path):
+def test_resume_of_a_run_whose_split_json_lists_the_first_held_out_images_only_splits_as_the_run_did(tmp_path,
+                                                                                                    monkeypatch):
     # split.json from before it recorded "items" lists the first VALIDATION_LIMIT (1000) held-out images; the others,
-    # past them, were held out all the same by the seeded split that every resume made again
+    # past them, were held out all the same by the seeded split that every resume made again. A limit of 1 here
+    # stands for the 1000: the run holds out 3.
+    monkeypatch.setattr(repair_api, "VALIDATION_LIMIT", 1)
     data = write_class_folder(tmp_path / "data", per_class=10, size=12)
     argv = ["repair", "train", str(data), "--image-size", "16", "--width", "4", "--batch-size", "8", "--quiet"]
     new = tmp_path / "new"
@@ -220,6 +225,33 @@ def test_resume_of_a_run_whose_split_json_lists_the_first_held_out_images_only_s
     assert json.loads((old / "split.json").read_text()) == split  # in full from then on
     weights, as_new = load_file(old / "last.safetensors"), load_file(new / "last.safetensors")
     assert all(torch.equal(weights[name], as_new[name]) for name in as_new)  # no held-out image trained on
+
+
+def test_a_split_json_without_items_that_lists_fewer_than_the_limit_is_complete_and_kept(tmp_path):
+    # from before "items": a list shorter than VALIDATION_LIMIT is every held-out image; a seeded split made again on
+    # a listing with files added would hold out others and train on these
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    cfg = RepairConfig(data=str(data), out=str(tmp_path / "run"), image_size=16)
+    _, _, split = _training_sources(cfg, open_data(str(data)))
+    add_images(data, 3, seed=1)
+    train, held, kept = _training_sources(cfg, open_data(str(data)), {"held_out": split["held_out"]})
+    trained_on = {train.origin(i) for i in range(len(train))}
+    assert sorted(held.origin(i) for i in range(len(held))) == sorted(split["held_out"])
+    assert kept["held_out"] == split["held_out"]
+    assert not trained_on & set(split["held_out"]) and len(trained_on) == 30 + 9 - len(split["held_out"])
+
+
+def test_max_images_records_a_sample_only_when_it_draws_one_and_a_sample_mostly_gone_is_refused(tmp_path):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    everything = RepairConfig(data=str(data), out=str(tmp_path / "a"), image_size=16, max_images=100)
+    assert "trained_on" not in _training_sources(everything, open_data(str(data)))[2]  # all 30: nothing drawn
+    sampled = RepairConfig(data=str(data), out=str(tmp_path / "b"), image_size=16, max_images=20)
+    _, _, split = _training_sources(sampled, open_data(str(data)))
+    assert len(split["trained_on"]) + len(split["held_out"]) == 20
+    for path in split["trained_on"][1:]:
+        os.remove(path)
+    with pytest.raises(VisionflowError, match="1 of the images the run trains on is left"):
+        _training_sources(sampled, open_data(str(data)), split)
 
 
 @pytest.mark.parametrize("verb", [["train"], ["gan", "train"]])

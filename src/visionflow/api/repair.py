@@ -46,20 +46,25 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
     """(train, validation, split.json): validation is always split off the training part, so the data's test part
     stays untouched for `repair evaluate`, and scores the first VALIDATION_LIMIT held-out images. `split`: a resumed
     run's split.json (require_same_data), whose held-out images stay held out and, with --max-images, whose images
-    trained on ("trained_on") are the ones that train (recorded_split); one without "items", from before it recorded
-    every held-out image (only the first VALIDATION_LIMIT), has the seeded split made again, as its resume did then,
-    and is written in full from then on."""
+    trained on ("trained_on") are the ones that train (recorded_split); one without "items" that lists VALIDATION_LIMIT
+    images, from before split.json recorded every held-out image (it listed the first VALIDATION_LIMIT only), has the
+    seeded split made again, as its resume did then, and is written in full from then on (one that lists fewer lists
+    them all)."""
     source = dataset.train
     drawn = source
     if cfg.max_images is not None and cfg.max_images < len(source):
         drawn = source.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(source), size=cfg.max_images,
                                                                              replace=False)))
-    if split is not None and "items" in split:
+    cut_short = split is not None and "items" not in split and len(split["held_out"]) >= VALIDATION_LIMIT
+    if split is not None and not cut_short:
         train, held = recorded_split(cfg.data, source, split)
-        if cfg.max_images is not None and "trained_on" not in split:  # from before "trained_on": the seeded draw
+        if drawn is not source and "trained_on" not in split:  # from before "trained_on": the seeded draw
             keep = {drawn.origin(i) for i in range(len(drawn))}
             train = train.subset([i for i in range(len(train)) if train.origin(i) in keep])
             split = {**split, "trained_on": [train.origin(i) for i in range(len(train))]}
+        if len(train) < 2:  # a training step takes two images at least
+            left = f"{len(train)} of the images the run trains on {'is' if len(train) == 1 else 'are'} left"
+            raise VisionflowError(f"{cfg.data}: {left}; put the others back, or train a new run")
     else:
         train_idx, val_idx = stratified_split(drawn.labels, cfg.val_split, cfg.seed)
         if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
@@ -69,7 +74,7 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
         # every held-out image, validated or not (none is trained on), and how many items the data held, as a
         # classifier's split.json records them
         split = {"held_out": [held.origin(i) for i in range(len(held))], "items": len(source)}
-        if cfg.max_images is not None:  # the sample a resume trains on, whatever files are added or removed since
+        if drawn is not source:  # the sample a resume trains on, whatever files are added or removed since
             split["trained_on"] = [train.origin(i) for i in range(len(train))]
     return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split
 
