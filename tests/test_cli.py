@@ -252,6 +252,15 @@ def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(tra
     assert a_file.read_text() == "mine\n"
 
 
+def test_export_to_a_place_that_cannot_hold_the_file_is_refused_before_the_export(trained, tmp_path: Path, capsys):
+    run, _ = trained
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    error = user_error(capsys, ["export", str(run), "--out", str(a_file / "model.onnx")])
+    assert error.endswith(f"--out {a_file / 'model.onnx'}: {a_file} is a file, not a folder")
+    assert a_file.read_text() == "mine\n"
+
+
 def test_names_with_tabs_and_newlines_keep_one_row_per_line_in_the_table(trained, tmp_path: Path, capsys):
     run, data = trained
     folder = tmp_path / "incoming"

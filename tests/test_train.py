@@ -18,7 +18,7 @@ from visionflow import api
 from visionflow.cli import main
 from visionflow.config import TrainConfig
 from visionflow.errors import VisionflowError
-from visionflow.runs import RunDir
+from visionflow.runs import RunDir, atomic_write
 from visionflow.train.classifier import class_weights, epoch_order
 from visionflow.train.metrics import classification_metrics
 
@@ -297,3 +297,15 @@ api.train(TrainConfig(data={str(data)!r}, out={str(tmp_path / 'run')!r}, epochs=
     assert result.returncode == 0, shown
     assert result.stdout == b"printed during the epoch\n"
     assert b"epoch 1/1" in shown and b"printed during" not in shown  # the bar, and only it
+
+
+def test_atomic_write_names_the_file_asked_for_not_its_temporary_one(tmp_path: Path):
+    target = tmp_path / "grid.png"
+
+    def write(tmp: str) -> None:
+        open(f"{tmp}/inside", "w")  # the system refuses a path through the temporary file: NotADirectoryError
+
+    with pytest.raises(NotADirectoryError) as caught:
+        atomic_write(target, write)
+    assert caught.value.filename == str(target)  # what the CLI's one line names
+    assert list(tmp_path.iterdir()) == []  # and the temporary file is gone

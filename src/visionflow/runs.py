@@ -40,19 +40,24 @@ from visionflow.errors import VisionflowError
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX within one filesystem)."""
+    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX within one filesystem). A path the system
+    refuses is an OSError naming `path`, not the temporary file the user never asked for."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         # mkstemp makes 0600, and a writer may make the file anew (safetensors does): run outputs are ordinary
         # files others may read
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        temporary = str(path.parent / f".{path.name}.")  # mkstemp's names, the one made or one it tried
+        if isinstance(exc, OSError) and exc.errno is not None and str(exc.filename).startswith(temporary):
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
         raise
 
 

@@ -17,7 +17,7 @@ import torch
 
 from visionflow.errors import VisionflowError
 from visionflow.infer.predictor import Predictor, load_run_model
-from visionflow.runs import RunDir, atomic_write
+from visionflow.runs import RunDir, atomic_write, check_output_file
 
 FORMATS = ("onnx",)
 OPSET = 17  # supported by every ONNX Runtime release of the last few years
@@ -99,6 +99,8 @@ def export_run(run_dir: str, fmt: str = "onnx", out: str | None = None, weights:
     if fmt not in FORMATS:
         raise VisionflowError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
     run = RunDir(run_dir)
+    if out is not None:
+        check_output_file(Path(out), "--out")  # before the run is loaded and traced
     model, predictor_fields = load_run_model(run, weights)
     predictor = Predictor(model, device=torch.device("cpu"), **predictor_fields)
     return export_model_onnx(predictor, Path(out) if out else default_onnx_path(run, weights),
