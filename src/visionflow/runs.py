@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from visionflow.devices import callers_random_state_kept
 from visionflow.errors import VisionflowError
 
 
@@ -249,6 +250,15 @@ class RunDir:
                 mismatch = mismatch[:200] + " ..."
             raise VisionflowError(f"{self.path / name}: weights do not fit the {what} in config.json "
                                   f"({mismatch})") from None
+
+    def load_network(self, build: Callable[[], torch.nn.Module], name: str, what: str = "model") -> torch.nn.Module:
+        """The network `build()` makes from config.json, with the weights file `name` loaded into it (load_into). It is
+        built on the CPU, and its random init, which the weights replace, draws from torch's global generator: a
+        Python caller's, given back as it was."""
+        with callers_random_state_kept(torch.device("cpu")):
+            module = build()
+        self.load_into(module, name, what)
+        return module
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """The optimizer state `state`, checkpoint.pt's, loaded into `optimizer`, built from config.json: the state of

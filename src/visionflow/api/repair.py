@@ -146,10 +146,8 @@ def load_generator(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Re
     """The run's best generator, ready to repair, and its config.json."""
     run = RunDir(run_dir)
     config = run.require("repair")
-    # built on the CPU with a random init that the saved weights replace: drawn from the global generator, the caller's
-    with callers_random_state_kept(torch.device("cpu")):
-        generator = RepairGenerator(config["channels"], config["train"]["width"])
-    run.load_into(generator, run.best_weights_name(), what="generator")
+    generator = run.load_network(lambda: RepairGenerator(config["channels"], config["train"]["width"]),
+                                 run.best_weights_name(), what="generator")
     return generator.to(select_device(device)).eval(), config
 
 

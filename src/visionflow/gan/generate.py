@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from visionflow.devices import callers_random_state_kept, select_device
+from visionflow.devices import select_device
 from visionflow.errors import VisionflowError
 from visionflow.gan.dcgan import Generator
 from visionflow.gan.train import GanConfig, noise_and_labels, to_uint8
@@ -57,11 +57,9 @@ def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
     config = run.require("gan")
     cfg = GanConfig.from_dict(config["gan"])
     classes = list(config["classes"])
-    # built on the CPU with a random init that the saved weights replace: drawn from the global generator, the caller's
-    with callers_random_state_kept(torch.device("cpu")):
-        generator = Generator(config["channels"], config["image_size"], len(classes) if cfg.conditional else 0,
-                              cfg.latent_dim, cfg.width)
-    run.load_into(generator, "generator.safetensors", what="generator")
+    generator = run.load_network(lambda: Generator(config["channels"], config["image_size"],
+                                                   len(classes) if cfg.conditional else 0, cfg.latent_dim, cfg.width),
+                                 "generator.safetensors", what="generator")
     target = select_device(device)
     return GanRun(generator.to(target).eval(), cfg, classes, config["channels"], config["image_size"], target)
 

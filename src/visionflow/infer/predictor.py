@@ -15,8 +15,7 @@ from torch.nn import functional as F
 
 from visionflow.config import EVAL_AUGMENTS, PRECISIONS
 from visionflow.data.transforms import Preprocess
-from visionflow.devices import (autocast, callers_random_state_kept, is_recurrent, memory_format, resolve_precision,
-                                select_device)
+from visionflow.devices import autocast, is_recurrent, memory_format, resolve_precision, select_device
 from visionflow.errors import VisionflowError
 from visionflow.models import create_model
 from visionflow.runs import RunDir
@@ -34,14 +33,12 @@ def load_run_model(run: RunDir, weights: str = "best") -> tuple[nn.Module, dict]
         raise VisionflowError(f"{run.path / 'config.json'}: no {', '.join(missing)} (not a classifier run's config)")
     train = config["train"]
     preprocess = Preprocess(**config["preprocess"])
-    # built on the CPU with a random init that the saved weights replace: drawn from the global generator, the caller's
-    with callers_random_state_kept(torch.device("cpu")):
-        model = create_model(train["model"], num_classes=len(config["classes"]), in_channels=preprocess.channels,
-                             image_size=preprocess.image_size, **train.get("model_options", {}))
     name = {"best": run.best_weights_name(), "last": "last.safetensors"}.get(weights)
     if name is None:
         raise VisionflowError(f"--weights must be best or last (got {weights})")
-    run.load_into(model, name)
+    model = run.load_network(lambda: create_model(train["model"], num_classes=len(config["classes"]),
+                                                  in_channels=preprocess.channels, image_size=preprocess.image_size,
+                                                  **train.get("model_options", {})), name)
     fields = {"preprocess": preprocess, "classes": list(config["classes"]),
               "input_kind": config.get("input_kind", "image"), "frames": int(train.get("frames", 16)),
               "augment_eval": config.get("augment_eval", "none")}
