@@ -305,6 +305,13 @@ def test_predict_resume_labels_only_what_an_interrupted_output_lacks(trained, tm
     # no output yet: --resume starts it
     assert main(["predict", str(run), str(data / "square"), "--output", str(tmp_path / f"new.{fmt}"), "--resume"]) == 0
     assert (tmp_path / f"new.{fmt}").read_bytes() == full.read_bytes()
+    # killed within its first row: no row kept, so the file is written anew, with nothing said to be held before
+    torn = tmp_path / f"torn.{fmt}"
+    torn.write_bytes(b"".join(lines[:kept - 10]) + lines[kept - 10][:20])
+    capsys.readouterr()
+    assert main(["predict", str(run), str(data / "square"), "--output", str(torn), "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote 31 rows to {torn}"
+    assert torn.read_bytes() == full.read_bytes()
 
 
 def test_predict_resume_refuses_what_it_cannot_read_back(trained, tmp_path: Path, capsys):

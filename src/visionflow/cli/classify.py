@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -190,7 +189,7 @@ def run_predict(args) -> int:
             stdout.reconfigure(errors="surrogateescape")
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as every other --out
-        appending = args.resume and os.path.exists(args.output) and os.path.getsize(args.output) > 0
+        appending = bool(done)  # rows kept from before (a file trimmed to its header keeps none: written anew)
         out = (open(args.output, "a" if appending else "w", newline="", errors="surrogateescape") if args.output
                else nullcontext(stdout))
         with out as stream:

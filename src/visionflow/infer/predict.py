@@ -109,7 +109,7 @@ def labelled_paths(output: str, fmt: str) -> set[str]:
     with open(output, "rb") as f:
         data = f.read()
     end = b"\r\n" if fmt == "csv" else b"\n"  # csv.writer ends rows with \r\n; a \n alone may be inside a name
-    complete = data if data.endswith(end) else data[:data.rfind(end) + len(end)] if end in data else b""
+    complete = data[:data.rfind(end) + len(end)] if end in data else b""
     text = complete.decode("utf-8", errors="surrogateescape")
     start = (",".join(CSV_HEADER) + "\r\n").encode() if fmt == "csv" else b'{"path": '
     try:
@@ -117,7 +117,7 @@ def labelled_paths(output: str, fmt: str) -> set[str]:
             raise ValueError(f"it does not start with {start.decode()!r}")
         if fmt == "csv":
             table = list(csv.reader(io.StringIO(text, newline="")))
-            if table and (table[0] != CSV_HEADER or any(len(row) != len(CSV_HEADER) for row in table)):
+            if any(len(row) != len(CSV_HEADER) for row in table):  # the header itself is checked above
                 raise ValueError("not predict's CSV columns")
             paths = {row[0] for row in table[1:]}
         else:
