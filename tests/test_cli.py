@@ -14,20 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from visionflow import api
 from visionflow.config import TrainConfig
+from visionflow.data.sources import builtin_digits
 from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
 from conftest import add_images, run_cli, run_with_stderr_on_a_terminal, write_class_folder
 from visionflow.cli import main
-from test_sources import write_mnist
+from test_sources import write_idx, write_mnist
 
 
 @pytest.fixture(scope="module")
@@ -246,17 +246,18 @@ def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(tra
     a_file.write_text("mine\n")
     for output, message in ((folder, f"--output {folder}: is a folder; give the file's name"),
                             (a_file / "rows.csv", f"--output {a_file / 'rows.csv'}: {a_file} is a file, not a folder")):
-        # the labelling would have started (the run is fine) and failed at its first row
-        assert user_error(capsys, ["predict", str(run), str(data / "square"), "--output", str(output)]) == (
+        # refused before the inputs are listed (a missing one would be the error otherwise), and so before the
+        # labelling, which would have failed at its first row
+        assert user_error(capsys, ["predict", str(run), str(tmp_path / "missing"), "--output", str(output)]) == (
             f"visionflow: error: {message}")
     assert a_file.read_text() == "mine\n"
 
 
-def test_export_to_a_place_that_cannot_hold_the_file_is_refused_before_the_export(trained, tmp_path: Path, capsys):
-    run, _ = trained
+def test_export_to_a_place_that_cannot_hold_the_file_is_refused_before_the_export(tmp_path: Path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine\n")
-    error = user_error(capsys, ["export", str(run), "--out", str(a_file / "model.onnx")])
+    # refused before the run is read: a missing run would be the error otherwise
+    error = user_error(capsys, ["export", str(tmp_path / "no-run"), "--out", str(a_file / "model.onnx")])
     assert error.endswith(f"--out {a_file / 'model.onnx'}: {a_file} is a file, not a folder")
     assert a_file.read_text() == "mine\n"
 
@@ -753,17 +754,23 @@ def test_grey_data_is_evaluated_by_a_colour_run_as_files_are(tmp_path: Path):
                    "--quiet").returncode == 0
     result = run_cli("evaluate", tmp_path / "grey-as-rgb", "digits")
     assert result.returncode == 0 and float(result.stdout.split("accuracy")[1].split()[0]) > 0.5, result.stderr
-    write_mnist(tmp_path / "mnist")  # other grey data, with digit classes
-    rng = np.random.default_rng(0)  # write_mnist's test images again, as grey PNG files in class folders
-    rng.integers(0, 256, (30, 28, 28))
-    for i, image in enumerate(rng.integers(0, 256, (10, 28, 28))):
-        (tmp_path / "pngs" / str(i % 10)).mkdir(parents=True)
-        Image.fromarray(image.astype(np.uint8)).save(tmp_path / "pngs" / str(i % 10) / f"{i}.png")
+    # the same 40 digits as grey arrays (an MNIST folder's test part) and as grey PNG files in class folders: digits,
+    # not noise, so that what the run predicts depends on the pixels and a conversion that differs shows
+    digits = builtin_digits()
+    images, labels = digits.images[-40:], digits.labels[-40:]
+    (tmp_path / "mnist").mkdir()
+    for part, (part_images, part_labels) in {"train": (images, labels), "t10k": (images, labels)}.items():
+        write_idx(tmp_path / "mnist" / f"{part}-images-idx3-ubyte.gz", part_images)
+        write_idx(tmp_path / "mnist" / f"{part}-labels-idx1-ubyte.gz", part_labels)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (tmp_path / "pngs" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "pngs" / str(label) / f"{i}.png")
     scored = [run_cli("evaluate", tmp_path / "grey-as-rgb", tmp_path / data, "--json", "--precision", "fp32")
               for data in ("mnist", "pngs")]
     assert all(result.returncode == 0 for result in scored), [result.stderr for result in scored]
     arrays, files = (json.loads(result.stdout) for result in scored)
-    assert arrays["n"] == files["n"] == 10 and arrays["confusion"] == files["confusion"]  # the same grey, the same labels
+    assert arrays["n"] == files["n"] == 40 and arrays["confusion"] == files["confusion"]  # the same grey, the same labels
+    assert arrays["accuracy"] > 0.5  # the digits are read as digits: the matrices compare real predictions
 
 
 def test_demo_reaches_its_promise_and_replaces_only_its_own_folder(tmp_path: Path):

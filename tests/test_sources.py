@@ -360,15 +360,9 @@ def test_memory_is_said_in_units_that_tell_the_need_from_what_is_free(monkeypatc
 
 
 def test_a_video_given_to_an_image_model_is_named_as_one(tmp_path: Path):
-    import av
+    from test_clips import write_mp4
 
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-        for packet in [*stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16), np.uint8), format="gray")),
-                       *stream.encode()]:
-            container.mux(packet)
+    path = write_mp4(tmp_path / "clip.mp4", np.zeros((1, 16, 16), np.uint8))
     with pytest.raises(BrokenImage, match="a video, but the run's model takes images"):
         decode_image(str(path), 1, 16)
     (tmp_path / "notes.png").write_text("not a picture")
