@@ -445,6 +445,22 @@ def test_an_interrupted_domain_fid_classifier_is_finished_before_it_measures(one
     assert (resumed["fid"], resumed["fid_real_floor"]) == (straight["fid"], straight["fid_real_floor"])
 
 
+def test_too_few_samples_are_named_before_the_feature_classifier_trains(one_epoch_run, digit_folder, tmp_path,
+                                                                        monkeypatch, caplog):
+    said_before_training = []
+
+    def interrupted_training(cfg, show_progress=True):  # as a Ctrl-C in its first epoch
+        said_before_training.extend(caplog.messages)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gan_api, "train_classifier", interrupted_training)
+    with pytest.raises(KeyboardInterrupt):
+        gan_api.evaluate_gan(str(_copy(one_epoch_run, tmp_path)), digit_folder, count=10, show_progress=False)
+    assert [m for m in said_before_training if m.startswith("--n")] == [
+        "--n 10 is below the 64 feature dimensions of the domain FID: the covariance of fewer samples than dimensions "
+        "is singular, so the FID is unreliable (give --n 64 or more)"]
+
+
 def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
     data = tmp_path / "data"  # class folders 0-9, as the run's MNIST labels, and one file that is no image
     digits = builtin_digits()

@@ -25,6 +25,7 @@ from visionflow.gan.fid import classifier_features, feature_distance
 from visionflow.gan.generate import GanRun, load_gan_run
 from visionflow.gan.train import GanConfig, build_pair, fit_gan, standing_statistics
 from visionflow.infer.predictor import Predictor
+from visionflow.models import create_model
 from visionflow.report.plots import check_grid_fits, check_picture_path, is_image_name, save_image_grid
 from visionflow.runs import RunDir, atomic_write, file_in_the_way
 
@@ -129,23 +130,37 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
 
 # --- domain FID ------------------------------------------------------------------------------------------
 
-def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None, device: str,
-                        strict: bool, show_progress: bool) -> tuple[Predictor, set[str]]:
+def _warn_of_too_few_samples(count: int, dimensions: int) -> None:
+    if count < dimensions:
+        log.warning("--n %d is below the %d feature dimensions of the domain FID: the covariance of fewer samples "
+                    "than dimensions is singular, so the FID is unreliable (give --n %d or more)", count, dimensions,
+                    dimensions)
+
+
+def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None, count: int,
+                        device: str, strict: bool, show_progress: bool) -> tuple[Predictor, set[str]]:
     """The classifier whose feature space measures the distances: the one given, or the run's own,
     trained once with `visionflow train`'s defaults (seed-cnn) on DATA and kept in RUN_DIR/classifier; and the
-    broken files that training named (skipped with a warning already)."""
+    broken files that training named (skipped with a warning already). Too few samples (`count`) for its features
+    are said before it trains, not after the minutes that takes."""
     named: set[str] = set()
-    if classifier is None:
+    given = classifier is not None
+    if not given:
         own = RunDir(run / "classifier")
+        cfg = TrainConfig(data=data, out=str(own.path), channels=gan.channels, image_size=gan.image_size,
+                          seed=gan.config.seed, strict=strict, device=device)
+        # Its width, from an untrained copy (the classes size the head, not the features); building one draws from
+        # torch's global generator, the caller's.
+        with callers_random_state_kept(torch.device("cpu")):
+            probe = create_model(cfg.model, num_classes=2, in_channels=gan.channels, image_size=gan.image_size,
+                                 **cfg.model_options)
+        _warn_of_too_few_samples(count, probe.num_features)
         started = own.exists("config.json") and any(own.path.glob("*.safetensors"))  # it finished an epoch at least
         if started and own.read_json("config.json").get("data_spec") != spec:
             raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
         if not started:  # a folder left before its first epoch gives way, as to any new run
             log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
-            report = train_classifier(TrainConfig(data=data, out=str(own.path), channels=gan.channels,
-                                                  image_size=gan.image_size, seed=gan.config.seed, strict=strict,
-                                                  device=device),
-                                      show_progress=show_progress)
+            report = train_classifier(cfg, show_progress=show_progress)
             named = {item["path"] for item in report["skipped"]}
         elif not own.exists("report.json"):  # interrupted: its features are not the finished classifier's
             log.warning("finishing the domain-FID classifier in %s, interrupted before", own.path)
@@ -158,6 +173,8 @@ def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifi
                               f"{predictor.preprocess.image_size}px images but the GAN makes {gan.channels}x{gan.image_size}px")
     if gan.config.conditional and predictor.classes != gan.classes:
         raise VisionflowError(f"--classifier {classifier}: its classes {predictor.classes} differ from the GAN's {gan.classes}")
+    if given:  # nothing trained: said now, before the images are decoded
+        _warn_of_too_few_samples(count, predictor.model.num_features)
     return predictor, named
 
 
@@ -173,13 +190,8 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
     dataset = open_data(data)
     if gan.config.conditional and dataset.train.classes != gan.classes:
         raise VisionflowError(f"{data}: its classes {dataset.train.classes} differ from the GAN's {gan.classes}")
-    predictor, named = _feature_classifier(RunDir(run_dir), gan, data, dataset.spec, classifier, device, strict,
-                                           show_progress)
-    dimensions = predictor.model.num_features
-    if count < dimensions:
-        log.warning("--n %d is below the %d feature dimensions of the domain FID: the covariance of fewer samples "
-                    "than dimensions is singular, so the FID is unreliable (give --n %d or more)", count, dimensions,
-                    dimensions)
+    predictor, named = _feature_classifier(RunDir(run_dir), gan, data, dataset.spec, classifier, count, device,
+                                           strict, show_progress)
     # The files a classifier trained just now warned about are not named a second time.
     train = decode_part(dataset.train, gan.channels, gan.image_size, strict=strict, named=named)
     if dataset.test is not None:
