@@ -457,8 +457,8 @@ def test_too_few_samples_are_named_before_the_feature_classifier_trains(one_epoc
     with pytest.raises(KeyboardInterrupt):
         gan_api.evaluate_gan(str(_copy(one_epoch_run, tmp_path)), digit_folder, count=10, show_progress=False)
     assert [m for m in said_before_training if m.startswith("--n")] == [
-        "--n 10 is below the 64 feature dimensions of the domain FID: the covariance of fewer samples than dimensions "
-        "is singular, so the FID is unreliable (give --n 64 or more)"]
+        "--n 10 is not above the 64 feature dimensions of the domain FID: the covariance of no more samples than "
+        "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
 
 
 def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
@@ -471,18 +471,18 @@ def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_
     run = _copy(one_epoch_run, tmp_path)
     argv = ["gan", "evaluate", str(run), str(data), "--device", "cpu", "--quiet", "--json"]
     # the feature classifier is trained on the data first, which decodes the broken file too: one warning all the same
-    assert main([*argv, "--n", "10"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 10
+    assert main([*argv, "--n", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 64
     broken = f"skipped {data / '3' / 'broken.png'}: not a readable image (UnidentifiedImageError)"
     assert [m for m in caplog.messages if "broken.png" in m] == [broken]
-    assert [m for m in caplog.messages if m.startswith("--n")] == [
-        "--n 10 is below the 64 feature dimensions of the domain FID: the covariance of fewer samples than dimensions "
-        "is singular, so the FID is unreliable (give --n 64 or more)"]
+    assert [m for m in caplog.messages if m.startswith("--n")] == [  # 64 samples in 64 dimensions: rank 63
+        "--n 64 is not above the 64 feature dimensions of the domain FID: the covariance of no more samples than "
+        "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
     caplog.clear()
-    assert main([*argv, "--n", "64"]) == 0  # enough samples: the broken file is the only warning
+    assert main([*argv, "--n", "65"]) == 0  # enough samples: the broken file is the only warning
     assert caplog.messages == [broken]
     capsys.readouterr()
-    assert main([*argv, "--n", "64", "--strict"]) == 2
+    assert main([*argv, "--n", "65", "--strict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"visionflow: error: broken file (refused by --strict): {data / '3' / 'broken.png'}: not a readable "
                    "image (UnidentifiedImageError)"]

@@ -131,10 +131,12 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
 # --- domain FID ------------------------------------------------------------------------------------------
 
 def _warn_of_too_few_samples(count: int, dimensions: int) -> None:
-    if count < dimensions:
-        log.warning("--n %d is below the %d feature dimensions of the domain FID: the covariance of fewer samples "
-                    "than dimensions is singular, so the FID is unreliable (give --n %d or more)", count, dimensions,
-                    dimensions)
+    # The unbiased covariance of N feature vectors (fid.gaussian_statistics) has rank N - 1 at most: in D
+    # dimensions it is singular unless N > D, at N = D too.
+    if count <= dimensions:
+        log.warning("--n %d is not above the %d feature dimensions of the domain FID: the covariance of no more "
+                    "samples than dimensions is singular, so the FID is unreliable (give --n %d or more)", count,
+                    dimensions, dimensions + 1)
 
 
 def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None, count: int,

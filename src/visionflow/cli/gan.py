@@ -103,7 +103,7 @@ def register(commands) -> dict:
     p.add_argument("--classifier", default=None,
                    help="a visionflow classifier run on the same data (default: train one once into RUN_DIR/classifier)")
     p.add_argument("--n", type=int, default=2000,
-                   help="generated samples (default 2000; below the features' dimensions, 64 for the run's own "
+                   help="generated samples (default 2000; at or below the features' dimensions, 64 for the run's own "
                         "classifier, the FID is unreliable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
