@@ -411,10 +411,11 @@ def test_resuming_another_kind_of_checkpoint_is_a_one_line_error_naming_its_kind
 
 # --- domain FID on a run -----------------------------------------------------------------------------------
 
-def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path):
+def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_folder, tmp_path, caplog):
     run_path = _copy(one_epoch_run, tmp_path)
     result = gan_api.evaluate_gan(str(run_path), digit_folder, count=200, show_progress=False)
     assert result["n"] == 200 and result["n_real_held_out"] == 100
+    assert not [m for m in caplog.messages if m.startswith("the floor")]  # 100 held-out images in 64 dimensions
     assert 0.0 <= result["fid_real_floor"] < result["fid_untrained"]  # real images are closer than noise
     assert 0.0 <= result["label_accuracy"] <= 1.0 and set(result["label_accuracy_per_class"]) <= set(map(str, range(10)))
     # the classifier was trained once and is kept for the next evaluation
@@ -461,13 +462,31 @@ def test_too_few_samples_are_named_before_the_feature_classifier_trains(one_epoc
         "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
 
 
-def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
-    data = tmp_path / "data"  # class folders 0-9, as the run's MNIST labels, and one file that is no image
+def _class_folders(data, count: int):
+    """The first `count` built-in digits as PNGs in class folders 0-9, as the run's MNIST labels."""
     digits = builtin_digits()
-    for i in range(60):
+    for i in range(count):
         (data / str(digits.labels[i])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i]).save(data / str(digits.labels[i]) / f"{i}.png")
-    (data / "3" / "broken.png").write_bytes(b"not a png")
+    return data
+
+
+def test_a_floor_on_fewer_held_out_images_than_feature_dimensions_is_warned_of(one_epoch_run, tmp_path, caplog,
+                                                                                capsys):
+    data = _class_folders(tmp_path / "data", 60)  # no test part: a fifth held out
+    run = _copy(one_epoch_run, tmp_path)
+    assert main(["gan", "evaluate", str(run), str(data), "--n", "65", "--device", "cpu", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_real_held_out"] == 11  # a fifth of each class, rounded class by class
+    assert [m for m in caplog.messages if m.startswith("the floor")] == [
+        f"the floor (fid_real_floor) is measured on 11 held-out images (a fifth of {data}), not above the 64 feature "
+        "dimensions of the domain FID: the covariance of no more images than dimensions is singular, so the floor is "
+        "unreliable (give more images, 65 or more held out, or a --classifier with fewer feature dimensions: seed-rnn "
+        "has 32)"]
+
+
+def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
+    data = _class_folders(tmp_path / "data", 60)
+    (data / "3" / "broken.png").write_bytes(b"not a png")  # and one file that is no image
     run = _copy(one_epoch_run, tmp_path)
     argv = ["gan", "evaluate", str(run), str(data), "--device", "cpu", "--quiet", "--json"]
     # the feature classifier is trained on the data first, which decodes the broken file too: one warning all the same
@@ -479,8 +498,8 @@ def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_
         "--n 64 is not above the 64 feature dimensions of the domain FID: the covariance of no more samples than "
         "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
     caplog.clear()
-    assert main([*argv, "--n", "65"]) == 0  # enough samples: the broken file is the only warning
-    assert caplog.messages == [broken]
+    assert main([*argv, "--n", "65"]) == 0  # enough samples: the broken file is the only warning but the floor's
+    assert [m for m in caplog.messages if not m.startswith("the floor")] == [broken]
     capsys.readouterr()
     assert main([*argv, "--n", "65", "--strict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

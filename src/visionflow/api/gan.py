@@ -202,6 +202,13 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
         keep, hold = stratified_split(train.labels.numpy(), 0.2, seed)
         reference = DecodedPart(train.images[keep], train.labels[keep], [], train.classes)
         held_out = DecodedPart(train.images[hold], train.labels[hold], [], train.classes)
+    dimensions = predictor.model.num_features
+    if len(held_out) <= dimensions:  # singular, as with too few samples (see _warn_of_too_few_samples)
+        log.warning("the floor (fid_real_floor) is measured on %d held-out images (%s %s), not above the %d "
+                    "feature dimensions of the domain FID: the covariance of no more images than dimensions is "
+                    "singular, so the floor is unreliable (give more images, %d or more held out, or a --classifier "
+                    "with fewer feature dimensions: seed-rnn has 32)", len(held_out),
+                    "the test part of" if dataset.test is not None else "a fifth of", data, dimensions, dimensions + 1)
     reference_features, _ = classifier_features(predictor, reference.images)
     held_out_features, _ = classifier_features(predictor, held_out.images)
 
@@ -231,6 +238,6 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
             name: round(float(correct[labels.numpy() == k].mean()), 4)
             for k, name in enumerate(gan.classes) if bool((labels == k).any())}
     result.update({"n": count, "n_real_reference": len(reference), "n_real_held_out": len(held_out),
-                   "features": f"{predictor.model.num_features}-d forward_features of {classifier or Path(run_dir) / 'classifier'}"})
+                   "features": f"{dimensions}-d forward_features of {classifier or Path(run_dir) / 'classifier'}"})
     return result
 
