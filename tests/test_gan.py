@@ -462,10 +462,10 @@ def test_too_few_samples_are_named_before_the_feature_classifier_trains(one_epoc
         "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
 
 
-def _class_folders(data, count: int):
-    """The first `count` built-in digits as PNGs in class folders 0-9, as the run's MNIST labels."""
+def _class_folders(data, numbers: range):
+    """The built-in digits `numbers` as PNGs in class folders 0-9, as the run's MNIST labels."""
     digits = builtin_digits()
-    for i in range(count):
+    for i in numbers:
         (data / str(digits.labels[i])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i]).save(data / str(digits.labels[i]) / f"{i}.png")
     return data
@@ -473,7 +473,7 @@ def _class_folders(data, count: int):
 
 def test_a_floor_on_fewer_held_out_images_than_feature_dimensions_is_warned_of(one_epoch_run, tmp_path, caplog,
                                                                                 capsys):
-    data = _class_folders(tmp_path / "data", 60)  # no test part: a fifth held out
+    data = _class_folders(tmp_path / "data", range(60))  # no test part: a fifth held out
     run = _copy(one_epoch_run, tmp_path)
     assert main(["gan", "evaluate", str(run), str(data), "--n", "65", "--device", "cpu", "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_real_held_out"] == 11  # a fifth of each class, rounded class by class
@@ -485,13 +485,14 @@ def test_a_floor_on_fewer_held_out_images_than_feature_dimensions_is_warned_of(o
 
 
 def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
-    data = _class_folders(tmp_path / "data", 60)
+    data = _class_folders(tmp_path / "data", range(60))
     (data / "3" / "broken.png").write_bytes(b"not a png")  # and one file that is no image
     run = _copy(one_epoch_run, tmp_path)
     argv = ["gan", "evaluate", str(run), str(data), "--device", "cpu", "--quiet", "--json"]
     # the feature classifier is trained on the data first, which decodes the broken file too: one warning all the same
     assert main([*argv, "--n", "64"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 64
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n"], result["skipped_files"]) == (64, 1)
     broken = f"skipped {data / '3' / 'broken.png'}: not a readable image (UnidentifiedImageError)"
     assert [m for m in caplog.messages if "broken.png" in m] == [broken]
     assert [m for m in caplog.messages if m.startswith("--n")] == [  # 64 samples in 64 dimensions: rank 63
@@ -505,6 +506,19 @@ def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"visionflow: error: broken file (refused by --strict): {data / '3' / 'broken.png'}: not a readable "
                    "image (UnidentifiedImageError)"]
+
+
+def test_gan_evaluate_counts_the_broken_files_it_skipped(one_epoch_run, tmp_path, capsys):
+    data = tmp_path / "data"  # train/ and test/ parts, a file that is no image in each
+    _class_folders(data / "train", range(60))
+    _class_folders(data / "test", range(60, 80))
+    (data / "train" / "3" / "broken.png").write_bytes(b"not a png")
+    (data / "test" / "5" / "broken.png").write_bytes(b"not a png")
+    argv = ["gan", "evaluate", str(_copy(one_epoch_run, tmp_path)), str(data), "--n", "65", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_files"] == 2  # a count, as `evaluate --json` gives
+    assert main(argv) == 0
+    assert "  skipped files                 2   (broken files in DATA)" in capsys.readouterr().out.splitlines()
 
 
 # --- --gan-augment ---------------------------------------------------------------------------------------

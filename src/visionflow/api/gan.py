@@ -3,7 +3,7 @@
     from visionflow.api import gan
     gan.train_gan(GanConfig(data="digits", out="runs/gan", conditional=True))
     gan.sample("runs/gan", 64, "grid.png", label="3")
-    gan.evaluate_gan("runs/gan", "digits")   # {"fid", "fid_real_floor", "fid_untrained", "label_accuracy", "n"}
+    gan.evaluate_gan("runs/gan", "digits")   # {"fid", "fid_real_floor", "fid_untrained", "label_accuracy", "n", ...}
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
                  show_progress: bool = True, device: str = "auto", strict: bool = False) -> dict:
     """Domain FID of the EMA generator against DATA's training images, beside two references on the same
     features: held-out real images (the floor) and the untrained generator (the ceiling). A broken file in DATA
-    is skipped with a warning (refused with `strict`)."""
+    is skipped with a warning (refused with `strict`) and counted in "skipped_files"."""
     if count < 2:
         raise VisionflowError(f"--n must be at least 2 (got {count})")
     check_seed(seed)
@@ -238,6 +238,8 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
             name: round(float(correct[labels.numpy() == k].mean()), 4)
             for k, name in enumerate(gan.classes) if bool((labels == k).any())}
     result.update({"n": count, "n_real_reference": len(reference), "n_real_held_out": len(held_out),
-                   "features": f"{dimensions}-d forward_features of {classifier or Path(run_dir) / 'classifier'}"})
+                   "features": f"{dimensions}-d forward_features of {classifier or Path(run_dir) / 'classifier'}",
+                   # a fifth held out of the training part carries no broken files of its own: they are train's
+                   "skipped_files": len(train.skipped) + len(held_out.skipped)})
     return result
 

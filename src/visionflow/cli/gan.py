@@ -62,6 +62,7 @@ def run_gan_evaluate(args) -> int:
     if "label_accuracy" in result:
         print(f"  label accuracy       {result['label_accuracy']:10.4f}   (the classifier agrees with the requested class)")
         print("  per class: " + "  ".join(f"{k} {v:.3f}" for k, v in result["label_accuracy_per_class"].items()))
+    print(f"  skipped files        {result['skipped_files']:10d}   (broken files in DATA)")
     return 0
 
 
