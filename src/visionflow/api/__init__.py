@@ -159,6 +159,8 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     """`split`: a resumed run's split.json (_validation_source)."""
     dataset = dataset or open_training_data(cfg)
     train_source, val_source, held_out, val_from = _validation_source(cfg, dataset, split)
+    # before decoding, which takes a while, and after the checks above, whose errors stay one line
+    AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     unreadable = [name for name, count in zip(train.classes, torch.bincount(train.labels, minlength=len(train.classes)).tolist())
                   if count == 0]
