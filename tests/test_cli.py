@@ -484,7 +484,8 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     # what the system refuses further on is one line naming the path too
     assert f"--out {tmp_path / 'a-file' / 'x.png'}: {tmp_path / 'a-file'} is a file, not a folder" in user_error(
         capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path / "a-file" / "x.png")])
-    assert "not an image file name" in user_error(capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path)])
+    assert f"--out {tmp_path}: not an image file name" in user_error(
+        capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path)])
 
 
 def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
