@@ -484,7 +484,8 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     # what the system refuses further on is one line naming the path too
     assert f"--out {tmp_path / 'a-file' / 'x.png'}: {tmp_path / 'a-file'} is a file, not a folder" in user_error(
         capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path / "a-file" / "x.png")])
-    assert "not an image file name" in user_error(capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path)])
+    assert f"--out {tmp_path}: not an image file name" in user_error(
+        capsys, ["preview", str(data), "--augment", "flip", "--out", str(tmp_path)])
 
 
 def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
@@ -655,7 +656,7 @@ def test_evaluate_on_the_runs_data_with_held_out_images_gone_says_so_and_never_s
     os.unlink(held_out[1])  # most of them gone: the other images of the data trained the run
     assert user_error(capsys, ["evaluate", str(out), str(data)]) == (
         f"visionflow: error: {data}: 2 of the 3 images the run held out (split.json) are gone, and the others trained "
-        "it; put them back, or evaluate on other data")
+        "it; put back what is missing, or evaluate on other data")
     moved = data.rename(tmp_path / "moved")  # and moved: not told apart from other data, which is scored in full
     caplog.clear()
     assert main(["evaluate", str(out), str(moved), "--json"]) == 0
@@ -663,6 +664,23 @@ def test_evaluate_on_the_runs_data_with_held_out_images_gone_says_so_and_never_s
     assert caplog.messages == [f"scoring all of {moved} as other data: it holds 1 of the 3 images the run held out "
                                f"(split.json) at their places in {data}, the others gone (if it is that data, moved, "
                                "the run trained on the rest)"]
+
+
+def test_a_single_held_out_image_gone_is_named_as_one(tmp_path: Path, capsys):
+    data = write_class_folder(tmp_path / "data", per_class=3, size=12)
+    for image in [*sorted((data / "square").iterdir())[1:], *sorted((data / "stripes_h").iterdir())[1:]]:
+        image.unlink()  # classes of one image hold none out: stripes_v's three hold out one
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    [held_out] = json.loads((out / "split.json").read_text())["held_out"]
+    os.unlink(held_out)
+    capsys.readouterr()
+    assert user_error(capsys, ["evaluate", str(out), str(data)]) == (
+        f"visionflow: error: {data}: the one image the run held out (split.json) is gone, and the others trained it; "
+        "put back what is missing, or evaluate on other data")
+    assert user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"]) == (
+        f"visionflow: error: {data}: the one image the run held out for validation (split.json) is gone; put back what "
+        "is missing, or train a new run")
 
 
 @pytest.mark.parametrize("trained_with,edit,difference", [

@@ -524,7 +524,7 @@ def test_a_bad_examples_path_is_refused_before_any_work_and_a_picture_there_is_r
     for examples, message in ((tmp_path / "a-file" / "grid.png",
                                f"--examples {tmp_path / 'a-file' / 'grid.png'}: {tmp_path / 'a-file'} is a file, not a folder"),
                               (tmp_path / "folder.png", f"--examples {tmp_path / 'folder.png'}: is a folder; give the file's name"),
-                              (tmp_path / "grid.txt", f"{tmp_path / 'grid.txt'}: not an image file name")):
+                              (tmp_path / "grid.txt", f"--examples {tmp_path / 'grid.txt'}: not an image file name")):
         # DATA does not exist: the --examples error comes before the run and the data are read, not after scoring
         code = main(["repair", "evaluate", str(digits_run), str(tmp_path / "no-data"), "--mask", "center",
                      "--examples", str(examples)])

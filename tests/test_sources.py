@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import struct
 from pathlib import Path
@@ -191,6 +192,18 @@ def test_broken_files_are_skipped_and_named(patterns: Path, caplog):
     assert "broken.png" in caplog.text and "empty.jpg" in caplog.text
     with pytest.raises(VisionflowError, match="broken.png|empty.jpg"):
         decode_part(open_data(patterns).train, channels=1, size=16, strict=True)
+
+
+def test_decoding_workers_follow_torch_threads():
+    """--threads 1 (torch.set_num_threads) decodes with one worker; many threads still give one per core, at most 8."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert loading.default_workers() == 1
+        torch.set_num_threads(64)
+        assert loading.default_workers() == min(8, os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_worker_processes_decode_what_threads_decode(tmp_path: Path, caplog):

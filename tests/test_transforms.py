@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,40 @@ def test_a_run_recorded_with_strengths_now_refused_still_resumes(tmp_path):
     assert main(["train", "digits", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert len(RunDir(out).read_metrics()) == 2
     assert json.loads((out / "config.json").read_text())["train"]["augment"] == "rotate=270,elastic=8"  # as recorded
+
+
+def test_flips_warn_once_when_a_class_names_the_side_they_swap(tmp_path, caplog, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from visionflow.cli import main
+
+    def folder(name: str, classes: tuple[str, ...], per_class: int) -> Path:
+        for label in classes:
+            (tmp_path / name / label).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(tmp_path / name / label / f"{i}.png")
+        return tmp_path / name
+
+    def warnings_of_training(data: Path, augment: str, exit_code: int = 0) -> list[str]:
+        caplog.clear()
+        assert main(["train", str(data), "--augment", augment, "--epochs", "1", "--quiet",
+                     "--out", str(tmp_path / f"run-{data.name}-{augment}")]) == exit_code
+        return [record.getMessage() for record in caplog.records]
+
+    hands = folder("hands", ("left", "right"), per_class=5)
+    assert warnings_of_training(hands, "flip,rotate=5") == [
+        "--augment flip mirrors images left to right, but class 'left' names a side: flipped images keep a label that "
+        "no longer fits (drop flip, or use translate/crop)"]
+    assert warnings_of_training(hands, "vflip") == []  # upside down, a left hand is still the left one
+    assert warnings_of_training(folder("light", ("bright", "upright", "T2"), per_class=5), "flip,vflip") == []
+    # data refused before decoding: the error comes alone, on one line
+    capsys.readouterr()
+    assert warnings_of_training(folder("one-each", ("left", "right"), per_class=1), "flip", exit_code=2) == []
+    assert capsys.readouterr().err.startswith("visionflow: error: ")
+    AugmentSpec.parse("vflip").warn_of_mirrored_sides(["Cat", "TopHat", "down-left"])
+    assert [record.getMessage() for record in caplog.records][-1].startswith(
+        "--augment vflip mirrors images top to bottom, but class 'TopHat' names a side")
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])

@@ -85,6 +85,11 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
     return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))], held_out_from
 
 
+def how_many_of(count: int, total: int, noun: str) -> str:
+    """'2 of the 5 images', and 'the one image' when there is one ('1 of the 1 images' reads as a slip)."""
+    return f"the one {noun}" if total == 1 else f"{count} of the {total} {noun}s"
+
+
 def mostly_gone(gone: int, held_out: int) -> bool:
     """Whether `gone` of the `held_out` images a run held out is too many to go on with: what is left would neither
     validate as the part that chose best.safetensors did (recorded_split) nor tell the run's data, moved, from other
@@ -106,8 +111,9 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     train_idx = [i for i, held in enumerate(is_held_out) if not held]
     gone = len(recorded) - len(val_idx)
     if mostly_gone(gone, len(recorded)):
-        raise VisionflowError(f"{data}: {gone} of the {len(recorded)} images the run held out for validation "
-                              f"(split.json) {'is' if gone == 1 else 'are'} gone; put them back, or train a new run")
+        raise VisionflowError(f"{data}: {how_many_of(gone, len(recorded), 'image')} the run held out for validation "
+                              f"(split.json) {'is' if gone == 1 else 'are'} gone; put back what is missing, or train a "
+                              "new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
     changes = []
     if "trained_on" in split:
@@ -118,15 +124,15 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
             changes.append(f"{added + lost} more file{'' if added + lost == 1 else 's'} than when the run started, not "
                            f"trained on (the run trains on the {len(sample)} images --max-images drew)")
         if lost:
-            changes.append(f"{lost} of the {len(sample)} images it trains on {'is' if lost == 1 else 'are'} gone "
-                           f"(training on the other {len(drawn)})")
+            changes.append(f"{how_many_of(lost, len(sample), 'image')} it trains on {'is' if lost == 1 else 'are'} "
+                           f"gone (training on the other {len(drawn)})")
         train_idx = drawn
     elif added:
         changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} file{'' if abs(added) == 1 else 's'} to train "
                        "on than when the run started")
     if gone:
-        changes.append(f"{gone} of the {len(recorded)} held-out images {'is' if gone == 1 else 'are'} gone (validating "
-                       f"on the other {len(val_idx)})")
+        changes.append(f"{how_many_of(gone, len(recorded), 'held-out image')} {'is' if gone == 1 else 'are'} gone "
+                       f"(validating on the other {len(val_idx)})")
     if changes:
         log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
     return source.subset(train_idx), source.subset(val_idx)
@@ -159,6 +165,8 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     """`split`: a resumed run's split.json (_validation_source)."""
     dataset = dataset or open_training_data(cfg)
     train_source, val_source, held_out, val_from = _validation_source(cfg, dataset, split)
+    # before decoding, which takes a while, and after the checks above, whose errors stay one line
+    AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     unreadable = [name for name, count in zip(train.classes, torch.bincount(train.labels, minlength=len(train.classes)).tolist())
                   if count == 0]
@@ -353,14 +361,14 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
     gone = len(held_out) - len(part)
     if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (held_out_in refuses it moved)
-        raise VisionflowError(f"{dataset.spec}: {gone} of the {len(held_out)} images the run held out (split.json) "
-                              f"{'is' if gone == 1 else 'are'} gone, and the others trained it; put them back, or "
-                              "evaluate on other data")
+        raise VisionflowError(f"{dataset.spec}: {how_many_of(gone, len(held_out), 'image')} the run held out "
+                              f"(split.json) {'is' if gone == 1 else 'are'} gone, and the others trained it; put back "
+                              "what is missing, or evaluate on other data")
     where = dataset.spec
     if dataset.spec != recorded:
         where = f"{dataset.spec} holds the data the run trained on ({recorded}), moved or copied"
     if gone:
-        log.warning("%s: %d of the %d held-out images %s gone (scoring the other %d)", where, gone, len(held_out),
+        log.warning("%s: %s %s gone (scoring the other %d)", where, how_many_of(gone, len(held_out), "held-out image"),
                     "is" if gone == 1 else "are", len(part))
     elif dataset.spec != recorded:
         log.warning("%s: scoring the %d images it held out", where, len(part))
@@ -404,9 +412,9 @@ def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
     held_out = run.read_json("split.json")["held_out"]
     found = len(found_moved(dataset, recorded, held_out)) if dataset.spec != recorded else 0
     if found and mostly_gone(len(held_out) - found, len(held_out)):
-        return (f"scoring all of {dataset.spec} as other data: it holds {found} of the {len(held_out)} images the run "
-                f"held out (split.json) at their places in {recorded}, the others gone (if it is that data, moved, "
-                "the run trained on the rest)")
+        return (f"scoring all of {dataset.spec} as other data: it holds {how_many_of(found, len(held_out), 'image')} "
+                f"the run held out (split.json) at their places in {recorded}, the others gone (if it is that data, "
+                "moved, the run trained on the rest)")
     return None
 
 

@@ -66,8 +66,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> tuple[ArgumentParser, dict]:
     parser = ArgumentParser(prog="visionflow", description="Deep learning on images: train, evaluate, label, generate.")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch and ONNX Runtime (default: one per core). On a machine that "
-                             "other jobs share, fewer threads than cores avoids threads waiting on each other")
+                        help="CPU threads for PyTorch and ONNX Runtime, and at most as many image-decoding workers "
+                             "(default: one per core). On a machine that other jobs share, fewer threads than "
+                             "cores avoids threads waiting on each other")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     handlers: dict = {}
     # The verb modules bring in torch (seconds): imported here, inside main's try, so that Ctrl-C while it loads

@@ -26,7 +26,9 @@ log = logging.getLogger("visionflow")
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoding workers: one per core, at most 8, and no more than the threads torch may use, so that
+    `--threads 1` (torch.set_num_threads) keeps decoding on one core as well."""
+    return max(1, min(8, os.cpu_count() or 1, torch.get_num_threads()))
 
 
 @dataclass

@@ -14,7 +14,9 @@ Clips (N, T, C, H, W) are folded to (N, T*C, H, W): every frame of a clip gets t
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -24,12 +26,17 @@ import torch.nn.functional as F
 from visionflow.data.clips import sample_frames
 from visionflow.errors import VisionflowError
 
+log = logging.getLogger("visionflow")
 
 # What a bare operation name means: `rotate` is rotate=15.
 DEFAULT_STRENGTHS = {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5, "translate": 2.0}
 # elastic=1 bends a digit hard, 2 makes it hard to read and 3 unreadable (preview them): past 5 it is noise, and
 # a larger number is likely another library's unit (albumentations' alpha is in pixels, 34 in Simard et al.).
 MAX_ELASTIC = 5.0
+# The sides each flip swaps, and how it mirrors: a class named after one of them ("right", "up-left", "left_hand")
+# gets images that show the other side under its label.
+MIRRORED_SIDES = {"flip": ("left to right", {"left", "right"}),
+                  "vflip": ("top to bottom", {"up", "down", "top", "bottom"})}
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,16 @@ class AugmentSpec:
                                   "moves pixels by up to about 5% of the side)")
         return self
 
+    def warn_of_mirrored_sides(self, classes: list[str]) -> None:
+        """One warning per flip that swaps a side some class is named after: a clip moving right, flipped, moves
+        left and is still labelled "right". Sides are whole words of the name ("up-right", "LeftHand"), so
+        "bright" and "upright" name none."""
+        for operation, (mirrors, sides) in MIRRORED_SIDES.items():
+            named = [name for name in classes if sides & set(words_of(name))]
+            if getattr(self, operation) and named:
+                log.warning("--augment %s mirrors images %s, but class '%s' names a side: flipped images keep a label "
+                            "that no longer fits (drop %s, or use translate/crop)", operation, mirrors, named[0], operation)
+
     def __str__(self) -> str:
         parts = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name):g}"
                  for f in fields(self) if getattr(self, f.name) != f.default]
@@ -99,6 +116,12 @@ class AugmentSpec:
     @property
     def active(self) -> bool:
         return self != AugmentSpec()
+
+
+def words_of(name: str) -> list[str]:
+    """The words of a class name, lowercased: split at anything but letters and where camel case starts one
+    ('up-right' -> up, right; 'LeftHand' -> left, hand; 'RIGHT2' -> right)."""
+    return [word.lower() for word in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name)]
 
 
 def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -92,10 +92,12 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_FORMATS
 
 
-def image_format(path: Path) -> str:
-    """Pillow's format for the file name's suffix (.png, .jpg, .webp, ...): grids are written as named."""
+def image_format(path: Path, option: str | None = None) -> str:
+    """Pillow's format for the file name's suffix (.png, .jpg, .webp, ...): grids are written as named. `option`: the
+    one that names the file, which the message names, as check_output_file's do."""
     if not is_image_name(path):
-        raise VisionflowError(f"{path}: not an image file name (end it in {', '.join(IMAGE_FORMATS)})")
+        named = f"{option} {path}" if option else path
+        raise VisionflowError(f"{named}: not an image file name (end it in {', '.join(IMAGE_FORMATS)})")
     return IMAGE_FORMATS[path.suffix.lower()]
 
 
@@ -103,7 +105,7 @@ def check_picture_path(path: Path, option: str) -> None:
     """Refuse, before the work that draws it, a picture that could not be written at its end: a name that is not an
     image file's, a folder of that name, a file where one of its folders should be. Missing folders are made and an
     existing picture is replaced, as `predict --output` does with its file. `option`: the one that names it."""
-    image_format(path)
+    image_format(path, option)
     check_output_file(path, option)
 
 
