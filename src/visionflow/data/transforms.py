@@ -34,9 +34,9 @@ DEFAULT_STRENGTHS = {"rotate": 15.0, "shift": 0.1, "crop": 0.8, "elastic": 0.5, 
 # a larger number is likely another library's unit (albumentations' alpha is in pixels, 34 in Simard et al.).
 MAX_ELASTIC = 5.0
 # The sides each flip swaps, and how it mirrors: a class named after one of them ("right", "up-left", "left_hand")
-# gets images that show the other side under its label.
+# gets images that show the other side under its label. Not "top": Fashion-MNIST's "T-shirt/top" is a garment.
 MIRRORED_SIDES = {"flip": ("left to right", {"left", "right"}),
-                  "vflip": ("top to bottom", {"up", "down", "top", "bottom"})}
+                  "vflip": ("top to bottom", {"up", "down"})}
 
 
 @dataclass(frozen=True)
