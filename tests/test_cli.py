@@ -600,6 +600,31 @@ def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path:
         capsys, ["train", str(moved), "--out", str(out), "--resume", "--epochs", "5"])
 
 
+def test_resume_counts_files_added_to_one_class_and_removed_from_another_though_the_total_is_the_same(
+        tmp_path: Path, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    argv = ["train", str(data), "--out", str(out), "--quiet"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert split["training_items_per_class"] == {"square": 9, "stripes_h": 9, "stripes_v": 9}
+    assert main([*argv, "--resume", "--epochs", "2"]) == 0
+    assert caplog.messages == []  # nothing changed: nothing to say
+    held_out = set(split["held_out"])
+    removed = next(path for path in sorted(map(str, (data / "stripes_h").glob("*.png"))) if path not in held_out)
+    os.unlink(removed)
+    shutil.copy(data / "square" / "000.png", data / "square" / "copy.png")  # 27 files to train on, as before
+    assert main([*argv, "--resume", "--epochs", "3"]) == 0
+    assert caplog.messages == [f"{data}: 1 more file and 1 fewer to train on than when the run started; the images "
+                               "held out in split.json stay held out"]
+    assert json.loads((out / "split.json").read_text()) == split  # counted from the start, at every resume
+    caplog.clear()
+    old = {name: value for name, value in split.items() if name != "training_items_per_class"}
+    (out / "split.json").write_text(json.dumps(old))  # a run from before the counts: the total alone, as then
+    assert main([*argv, "--resume", "--epochs", "4"]) == 0
+    assert caplog.messages == []
+
+
 def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys):
     data = write_class_folder(tmp_path / "data", per_class=6, size=12)
     out = tmp_path / "run"

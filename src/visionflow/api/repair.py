@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part, recorded_split, require_same_data, training_images_warning
+from visionflow.api import evaluation_part, recorded_split, require_same_data, split_record, training_images_warning
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -73,7 +73,7 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
         train, held = drawn.subset(train_idx), drawn.subset(val_idx)
         # every held-out image, validated or not (none is trained on), and how many items the data held, as a
         # classifier's split.json records them
-        split = {"held_out": [held.origin(i) for i in range(len(held))], "items": len(source)}
+        split = split_record(source, held)
         if drawn is not source:  # the sample a resume trains on, whatever files are added or removed since
             split["trained_on"] = [train.origin(i) for i in range(len(train))]
     return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split
