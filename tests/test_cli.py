@@ -494,7 +494,7 @@ def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
     assert "no readable training images in class(es) stripes_v" in user_error(
         capsys, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"])
     tiny = write_class_folder(tmp_path / "tiny", per_class=1)
-    assert "too few images to hold out 10% for validation (3 in all)" in user_error(
+    assert "too few images to validate on (3 in all, 10% held out); add images" in user_error(
         capsys, ["train", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1"])
 
 
@@ -623,6 +623,23 @@ def test_resume_counts_files_added_to_one_class_and_removed_from_another_though_
     (out / "split.json").write_text(json.dumps(old))  # a run from before the counts: the total alone, as then
     assert main([*argv, "--resume", "--epochs", "4"]) == 0
     assert caplog.messages == []
+
+
+def test_resume_with_fewer_than_two_images_left_to_train_on_is_one_line(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    held_out = set(json.loads((out / "split.json").read_text())["held_out"])
+    training = sorted(path for path in map(str, data.rglob("*.png")) if path not in held_out)
+    for path in training[1:]:
+        os.unlink(path)  # one training image left, and every held-out one
+    capsys.readouterr()
+    caplog.clear()
+    assert user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"]) == (
+        f"visionflow: error: {data}: too few images to train on (1 of the images the run trains on is left); put the "
+        "others back, or train a new run")
+    assert caplog.messages == []  # the error comes before the warning that would count the 26 gone
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys):

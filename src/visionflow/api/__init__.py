@@ -78,11 +78,26 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
         train, val = recorded_split(cfg.data, dataset.train, split)
         return train, val, split, held_out_from
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
-    if len(val_idx) == 0:
-        raise VisionflowError(f"{cfg.data}: too few images to hold out {cfg.val_split:.0%} for validation "
-                              f"({len(dataset.train)} in all); add images, raise --val-split or give --val DATA")
-    val = dataset.train.subset(val_idx)
-    return dataset.train.subset(train_idx), val, split_record(dataset.train, val), held_out_from
+    train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
+    require_enough_to_train(cfg.data, train, val, f"{len(dataset.train)} in all, {cfg.val_split:.0%} held out",
+                            "add images, raise --val-split or give --val DATA")
+    return train, val, split_record(dataset.train, val), held_out_from
+
+
+def require_enough_to_train(data: str, train: DataSource, val: DataSource, counted: str | None = None,
+                            remedy: str = "") -> None:
+    """A one-line error when a split leaves fewer than two images to train on (a training step takes two at least: a
+    one-image batch breaks batch norm) or none to validate on: fresh data split in two, or a resumed run's data
+    with nearly all its files gone since (recorded_split, before the warning that counts them, so the error stays one
+    line). `counted` and `remedy`: how many images fresh data held and what to do, in words; None for a resumed run's
+    data, whose images left are counted."""
+    lacking = [need for need, short in (("train on", len(train) < 2), ("validate on", len(val) == 0)) if short]
+    if not lacking:
+        return
+    if counted is None:
+        counted = f"{len(train)} of the images the run trains on {'is' if len(train) == 1 else 'are'} left"
+        remedy = "put the others back, or train a new run"
+    raise VisionflowError(f"{data}: too few images to {' or '.join(lacking)} ({counted}); {remedy}")
 
 
 def split_record(source: DataSource, held_out: DataSource) -> dict:
@@ -142,12 +157,14 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
         if counts:  # "1 more file and 1 fewer", "9 more files", "2 fewer files"
             counts[0] += " file" if (more or fewer) == 1 else " files"
             changes.append(f"{' and '.join(counts)} to train on than when the run started")
+    train, val = source.subset(train_idx), source.subset(val_idx)
+    require_enough_to_train(data, train, val)
     if gone:
         changes.append(f"{gone} of the {len(recorded)} held-out images {'is' if gone == 1 else 'are'} gone (validating "
                        f"on the other {len(val_idx)})")
     if changes:
         log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
-    return source.subset(train_idx), source.subset(val_idx)
+    return train, val
 
 
 def files_added_and_removed(training: DataSource, recorded_per_class: dict | None,
