@@ -238,6 +238,26 @@ def test_predict_with_no_input_labelled_writes_the_error_rows_and_exits_2(traine
     assert [r["error"] for r in csv.DictReader(io.StringIO(captured.out))] == ["not a readable image (UnidentifiedImageError)"]
 
 
+def test_predict_resume_whose_every_new_input_failed_exits_2_though_the_rows_before_are_labels(trained, tmp_path: Path,
+                                                                                              capsys):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(data / "square" / "000.png", folder / "a.png")
+    rows = tmp_path / "rows.csv"
+    assert main(["predict", str(run), str(folder), "--output", str(rows)]) == 0
+    (folder / "b.png").write_bytes(b"not a png")  # the only input left to label, and it fails
+    capsys.readouterr()
+    assert main(["predict", str(run), str(folder), "--output", str(rows), "--resume"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: the input could not be labelled: see the error row in {rows}"]
+    table = list(csv.DictReader(io.StringIO(rows.read_text())))
+    assert [(Path(r["path"]).name, r["label"], bool(r["error"])) for r in table] == [("a.png", "square", False),
+                                                                                      ("b.png", "", True)]
+    assert main(["predict", str(run), str(folder), "--output", str(rows), "--resume"]) == 0  # nothing left to label
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote 0 rows to {rows}, after the 2 it held"
+
+
 def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(trained, tmp_path: Path, capsys):
     run, data = trained
     folder = tmp_path / "rows.csv"
