@@ -238,6 +238,26 @@ def test_predict_with_no_input_labelled_writes_the_error_rows_and_exits_2(traine
     assert [r["error"] for r in csv.DictReader(io.StringIO(captured.out))] == ["not a readable image (UnidentifiedImageError)"]
 
 
+def test_predict_resume_whose_every_new_input_failed_exits_2_though_the_rows_before_are_labels(trained, tmp_path: Path,
+                                                                                              capsys):
+    run, data = trained
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(data / "square" / "000.png", folder / "a.png")
+    rows = tmp_path / "rows.csv"
+    assert main(["predict", str(run), str(folder), "--output", str(rows)]) == 0
+    (folder / "b.png").write_bytes(b"not a png")  # the only input left to label, and it fails
+    capsys.readouterr()
+    assert main(["predict", str(run), str(folder), "--output", str(rows), "--resume"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: the input could not be labelled: see the error row in {rows}"]
+    table = list(csv.DictReader(io.StringIO(rows.read_text())))
+    assert [(Path(r["path"]).name, r["label"], bool(r["error"])) for r in table] == [("a.png", "square", False),
+                                                                                      ("b.png", "", True)]
+    assert main(["predict", str(run), str(folder), "--output", str(rows), "--resume"]) == 0  # nothing left to label
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote 0 rows to {rows}, after the 2 it held"
+
+
 def test_an_output_that_could_not_be_written_is_refused_before_the_labelling(trained, tmp_path: Path, capsys):
     run, data = trained
     folder = tmp_path / "rows.csv"
@@ -495,7 +515,7 @@ def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
     assert "no readable training images in class(es) stripes_v" in user_error(
         capsys, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"])
     tiny = write_class_folder(tmp_path / "tiny", per_class=1)
-    assert "too few images to hold out 10% for validation (3 in all)" in user_error(
+    assert "too few images to validate on (3 in all, 10% held out); add images" in user_error(
         capsys, ["train", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1"])
 
 
@@ -599,6 +619,48 @@ def test_resume_holds_out_what_the_run_held_out_when_images_were_added(tmp_path:
     capsys.readouterr()
     assert "2 of the 3 images the run held out for validation (split.json) are gone" in user_error(
         capsys, ["train", str(moved), "--out", str(out), "--resume", "--epochs", "5"])
+
+
+def test_resume_counts_files_added_to_one_class_and_removed_from_another_though_the_total_is_the_same(
+        tmp_path: Path, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    argv = ["train", str(data), "--out", str(out), "--quiet"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert split["training_items_per_class"] == {"square": 9, "stripes_h": 9, "stripes_v": 9}
+    assert main([*argv, "--resume", "--epochs", "2"]) == 0
+    assert caplog.messages == []  # nothing changed: nothing to say
+    held_out = set(split["held_out"])
+    removed = next(path for path in sorted(map(str, (data / "stripes_h").glob("*.png"))) if path not in held_out)
+    os.unlink(removed)
+    shutil.copy(data / "square" / "000.png", data / "square" / "copy.png")  # 27 files to train on, as before
+    assert main([*argv, "--resume", "--epochs", "3"]) == 0
+    assert caplog.messages == [f"{data}: 1 more file and 1 fewer to train on than when the run started; the images "
+                               "held out in split.json stay held out"]
+    assert json.loads((out / "split.json").read_text()) == split  # counted from the start, at every resume
+    caplog.clear()
+    old = {name: value for name, value in split.items() if name != "training_items_per_class"}
+    (out / "split.json").write_text(json.dumps(old))  # a run from before the counts: the total alone, as then
+    assert main([*argv, "--resume", "--epochs", "4"]) == 0
+    assert caplog.messages == []
+
+
+def test_resume_with_fewer_than_two_images_left_to_train_on_is_one_line(tmp_path: Path, capsys, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    held_out = set(json.loads((out / "split.json").read_text())["held_out"])
+    training = sorted(path for path in map(str, data.rglob("*.png")) if path not in held_out)
+    for path in training[1:]:
+        os.unlink(path)  # one training image left, and every held-out one
+    capsys.readouterr()
+    caplog.clear()
+    assert user_error(capsys, ["train", str(data), "--out", str(out), "--resume", "--epochs", "2"]) == (
+        f"visionflow: error: {data}: too few images to train on (1 of the images the run trains on is left); put the "
+        "others back, or train a new run")
+    assert caplog.messages == []  # the error comes before the warning that would count the 26 gone
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys):

@@ -507,8 +507,8 @@ def test_too_few_images_to_train_and_validate_is_a_one_line_error(tmp_path, caps
     out = tmp_path / "run"
     assert main(["repair", "train", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [f"visionflow: error: {tmp_path / 'data'}: too few images to train on and hold out 10% "
-                                "for validation (2 in all); add images"]
+    assert err.splitlines() == [f"visionflow: error: {tmp_path / 'data'}: too few images to train on (2 in all, 10% "
+                                "held out); add images"]
     assert not out.exists()
 
 

@@ -2,8 +2,9 @@
 
     RUN_DIR/
       config.json        TrainConfig + classes, preprocessing and input kind (all predict needs)
-      split.json         origins of the held-out validation items (when split from the training data), and how many
-                         items the training part held then: a resume holds out the same ones and counts those added
+      split.json         origins of the held-out validation items (when split from the training data), how many
+                         items the training part held then and how many of each class were not held out: a resume
+                         holds out the same ones and counts those added and removed
       best.safetensors   weights with the best validation accuracy   (safetensors: tensors only, no code)
       last.safetensors   weights after the last finished epoch
       checkpoint.pt      resumable state: weights, optimizer, schedule, epoch, early-stopping state (loaded

@@ -48,7 +48,7 @@ log = logging.getLogger("visionflow")
 class TrainingData:
     train: DecodedPart
     val: DecodedPart
-    held_out: list[str] | None  # origins split off the training data, recorded in split.json
+    split: dict | None  # split.json's content when validation was split off the training data (split_record)
     val_from: str               # where validation (and so the choice of best.safetensors) comes from, for report.json
 
 
@@ -58,8 +58,8 @@ def _check_kind(model_name: str, source: DataSource) -> None:
 
 
 def _validation_source(cfg: TrainConfig, dataset: DataSet,
-                       split: dict | None = None) -> tuple[DataSource, DataSource, list[str] | None, str]:
-    """(train source, validation source, held-out origins or None when the validation data is separate, where the
+                       split: dict | None = None) -> tuple[DataSource, DataSource, dict | None, str]:
+    """(train source, validation source, split.json's content or None when the validation data is separate, where the
     validation data comes from in words). `split`: a resumed run's split.json, its held-out items as the data names
     them now (require_same_data)."""
     if cfg.val is not None:
@@ -76,13 +76,43 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
     held_out_from = f"{cfg.val_split:.0%} of the training part, held out (split.json)"
     if split is not None:
         train, val = recorded_split(cfg.data, dataset.train, split)
-        return train, val, split["held_out"], held_out_from
+        return train, val, split, held_out_from
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
-    if len(val_idx) == 0:
-        raise VisionflowError(f"{cfg.data}: too few images to hold out {cfg.val_split:.0%} for validation "
-                              f"({len(dataset.train)} in all); add images, raise --val-split or give --val DATA")
-    val = dataset.train.subset(val_idx)
-    return dataset.train.subset(train_idx), val, [val.origin(i) for i in range(len(val))], held_out_from
+    train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
+    require_enough_to_train(cfg.data, train, val, f"{len(dataset.train)} in all, {cfg.val_split:.0%} held out",
+                            "add images, raise --val-split or give --val DATA")
+    return train, val, split_record(dataset.train, val), held_out_from
+
+
+def require_enough_to_train(data: str, train: DataSource, val: DataSource, counted: str | None = None,
+                            remedy: str = "") -> None:
+    """A one-line error when a split leaves fewer than two images to train on (a training step takes two at least: a
+    one-image batch breaks batch norm) or none to validate on: fresh data split in two, or a resumed run's data
+    with nearly all its files gone since (recorded_split, before the warning that counts them, so the error stays one
+    line). `counted` and `remedy`: how many images fresh data held and what to do, in words; None for a resumed run's
+    data, whose images left are counted."""
+    lacking = [need for need, short in (("train on", len(train) < 2), ("validate on", len(val) == 0)) if short]
+    if not lacking:
+        return
+    if counted is None:
+        counted = f"{len(train)} of the images the run trains on {'is' if len(train) == 1 else 'are'} left"
+        remedy = "put the others back, or train a new run"
+    raise VisionflowError(f"{data}: too few images to {' or '.join(lacking)} ({counted}); {remedy}")
+
+
+def split_record(source: DataSource, held_out: DataSource) -> dict:
+    """split.json of a run that holds out `held_out`, split off `source`: the origins held out, how many items the
+    split was made from ("items") and how many of each class were not held out ("training_items_per_class"), for a
+    resume to hold out the same ones and count the files added and removed since (recorded_split). Counts, not the
+    training paths: those would make the file several times the size of the held-out list (for a million items, tens
+    of megabytes)."""
+    items, held = class_counts(source), class_counts(held_out)
+    return {"held_out": [held_out.origin(i) for i in range(len(held_out))], "items": len(source),
+            "training_items_per_class": {name: items[name] - held[name] for name in items}}
+
+
+def class_counts(source: DataSource) -> dict[str, int]:
+    return dict(zip(source.classes, np.bincount(source.labels, minlength=len(source.classes)).tolist()))
 
 
 def how_many_of(count: int, total: int, noun: str) -> str:
@@ -101,10 +131,10 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     """(train, validation) of a resumed run, a classifier's or a repair run's: the items split.json held out stay held
     out and every other one of `source` trains. The split is not computed again: with files added since the run
     started, a seeded split of the new listing holds out other files, some of which the run has trained on. `split`:
-    split.json as require_same_data gives it, whose "items" is how many items the split was made from (absent for a
-    run from before it was recorded), and "trained_on", when present (a repair run's --max-images sample), the items
-    that train: those still there, and no file added. What changed since is one warning; a held-out part mostly gone
-    is an error, as its scores, which chose best.safetensors, would not compare."""
+    split.json as require_same_data gives it (split_record), whose "items" is how many items the split was made from
+    (absent for a run from before it was recorded), and "trained_on", when present (a repair run's --max-images
+    sample), the items that train: those still there, and no file added. What changed since is one warning; a
+    held-out part mostly gone is an error, as its scores, which chose best.safetensors, would not compare."""
     recorded, items = set(split["held_out"]), split.get("items")
     is_held_out = [source.origin(i) in recorded for i in range(len(source))]
     val_idx = [i for i, held in enumerate(is_held_out) if held]
@@ -127,15 +157,34 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
             changes.append(f"{how_many_of(lost, len(sample), 'image')} it trains on {'is' if lost == 1 else 'are'} "
                            f"gone (training on the other {len(drawn)})")
         train_idx = drawn
-    elif added:
-        changes.append(f"{abs(added)} {'more' if added > 0 else 'fewer'} file{'' if abs(added) == 1 else 's'} to train "
-                       "on than when the run started")
+    else:
+        more, fewer = files_added_and_removed(source.subset(train_idx), split.get("training_items_per_class"), added)
+        counts = [f"{count} {word}" for count, word in ((more, "more"), (fewer, "fewer")) if count]
+        if counts:  # "1 more file and 1 fewer", "9 more files", "2 fewer files"
+            counts[0] += " file" if (more or fewer) == 1 else " files"
+            changes.append(f"{' and '.join(counts)} to train on than when the run started")
+    train, val = source.subset(train_idx), source.subset(val_idx)
+    require_enough_to_train(data, train, val)
     if gone:
         changes.append(f"{how_many_of(gone, len(recorded), 'held-out image')} {'is' if gone == 1 else 'are'} gone "
                        f"(validating on the other {len(val_idx)})")
     if changes:
         log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
-    return source.subset(train_idx), source.subset(val_idx)
+    return train, val
+
+
+def files_added_and_removed(training: DataSource, recorded_per_class: dict | None,
+                            added: int | None) -> tuple[int, int]:
+    """(at least how many files were added since the run started, at least how many removed) of `training`, the items
+    of a resumed run's data that are not held out: class by class from split.json's "training_items_per_class" when
+    it has them, so that one file added to a class and one removed from another are two changes, not none; else from
+    `added`, the change in their number (None for a run from before split.json recorded "items": nothing to count
+    from). A file replaced by another of its class is not told apart from it."""
+    if recorded_per_class is None:
+        return max(added or 0, 0), max(-(added or 0), 0)
+    now = class_counts(training)
+    changes = [now.get(name, 0) - recorded_per_class.get(name, 0) for name in {*now, *recorded_per_class}]
+    return sum(c for c in changes if c > 0), -sum(c for c in changes if c < 0)
 
 
 def _aligned(source: DataSource, classes: list[str]) -> DataSource:
@@ -164,7 +213,7 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
                        split: dict | None = None) -> TrainingData:
     """`split`: a resumed run's split.json (_validation_source)."""
     dataset = dataset or open_training_data(cfg)
-    train_source, val_source, held_out, val_from = _validation_source(cfg, dataset, split)
+    train_source, val_source, split, val_from = _validation_source(cfg, dataset, split)
     # before decoding, which takes a while, and after the checks above, whose errors stay one line
     AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
@@ -175,7 +224,7 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     if cfg.gan_augment is not None:
         train = with_gan_samples(train, cfg, channels, size)
     val = decode_part(val_source, channels, size, strict=cfg.strict)
-    return TrainingData(train, val, held_out, val_from)
+    return TrainingData(train, val, split, val_from)
 
 
 def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: int) -> DecodedPart:
@@ -229,8 +278,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
             "data_spec": dataset.spec,
             **({"clip_sampling": sampling_policy(cfg.frames)} if input_kind == "clip" else {}),
         })
-        if data.held_out is not None:  # and how many items the split was made from, for a resume to count those added
-            run.write_json("split.json", {"held_out": data.held_out, "items": len(dataset.train)})
+        if data.split is not None:
+            run.write_json("split.json", data.split)
         summary = fit(model, cfg, data.train, data.val, preprocess, run, show_progress=show_progress)
         return write_report(run, model, cfg, data, preprocess, summary)
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import evaluation_part, recorded_split, require_same_data, training_images_warning
+from visionflow.api import (evaluation_part, recorded_split, require_enough_to_train, require_same_data, split_record,
+                           training_images_warning)
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -62,18 +63,14 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
             keep = {drawn.origin(i) for i in range(len(drawn))}
             train = train.subset([i for i in range(len(train)) if train.origin(i) in keep])
             split = {**split, "trained_on": [train.origin(i) for i in range(len(train))]}
-        if len(train) < 2:  # a training step takes two images at least
-            left = f"{len(train)} of the images the run trains on {'is' if len(train) == 1 else 'are'} left"
-            raise VisionflowError(f"{cfg.data}: {left}; put the others back, or train a new run")
+            require_enough_to_train(cfg.data, train, held)  # the draw may leave fewer than recorded_split counted
     else:
         train_idx, val_idx = stratified_split(drawn.labels, cfg.val_split, cfg.seed)
-        if len(val_idx) == 0 or len(train_idx) < 2:  # a training step takes two images at least
-            raise VisionflowError(f"{cfg.data}: too few images to train on and hold out {cfg.val_split:.0%} for "
-                                  f"validation ({len(drawn)} in all); add images")
         train, held = drawn.subset(train_idx), drawn.subset(val_idx)
+        require_enough_to_train(cfg.data, train, held, f"{len(drawn)} in all, {cfg.val_split:.0%} held out", "add images")
         # every held-out image, validated or not (none is trained on), and how many items the data held, as a
         # classifier's split.json records them
-        split = {"held_out": [held.origin(i) for i in range(len(held))], "items": len(source)}
+        split = split_record(source, held)
         if drawn is not source:  # the sample a resume trains on, whatever files are added or removed since
             split["trained_on"] = [train.origin(i) for i in range(len(train))]
     return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split

@@ -201,7 +201,9 @@ def run_predict(args) -> int:
                 # leaving `with out` flushes every row written so far, each whole: --resume appends the others
                 raise Interrupted(f"interrupted; the rows written so far are in {args.output}: the same command "
                                   "with --resume labels the rest") from None
-    if count and labelled.failed == count and not appending:  # rows --resume kept from before may be labels
+    # Every input this command labelled failed, whatever rows --resume kept from before: a script must tell that
+    # nothing new was labelled from a resume that labelled the rest (none left to label: count 0, exit 0).
+    if count and labelled.failed == count:
         raise none_succeeded(count, "input", "labelled", f"see the error row{'s' if count > 1 else ''}"
                                                          + (f" in {args.output}" if args.output else ""))
     say_engine(labelled.engine, labelled.precision, labelled.device)  # after the rows: an error stays one line
