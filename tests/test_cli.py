@@ -663,6 +663,42 @@ def test_resume_with_fewer_than_two_images_left_to_train_on_is_one_line(tmp_path
     assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1]
 
 
+def test_resume_on_data_whose_classes_or_one_class_s_training_images_changed_is_one_line_saying_so(
+        tmp_path: Path, caplog):
+    data = write_class_folder(tmp_path / "data", per_class=10, size=12)
+    out = tmp_path / "run"
+    resume = ["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    kept = shutil.copytree(data, tmp_path / "kept")
+
+    def stderr_of_refused_resume() -> list[str]:
+        result = run_cli("--threads", "1", *resume)  # a process of its own: stderr as a user sees it, warnings too
+        assert result.returncode == 2, result.stderr
+        return result.stderr.splitlines()
+
+    add_images(data, 1, seed=1)  # files that a warning would count: the classes are what refuses the data
+    write_class_folder(tmp_path / "more", per_class=2, size=12)
+    (tmp_path / "more" / "square").rename(data / "dots")
+    assert stderr_of_refused_resume() == [
+        f"visionflow: error: {data}: its classes ['dots', 'square', 'stripes_h', 'stripes_v'] differ from the run's "
+        "['square', 'stripes_h', 'stripes_v']"]
+    shutil.rmtree(data / "dots")
+    held_out = set(json.loads((out / "split.json").read_text())["held_out"])
+    for path in (data / "stripes_v").iterdir():
+        if str(path) not in held_out:
+            path.unlink()  # every image of the class the run trains on; its held-out one is still there
+    # not the warning counting the files added and removed, nor 'no readable training images' after decoding
+    assert stderr_of_refused_resume() == [
+        f"visionflow: error: {data}: class 'stripes_v' has no images left to train on (9 gone since the run started); "
+        "put them back, or train a new run"]
+    shutil.rmtree(data / "stripes_v")
+    shutil.copytree(kept / "stripes_v", data / "stripes_v")  # put back: the files added to the others are counted
+    caplog.clear()
+    assert main(resume) == 0
+    assert caplog.messages == [f"{data}: 2 more files to train on than when the run started; the images held out in "
+                               "split.json stay held out"]
+    assert [row["epoch"] for row in RunDir(out).read_metrics()] == [1, 2]
+
 def test_resuming_a_checkpoint_that_does_not_fit_the_config_is_one_line(tmp_path: Path, capsys):
     data = write_class_folder(tmp_path / "data", per_class=6, size=12)
     out = tmp_path / "run"

@@ -75,7 +75,10 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
         return dataset.train, dataset.test, None, f"the data's {'val/' if folder in ('val', 'validation') else 'test'} part"
     held_out_from = f"{cfg.val_split:.0%} of the training part, held out (split.json)"
     if split is not None:
-        train, val = recorded_split(cfg.data, dataset.train, split)
+        train, val, changes = recorded_split(cfg.data, dataset.train, split)
+        require_every_class_to_train(cfg.data, train, split)
+        if changes is not None:
+            log.warning(changes)
         return train, val, split, held_out_from
     train_idx, val_idx = stratified_split(dataset.train.labels, cfg.val_split, cfg.seed)
     train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
@@ -88,9 +91,9 @@ def require_enough_to_train(data: str, train: DataSource, val: DataSource, count
                             remedy: str = "") -> None:
     """A one-line error when a split leaves fewer than two images to train on (a training step takes two at least: a
     one-image batch breaks batch norm) or none to validate on: fresh data split in two, or a resumed run's data
-    with nearly all its files gone since (recorded_split, before the warning that counts them, so the error stays one
-    line). `counted` and `remedy`: how many images fresh data held and what to do, in words; None for a resumed run's
-    data, whose images left are counted."""
+    with nearly all its files gone since (recorded_split, before its callers log the warning that counts them, so the
+    error stays one line). `counted` and `remedy`: how many images fresh data held and what to do, in words; None for
+    a resumed run's data, whose images left are counted."""
     lacking = [need for need, short in (("train on", len(train) < 2), ("validate on", len(val) == 0)) if short]
     if not lacking:
         return
@@ -127,14 +130,16 @@ def mostly_gone(gone: int, held_out: int) -> bool:
     return gone * 2 > held_out
 
 
-def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSource, DataSource]:
-    """(train, validation) of a resumed run, a classifier's or a repair run's: the items split.json held out stay held
-    out and every other one of `source` trains. The split is not computed again: with files added since the run
-    started, a seeded split of the new listing holds out other files, some of which the run has trained on. `split`:
-    split.json as require_same_data gives it (split_record), whose "items" is how many items the split was made from
-    (absent for a run from before it was recorded), and "trained_on", when present (a repair run's --max-images
-    sample), the items that train: those still there, and no file added. What changed since is one warning; a
-    held-out part mostly gone is an error, as its scores, which chose best.safetensors, would not compare."""
+def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSource, DataSource, str | None]:
+    """(train, validation, the warning saying what changed since the run started or None) of a resumed run, a
+    classifier's or a repair run's: the items split.json held out stay held out and every other one of `source`
+    trains. The split is not computed again: with files added since the run started, a seeded split of the new listing
+    holds out other files, some of which the run has trained on. `split`: split.json as require_same_data gives it
+    (split_record), whose "items" is how many items the split was made from (absent for a run from before it was
+    recorded), and "trained_on", when present (a repair run's --max-images sample), the items that train: those still
+    there, and no file added. The caller logs the warning once its own checks of what is left have passed: a user
+    error is one line, and the warning before it would make two. A held-out part mostly gone is an error, as its
+    scores, which chose best.safetensors, would not compare."""
     recorded, items = set(split["held_out"]), split.get("items")
     is_held_out = [source.origin(i) in recorded for i in range(len(source))]
     val_idx = [i for i, held in enumerate(is_held_out) if held]
@@ -168,9 +173,25 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     if gone:
         changes.append(f"{how_many_of(gone, len(recorded), 'held-out image')} {'is' if gone == 1 else 'are'} gone "
                        f"(validating on the other {len(val_idx)})")
-    if changes:
-        log.warning("%s: %s; the images held out in split.json stay held out", data, ", and ".join(changes))
-    return train, val
+    if not changes:
+        return train, val, None
+    return train, val, f"{data}: {', and '.join(changes)}; the images held out in split.json stay held out"
+
+
+def require_every_class_to_train(data: str, train: DataSource, split: dict) -> None:
+    """A one-line error when a resumed classifier's data has no file left to train on in some class (a seeded split
+    leaves every class some): a model would learn never to predict it, and decoding would find no image of it and
+    blame its files as unreadable. `split`: the run's split.json, whose "training_items_per_class", when it has them,
+    count the files gone."""
+    emptied = [name for name, count in class_counts(train).items() if count == 0]
+    if not emptied:
+        return
+    recorded, several = split.get("training_items_per_class", {}), len(emptied) > 1
+    named = " and ".join(f"'{name}'" for name in emptied)
+    gone = sum(recorded.get(name, 0) for name in emptied)
+    counted = f" ({gone} gone since the run started)" if gone else ""
+    raise VisionflowError(f"{data}: {'classes' if several else 'class'} {named} {'have' if several else 'has'} no images "
+                          f"left to train on{counted}; put them back, or train a new run")
 
 
 def files_added_and_removed(training: DataSource, recorded_per_class: dict | None,
@@ -307,10 +328,11 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
                     finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
+    # first and alone: require_same_data and recorded_split warn of what changed, which would come before this error
+    if dataset.train.classes != config["classes"]:
+        raise VisionflowError(f"{cfg.data}: its classes {dataset.train.classes} differ from the run's {config['classes']}")
     split = require_same_data(run, dataset)
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split)
-    if data.train.classes != config["classes"]:
-        raise VisionflowError(f"{cfg.data}: its classes {data.train.classes} differ from the run's {config['classes']}")
     with callers_random_state_kept(device):  # the model's init (then the checkpoint's weights) and the epochs draw
         model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
                              image_size=preprocess.image_size, **cfg.model_options)

@@ -58,12 +58,14 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
                                                                              replace=False)))
     cut_short = split is not None and "items" not in split and len(split["held_out"]) >= VALIDATION_LIMIT
     if split is not None and not cut_short:
-        train, held = recorded_split(cfg.data, source, split)
+        train, held, changes = recorded_split(cfg.data, source, split)
         if drawn is not source and "trained_on" not in split:  # from before "trained_on": the seeded draw
             keep = {drawn.origin(i) for i in range(len(drawn))}
             train = train.subset([i for i in range(len(train)) if train.origin(i) in keep])
             split = {**split, "trained_on": [train.origin(i) for i in range(len(train))]}
             require_enough_to_train(cfg.data, train, held)  # the draw may leave fewer than recorded_split counted
+        if changes is not None:
+            log.warning(changes)
     else:
         train_idx, val_idx = stratified_split(drawn.labels, cfg.val_split, cfg.seed)
         train, held = drawn.subset(train_idx), drawn.subset(val_idx)
