@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, affine_grid, channel_stats
 from visionflow.errors import VisionflowError
@@ -71,18 +73,17 @@ def test_a_run_recorded_with_strengths_now_refused_still_resumes(tmp_path):
     assert json.loads((out / "config.json").read_text())["train"]["augment"] == "rotate=270,elastic=8"  # as recorded
 
 
+def flat_images(root: Path, classes: tuple[str, ...], per_class: int = 5) -> Path:
+    """A class folder of plain grey 16x16 images: the classes' names are what matters."""
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
 def test_flips_warn_once_when_a_class_names_the_side_they_swap(tmp_path, caplog, capsys):
-    import numpy as np
-    from PIL import Image
-
     from visionflow.cli import main
-
-    def folder(name: str, classes: tuple[str, ...], per_class: int) -> Path:
-        for label in classes:
-            (tmp_path / name / label).mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(tmp_path / name / label / f"{i}.png")
-        return tmp_path / name
 
     def warnings_of_training(data: Path, augment: str, exit_code: int = 0) -> list[str]:
         caplog.clear()
@@ -90,21 +91,49 @@ def test_flips_warn_once_when_a_class_names_the_side_they_swap(tmp_path, caplog,
                      "--out", str(tmp_path / f"run-{data.name}-{augment}")]) == exit_code
         return [record.getMessage() for record in caplog.records]
 
-    hands = folder("hands", ("left", "right"), per_class=5)
+    hands = flat_images(tmp_path / "hands", ("left", "right"))
     assert warnings_of_training(hands, "flip,rotate=5") == [
         "--augment flip mirrors images left to right, but class 'left' names a side: flipped images keep a label that "
         "no longer fits (drop flip, or use translate/crop)"]
     assert warnings_of_training(hands, "vflip") == []  # upside down, a left hand is still the left one
-    assert warnings_of_training(folder("light", ("bright", "upright", "T2"), per_class=5), "flip,vflip") == []
+    assert warnings_of_training(flat_images(tmp_path / "light", ("bright", "upright", "T2")), "flip,vflip") == []
     # data refused before decoding: the error comes alone, on one line
     capsys.readouterr()
-    assert warnings_of_training(folder("one-each", ("left", "right"), per_class=1), "flip", exit_code=2) == []
+    one_each = flat_images(tmp_path / "one-each", ("left", "right"), per_class=1)
+    assert warnings_of_training(one_each, "flip", exit_code=2) == []
     assert capsys.readouterr().err.startswith("visionflow: error: ")
     caplog.clear()
     AugmentSpec.parse("vflip").warn_of_mirrored_sides(["T-shirt/top", "Cat", "UpHill", "down-left"])
     assert [record.getMessage() for record in caplog.records] == [
         "--augment vflip mirrors images top to bottom, but class 'UpHill' names a side: flipped images keep a label "
         "that no longer fits (drop vflip, or use translate/crop)"]
+
+
+def test_test_time_flips_warn_once_per_command_when_a_class_names_a_side(tmp_path, caplog):
+    from visionflow.cli import main
+
+    def warnings_of(*argv: str) -> list[str]:
+        caplog.clear()
+        assert main([*argv, "--quiet"] if argv[0] == "train" else list(argv)) == 0
+        return [record.getMessage() for record in caplog.records]
+
+    hands = flat_images(tmp_path / "hands", ("left", "right"))
+    light = flat_images(tmp_path / "light", ("bright", "upright", "T2"))
+    averaged = ("mirrors images left to right, but class 'left' names a side: each image's logits are averaged with "
+                "its mirror's, which shows the other side (use --augment-eval none)")
+    run = tmp_path / "run-hands"
+    assert warnings_of("train", str(hands), "--augment-eval", "flip", "--epochs", "1", "--out", str(run)) == [
+        f"--augment-eval flip {averaged}"]  # once, though every epoch's validation averages the mirrors
+    # evaluate and predict: the run's recorded views, or the ones the command asks for instead
+    assert warnings_of("evaluate", str(run), str(hands), "--engine", "torch") == [
+        f"the run's --augment-eval flip {averaged}"]
+    assert warnings_of("evaluate", str(run), str(hands), "--engine", "torch", "--augment-eval", "none") == []
+    assert warnings_of("predict", str(run), str(hands), "--engine", "torch", "--augment-eval", "flip-translate") == [
+        f"--augment-eval flip-translate {averaged}"]
+    plain = tmp_path / "run-light"
+    assert warnings_of("train", str(light), "--augment-eval", "flip-translate", "--epochs", "1",
+                       "--out", str(plain)) == []
+    assert warnings_of("evaluate", str(plain), str(light), "--engine", "torch") == []
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (28, 20), (1, 5)])

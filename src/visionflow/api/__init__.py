@@ -32,7 +32,7 @@ from visionflow.devices import callers_random_state_kept, seed_global, select_de
 from visionflow.errors import VisionflowError
 from visionflow.gan.generate import synthetic_images
 from visionflow.infer.predict import LabelledRows, predict_rows
-from visionflow.infer.predictor import Predictor
+from visionflow.infer.predictor import Predictor, warn_of_test_time_mirrors
 from visionflow.models import count_parameters, create_model, list_models, model_entry
 from visionflow.report.plots import check_picture_path, plot_confusion, plot_curves, plot_image_grid, save_image_grid
 from visionflow.runs import RunDir
@@ -237,6 +237,8 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     train_source, val_source, split, val_from = _validation_source(cfg, dataset, split)
     # before decoding, which takes a while, and after the checks above, whose errors stay one line
     AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
+    # recorded in the run: every epoch's validation uses it, and evaluate and predict after
+    warn_of_test_time_mirrors(cfg.augment_eval, train_source.classes)
     train = decode_part(train_source, channels, size, strict=cfg.strict)
     unreadable = [name for name, count in zip(train.classes, torch.bincount(train.labels, minlength=len(train.classes)).tolist())
                   if count == 0]
@@ -501,6 +503,7 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     source = evaluation_part(run, dataset)
     source.require_kind(predictor.input_kind, "the run's model")
     source = _aligned(source, predictor.classes)
+    warn_of_test_time_mirrors(predictor.augment_eval, predictor.classes, recorded=augment_eval is None)
     warning = training_images_warning(run, dataset)
     if warning is not None:
         log.warning(warning)
@@ -558,6 +561,7 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     if skip:
         skip = {os.path.abspath(path) for path in skip}
         source = source.subset([i for i in range(len(source)) if os.path.abspath(source.origin(i)) not in skip])
+    warn_of_test_time_mirrors(predictor.augment_eval, predictor.classes, recorded=augment_eval is None)
     rows = predict_rows(predictor, source, top_k=top_k, batch_size=batch_size, on_batch=on_batch, strict=strict)
     return LabelledRows(rows, predictor.engine, predictor.precision, str(predictor.device), total=len(source))
 

@@ -100,13 +100,11 @@ class AugmentSpec:
 
     def warn_of_mirrored_sides(self, classes: list[str]) -> None:
         """One warning per flip that swaps a side some class is named after: a clip moving right, flipped, moves
-        left and is still labelled "right". Sides are whole words of the name ("up-right", "LeftHand"), so
-        "bright" and "upright" name none."""
-        for operation, (mirrors, sides) in MIRRORED_SIDES.items():
-            named = [name for name in classes if sides & set(words_of(name))]
-            if getattr(self, operation) and named:
-                log.warning("--augment %s mirrors images %s, but class '%s' names a side: flipped images keep a label "
-                            "that no longer fits (drop %s, or use translate/crop)", operation, mirrors, named[0], operation)
+        left and is still labelled "right"."""
+        for operation in MIRRORED_SIDES:
+            if getattr(self, operation):
+                warn_of_mirrored_side(f"--augment {operation}", operation, classes, "flipped images keep a label that "
+                                      f"no longer fits (drop {operation}, or use translate/crop)")
 
     def __str__(self) -> str:
         parts = [f.name if isinstance(getattr(self, f.name), bool) else f"{f.name}={getattr(self, f.name):g}"
@@ -116,6 +114,16 @@ class AugmentSpec:
     @property
     def active(self) -> bool:
         return self != AugmentSpec()
+
+
+def warn_of_mirrored_side(option: str, operation: str, classes: list[str], consequence: str) -> None:
+    """A warning when `operation`, a flip of MIRRORED_SIDES that `option` asks for ("--augment flip"), swaps a side
+    some class is named after, saying the `consequence` and its remedy. Sides are whole words of the name ("up-right",
+    "LeftHand"), so "bright" and "upright" name none."""
+    mirrors, sides = MIRRORED_SIDES[operation]
+    named = next((name for name in classes if sides & set(words_of(name))), None)
+    if named is not None:
+        log.warning("%s mirrors images %s, but class '%s' names a side: %s", option, mirrors, named, consequence)
 
 
 def words_of(name: str) -> list[str]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from visionflow.config import EVAL_AUGMENTS, PRECISIONS
-from visionflow.data.transforms import Preprocess
+from visionflow.data.transforms import Preprocess, warn_of_mirrored_side
 from visionflow.devices import autocast, is_recurrent, memory_format, resolve_precision, select_device
 from visionflow.errors import VisionflowError
 from visionflow.models import create_model
@@ -43,6 +43,16 @@ def load_run_model(run: RunDir, weights: str = "best") -> tuple[nn.Module, dict]
               "input_kind": config.get("input_kind", "image"), "frames": int(train.get("frames", 16)),
               "augment_eval": config.get("augment_eval", "none")}
     return model.eval(), fields
+
+
+def warn_of_test_time_mirrors(augment_eval: str, classes: list[str], recorded: bool = False) -> None:
+    """Test-time augmentation averages each image's logits with its mirror's (every view but "none" is flipped left to
+    right too, Predictor._test_time_augmented): a warning, once before the work, when a class is named after a side
+    the mirror swaps, as for training's --augment flip. `recorded`: the run's own, the command asking for no other."""
+    if augment_eval != "none":
+        option = f"--augment-eval {augment_eval}"
+        warn_of_mirrored_side(f"the run's {option}" if recorded else option, "flip", classes, "each image's logits "
+                              "are averaged with its mirror's, which shows the other side (use --augment-eval none)")
 
 
 @dataclass
