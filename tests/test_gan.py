@@ -415,7 +415,8 @@ def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_fol
     run_path = _copy(one_epoch_run, tmp_path)
     result = gan_api.evaluate_gan(str(run_path), digit_folder, count=200, show_progress=False)
     assert result["n"] == 200 and result["n_real_held_out"] == 100
-    assert not [m for m in caplog.messages if m.startswith("the floor")]  # 100 held-out images in 64 dimensions
+    # 100 held-out images and 300 in the reference, in 64 dimensions
+    assert not [m for m in caplog.messages if m.startswith(("the floor", "every FID"))]
     assert 0.0 <= result["fid_real_floor"] < result["fid_untrained"]  # real images are closer than noise
     assert 0.0 <= result["label_accuracy"] <= 1.0 and set(result["label_accuracy_per_class"]) <= set(map(str, range(10)))
     # the classifier was trained once and is kept for the next evaluation
@@ -458,7 +459,7 @@ def test_too_few_samples_are_named_before_the_feature_classifier_trains(one_epoc
     with pytest.raises(KeyboardInterrupt):
         gan_api.evaluate_gan(str(_copy(one_epoch_run, tmp_path)), digit_folder, count=10, show_progress=False)
     assert [m for m in said_before_training if m.startswith("--n")] == [
-        "--n 10 is not above the 64 feature dimensions of the domain FID: the covariance of no more samples than "
+        "--n 10, not above the 64 feature dimensions of the domain FID: the covariance of no more vectors than "
         "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
 
 
@@ -477,11 +478,28 @@ def test_a_floor_on_fewer_held_out_images_than_feature_dimensions_is_warned_of(o
     run = _copy(one_epoch_run, tmp_path)
     assert main(["gan", "evaluate", str(run), str(data), "--n", "65", "--device", "cpu", "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_real_held_out"] == 11  # a fifth of each class, rounded class by class
-    assert [m for m in caplog.messages if m.startswith("the floor")] == [
+    assert [m for m in caplog.messages if m.startswith(("the floor", "every FID"))] == [
+        f"every FID is measured against 49 training images of {data} (four fifths of them), not above the 64 feature "
+        "dimensions of the domain FID: the covariance of no more vectors than dimensions is singular, so every FID here "
+        "is unreliable (give more images, 65 or more in the reference, or a --classifier with fewer feature dimensions: "
+        "seed-rnn has 32)",
         f"the floor (fid_real_floor) is measured on 11 held-out images (a fifth of {data}), not above the 64 feature "
-        "dimensions of the domain FID: the covariance of no more images than dimensions is singular, so the floor is "
+        "dimensions of the domain FID: the covariance of no more vectors than dimensions is singular, so the floor is "
         "unreliable (give more images, 65 or more held out, or a --classifier with fewer feature dimensions: seed-rnn "
         "has 32)"]
+
+
+def test_a_classifier_trained_on_other_data_is_refused_alone_before_too_few_samples_are_warned_of(one_epoch_run,
+                                                                                                 digit_folder, tmp_path,
+                                                                                                 caplog, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    (run / "classifier").mkdir()  # what a finished classifier on other data leaves; refused before it is loaded
+    (run / "classifier" / "config.json").write_text(json.dumps({"data_spec": str(tmp_path / "elsewhere")}))
+    (run / "classifier" / "best.safetensors").write_bytes(b"")
+    assert main(["gan", "evaluate", str(run), digit_folder, "--n", "10", "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"visionflow: error: {run / 'classifier'} was trained on other data; give --classifier for {digit_folder}"]
+    assert caplog.messages == []  # in the CLI, a warning would be a line on stderr before the error
 
 
 def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_epoch_run, tmp_path, caplog, capsys):
@@ -496,11 +514,11 @@ def test_gan_evaluate_names_a_broken_file_once_and_warns_of_too_few_samples(one_
     broken = f"skipped {data / '3' / 'broken.png'}: not a readable image (UnidentifiedImageError)"
     assert [m for m in caplog.messages if "broken.png" in m] == [broken]
     assert [m for m in caplog.messages if m.startswith("--n")] == [  # 64 samples in 64 dimensions: rank 63
-        "--n 64 is not above the 64 feature dimensions of the domain FID: the covariance of no more samples than "
+        "--n 64, not above the 64 feature dimensions of the domain FID: the covariance of no more vectors than "
         "dimensions is singular, so the FID is unreliable (give --n 65 or more)"]
     caplog.clear()
-    assert main([*argv, "--n", "65"]) == 0  # enough samples: the broken file is the only warning but the floor's
-    assert [m for m in caplog.messages if not m.startswith("the floor")] == [broken]
+    assert main([*argv, "--n", "65"]) == 0  # enough samples: the broken file is the only warning but the too few real
+    assert [m for m in caplog.messages if not m.startswith(("the floor", "every FID"))] == [broken]  # images' ones
     capsys.readouterr()
     assert main([*argv, "--n", "65", "--strict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

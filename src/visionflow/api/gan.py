@@ -130,13 +130,17 @@ def sample(run_dir: str, count: int, out: str, label: str | None = None, seed: i
 
 # --- domain FID ------------------------------------------------------------------------------------------
 
-def _warn_of_too_few_samples(count: int, dimensions: int) -> None:
-    # The unbiased covariance of N feature vectors (fid.gaussian_statistics) has rank N - 1 at most: in D
-    # dimensions it is singular unless N > D, at N = D too.
+def _warn_if_singular(measured: str, count: int, dimensions: int, unreliable: str, remedy: str) -> None:
+    """A warning when `count` feature vectors, `measured` in words, are too few for the domain FID: the unbiased
+    covariance of N vectors (fid.gaussian_statistics) has rank N - 1 at most, so in D dimensions it is singular unless
+    N > D, at N = D too."""
     if count <= dimensions:
-        log.warning("--n %d is not above the %d feature dimensions of the domain FID: the covariance of no more "
-                    "samples than dimensions is singular, so the FID is unreliable (give --n %d or more)", count,
-                    dimensions, dimensions + 1)
+        log.warning("%s, not above the %d feature dimensions of the domain FID: the covariance of no more vectors than "
+                    "dimensions is singular, so %s unreliable (%s)", measured, dimensions, unreliable, remedy)
+
+
+def _warn_of_too_few_samples(count: int, dimensions: int) -> None:
+    _warn_if_singular(f"--n {count}", count, dimensions, "the FID is", f"give --n {dimensions + 1} or more")
 
 
 def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifier: str | None, count: int,
@@ -156,10 +160,10 @@ def _feature_classifier(run: RunDir, gan: GanRun, data: str, spec: str, classifi
         with callers_random_state_kept(torch.device("cpu")):
             probe = create_model(cfg.model, num_classes=2, in_channels=gan.channels, image_size=gan.image_size,
                                  **cfg.model_options)
-        _warn_of_too_few_samples(count, probe.num_features)
         started = own.exists("config.json") and any(own.path.glob("*.safetensors"))  # it finished an epoch at least
         if started and own.read_json("config.json").get("data_spec") != spec:
             raise VisionflowError(f"{own.path} was trained on other data; give --classifier for {data}")
+        _warn_of_too_few_samples(count, probe.num_features)
         if not started:  # a folder left before its first epoch gives way, as to any new run
             log.warning("training the domain-FID classifier (seed-cnn on %s) once into %s", data, own.path)
             report = train_classifier(cfg, show_progress=show_progress)
@@ -203,12 +207,13 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
         reference = DecodedPart(train.images[keep], train.labels[keep], [], train.classes)
         held_out = DecodedPart(train.images[hold], train.labels[hold], [], train.classes)
     dimensions = predictor.model.num_features
-    if len(held_out) <= dimensions:  # singular, as with too few samples (see _warn_of_too_few_samples)
-        log.warning("the floor (fid_real_floor) is measured on %d held-out images (%s %s), not above the %d "
-                    "feature dimensions of the domain FID: the covariance of no more images than dimensions is "
-                    "singular, so the floor is unreliable (give more images, %d or more held out, or a --classifier "
-                    "with fewer feature dimensions: seed-rnn has 32)", len(held_out),
-                    "the test part of" if dataset.test is not None else "a fifth of", data, dimensions, dimensions + 1)
+    fewer_features = "or a --classifier with fewer feature dimensions: seed-rnn has 32"
+    _warn_if_singular(f"every FID is measured against {len(reference)} training images of {data}"
+                      + ("" if dataset.test is not None else " (four fifths of them)"), len(reference), dimensions,
+                      "every FID here is", f"give more images, {dimensions + 1} or more in the reference, {fewer_features}")
+    _warn_if_singular(f"the floor (fid_real_floor) is measured on {len(held_out)} held-out images "
+                      f"({'the test part of' if dataset.test is not None else 'a fifth of'} {data})", len(held_out),
+                      dimensions, "the floor is", f"give more images, {dimensions + 1} or more held out, {fewer_features}")
     reference_features, _ = classifier_features(predictor, reference.images)
     held_out_features, _ = classifier_features(predictor, held_out.images)
 
