@@ -171,6 +171,7 @@ def test_resume_with_max_images_trains_on_the_images_the_run_drew_whatever_files
                  "--batch-size", "8", "--max-images", "24", "--quiet"]) == 0
     split = json.loads((out / "split.json").read_text())
     assert len(split["trained_on"]) == 21 and not set(split["trained_on"]) & set(split["held_out"])
+    assert "training_items_per_class" not in split  # those of the whole data would say the sample's wrongly
     changed, moved = shutil.copytree(out, tmp_path / "changed"), shutil.copytree(data, tmp_path / "moved")
     drawn = [str(moved / os.path.relpath(path, data)) for path in split["trained_on"]]
     held_out = [str(moved / os.path.relpath(path, data)) for path in split["held_out"]]
@@ -191,12 +192,17 @@ def test_resume_with_max_images_trains_on_the_images_the_run_drew_whatever_files
 @pytest.mark.parametrize("split,change", [
     ({"held_out": ["square/000.png", "square/001.png", "square/gone.png"], "items": 6},
      "1 more file to train on than when the run started"),
+    # counted class by class where split.json has the counts: the 4 training files now are 0 / 2 / 2
+    *[({"held_out": ["square/000.png", "square/001.png", "square/gone.png"], "items": 6,
+        "training_items_per_class": {"square": 0, "stripes_h": h, "stripes_v": v}}, f"{change} to train on than when "
+       "the run started") for h, v, change in [(1, 3, "1 more file and 1 fewer"), (3, 2, "1 fewer file"),
+                                               (1, 4, "1 more file and 2 fewer"), (0, 5, "2 more files and 3 fewer")]],
     ({"held_out": ["square/000.png", "square/001.png", "square/gone.png"], "items": 7,
       "trained_on": ["stripes_h/000.png", "stripes_h/001.png", "stripes_h/gone.png"]},
      "1 more file than when the run started, not trained on (the run trains on the 3 images --max-images drew), and 1 "
      "of the 3 images it trains on is gone (training on the other 2)"),
 ])
-def test_what_changed_since_the_run_started_is_said_in_the_singular_for_one(tmp_path, split, change):
+def test_what_changed_since_the_run_started_is_counted_and_said_in_the_singular_for_one(tmp_path, split, change):
     data = write_class_folder(tmp_path / "data", per_class=2, size=12)
     split = {name: [str(data / path) for path in value] if isinstance(value, list) else value
              for name, value in split.items()}

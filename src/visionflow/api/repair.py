@@ -75,6 +75,7 @@ def _training_sources(cfg: RepairConfig, dataset: DataSet,
         split = split_record(source, held)
         if drawn is not source:  # the sample a resume trains on, whatever files are added or removed since
             split["trained_on"] = [train.origin(i) for i in range(len(train))]
+            del split["training_items_per_class"]  # the whole data's, not the sample's: recorded_split counts that
     return train, held.subset(np.arange(min(len(held), VALIDATION_LIMIT))), split
 
 
