@@ -299,7 +299,8 @@ def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
                              torch.Generator().manual_seed(epoch), lambda *progress: None,
                              precision=precision)["images_per_second"]
              for epoch in range(2)]
-    return {"images": len(part), "decode_images_per_second": len(part) / decode_seconds,
+    return {"images": len(part), "decode_workers": default_workers(),  # as `visionflow train` decodes
+            "decode_images_per_second": len(part) / decode_seconds,
             "first_decode_images_per_second": len(part) / passes[0],
             "augment_images_per_second": len(part) / augment_seconds,
             "first_epoch_pipeline_images_per_second": len(part) / (decode_seconds + augment_seconds),
@@ -457,7 +458,8 @@ def main() -> int:
                          f"{times[keras_side] / times['visionflow']:.2f}x")
     if pipeline:
         lines.append(f"data pipeline, CIFAR-10 JPEGs ({pipeline['images']:,} images): decode {pipeline['decode_images_per_second']:,.0f} img/s "
-                     f"(first pass {pipeline['first_decode_images_per_second']:,.0f}), "
+                     f"({pipeline['decode_workers']} workers; "
+                     f"first pass {pipeline['first_decode_images_per_second']:,.0f}), "
                      f"augment {pipeline['augment_images_per_second']:,.0f} img/s, decode+augment "
                      f"{pipeline['first_epoch_pipeline_images_per_second']:,.0f} img/s  vs seed-cnn training "
                      f"{pipeline['seed_cnn_train_images_per_second']:,.0f} img/s "
