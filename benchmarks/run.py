@@ -259,7 +259,7 @@ def forward_flops(model_name: str, channels: int, size: int) -> int:
 def data_pipeline(cifar: Path, images: int, batch_size: int = 32) -> dict:
     """Decode CIFAR-10 JPEGs into the training cache, then augment it into batches; seed-cnn trains on them."""
     from visionflow.config import TrainConfig
-    from visionflow.data.loading import decode_part
+    from visionflow.data.loading import decode_part, default_workers
     from visionflow.devices import memory_format, resolve_precision
     from visionflow.data.sources import open_data
     from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
