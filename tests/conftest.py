@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pty
 import subprocess
@@ -13,9 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visionflow.cli import warnings_to_stderr
+
 # The real data sets beside the checkout (../shared/datasets); absent on users' machines, so tests that read
 # them skip.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def cli_warnings_on_stderr():
+    """The CLI's warnings on stderr, as a user sees them. main() installs its handler with logging.basicConfig, which
+    does nothing once the root logger has handlers, and pytest's log capture has put its own there: without this, a
+    test of main() that reads stderr would not see a warning said before a one-line error."""
+    handler = warnings_to_stderr()
+    logging.getLogger().addHandler(handler)
+    yield
+    logging.getLogger().removeHandler(handler)
 
 
 def pattern_image(kind: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:

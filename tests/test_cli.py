@@ -218,7 +218,7 @@ def test_predict_rows_keep_the_input_order_around_a_broken_file(trained, tmp_pat
         assert_user_error(run_cli("predict", run, folder / "a.png", "--output", "/dev/full"), "no space left to write")
 
 
-def test_predict_with_no_input_labelled_writes_the_error_rows_and_exits_2(trained, tmp_path: Path, capsys, caplog):
+def test_predict_with_no_input_labelled_writes_the_error_rows_and_exits_2(trained, tmp_path: Path, capsys):
     run, _ = trained
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -226,15 +226,17 @@ def test_predict_with_no_input_labelled_writes_the_error_rows_and_exits_2(traine
     (folder / "e.jpg").write_bytes(b"")
     rows = tmp_path / "rows.csv"
     assert main(["predict", str(run), str(folder), "--output", str(rows)]) == 2
-    assert capsys.readouterr().err.splitlines() == [
+    assert capsys.readouterr().err.splitlines() == [  # each named as it was skipped, as among images that label
+        f"warning: skipped {folder / 'b.png'}: not a readable image (UnidentifiedImageError)",
+        f"warning: skipped {folder / 'e.jpg'}: empty file",
         f"visionflow: error: none of the 2 inputs could be labelled: see the error rows in {rows}"]
     table = list(csv.DictReader(io.StringIO(rows.read_text())))
     assert [(Path(r["path"]).name, r["label"], bool(r["error"])) for r in table] == [("b.png", "", True),
                                                                                       ("e.jpg", "", True)]
-    assert len(caplog.messages) == 2  # each named as it was skipped, as among images that label
     assert main(["predict", str(run), str(folder / "b.png"), "--format", "csv"]) == 2  # the row on stdout
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == ["visionflow: error: the input could not be labelled: see the error row"]
+    assert captured.err.splitlines() == [f"warning: skipped {folder / 'b.png'}: not a readable image (UnidentifiedImageError)",
+                                         "visionflow: error: the input could not be labelled: see the error row"]
     assert [r["error"] for r in csv.DictReader(io.StringIO(captured.out))] == ["not a readable image (UnidentifiedImageError)"]
 
 
@@ -250,6 +252,7 @@ def test_predict_resume_whose_every_new_input_failed_exits_2_though_the_rows_bef
     capsys.readouterr()
     assert main(["predict", str(run), str(folder), "--output", str(rows), "--resume"]) == 2
     assert capsys.readouterr().err.splitlines() == [
+        f"warning: skipped {folder / 'b.png'}: not a readable image (UnidentifiedImageError)",
         f"visionflow: error: the input could not be labelled: see the error row in {rows}"]
     table = list(csv.DictReader(io.StringIO(rows.read_text())))
     assert [(Path(r["path"]).name, r["label"], bool(r["error"])) for r in table] == [("a.png", "square", False),
@@ -432,7 +435,9 @@ def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_ima
     # named on its own, a non-image is a row with its error, as an unreadable image is (no input labelled: exit 2)
     assert main(["predict", str(run), str(folder / "notes.txt"), "--format", "csv"]) == 2
     captured = capsys.readouterr()
-    assert captured.err == "visionflow: error: the input could not be labelled: see the error row\n"
+    assert captured.err.splitlines() == [
+        f"warning: skipped {folder / 'notes.txt'}: not a readable image (UnidentifiedImageError)",
+        "visionflow: error: the input could not be labelled: see the error row"]
     table = list(csv.DictReader(io.StringIO(captured.out)))
     assert len(table) == 1 and table[0]["path"].endswith("notes.txt") and "not a readable image" in table[0]["error"]
     # nothing at all to label: still an error, naming the globs
@@ -512,8 +517,11 @@ def test_data_that_cannot_train_is_named(tmp_path: Path, capsys):
     data = write_class_folder(tmp_path / "data", per_class=6)
     for image in (data / "stripes_v").iterdir():
         image.write_bytes(b"")  # every file of one class unreadable
-    assert "no readable training images in class(es) stripes_v" in user_error(
-        capsys, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
+    *skipped, error = capsys.readouterr().err.strip().splitlines()  # each file named as it is skipped, then why
+    named = {f"warning: skipped {image}: empty file" for image in (data / "stripes_v").iterdir()}
+    assert set(skipped) <= named and len(set(skipped)) == len(skipped) >= 5  # its training files: all but one held out
+    assert error == f"visionflow: error: {data}: no readable training images in class(es) stripes_v"
     tiny = write_class_folder(tmp_path / "tiny", per_class=1)
     assert "too few images to validate on (3 in all, 10% held out); add images" in user_error(
         capsys, ["train", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1"])
@@ -557,6 +565,11 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     out = tmp_path / "run"
     assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
     moved = data.rename(tmp_path / "moved")
+    # the data still at the old place: the error alone, not after the warning naming the flags ignored
+    capsys.readouterr()
+    assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: {data}: no such file or folder (and not a built-in data set: digits)"]
     assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18",
                  "--patience", "0", "--quiet"]) == 0
     assert "ignored: --model, --patience" in caplog.text  # a flag given as 0 is named too

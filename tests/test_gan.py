@@ -26,6 +26,8 @@ from visionflow.gan.fid import feature_distance, frechet_distance
 from visionflow.gan.train import GanConfig, GanDiverged
 from visionflow.runs import RunDir
 
+from conftest import write_class_folder
+
 SIZE = 16
 
 
@@ -185,14 +187,19 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(one_epo
     assert RunDir(run_path).load_checkpoint()["epoch"] == 2
 
 
-def test_mode_seeking_on_an_unconditional_gan_is_named_as_ignored(tmp_path, caplog):
-    # --epochs 0 stops it right after the flags are read: the warning comes before any training.
-    assert main(["gan", "train", "digits", "--out", str(tmp_path / "run"), "--mode-seeking", "2", "--epochs", "0"]) == 2
-    assert "applies to --conditional GANs only; ignored" in caplog.text
+def test_mode_seeking_on_an_unconditional_gan_is_named_as_ignored_once_the_data_is_checked(tmp_path, caplog, capsys):
+    data = write_class_folder(tmp_path / "data", per_class=4)
+    train = ["gan", "train", str(data), "--mode-seeking", "2", "--batch-size", "4", "--quiet"]
+    # refused before the data is checked: the error alone, on one line
+    assert main([*train, "--out", str(tmp_path / "refused"), "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["visionflow: error: --epochs must be at least 1 (got 0)"]
+    assert caplog.messages == []
+    assert main([*train, "--out", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    assert caplog.messages == ["--mode-seeking keeps the samples of one class apart: it applies to --conditional GANs "
+                               "only; ignored"]
     caplog.clear()
-    assert main(["gan", "train", "digits", "--out", str(tmp_path / "run"), "--mode-seeking", "2", "--conditional",
-                 "--epochs", "0"]) == 2
-    assert "ignored" not in caplog.text
+    assert main([*train, "--out", str(tmp_path / "conditional"), "--epochs", "1", "--conditional"]) == 0
+    assert caplog.messages == []
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, monkeypatch):

@@ -231,11 +231,14 @@ def open_training_data(cfg: TrainConfig) -> DataSet:
 
 
 def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: DataSet | None = None,
-                       split: dict | None = None) -> TrainingData:
-    """`split`: a resumed run's split.json (_validation_source)."""
+                       split: dict | None = None, flag_warnings: Sequence[str] = ()) -> TrainingData:
+    """`split`: a resumed run's split.json (_validation_source). `flag_warnings`: the caller's, said with the others
+    once the data is checked (train)."""
     dataset = dataset or open_training_data(cfg)
     train_source, val_source, split, val_from = _validation_source(cfg, dataset, split)
     # before decoding, which takes a while, and after the checks above, whose errors stay one line
+    for warning in flag_warnings:
+        log.warning("%s", warning)
     AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
     # recorded in the run: every epoch's validation uses it, and evaluate and predict after
     warn_of_test_time_mirrors(cfg.augment_eval, train_source.classes)
@@ -268,8 +271,10 @@ def _data_shape(cfg: TrainConfig) -> tuple[DataSet, int, int]:
     return dataset, *dataset.train.decoding_shape(cfg.channels, cfg.image_size)
 
 
-def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
-    """Train a new run in cfg.out; returns report.json's content."""
+def train(cfg: TrainConfig, show_progress: bool = True, flag_warnings: Sequence[str] = ()) -> dict:
+    """Train a new run in cfg.out; returns report.json's content. `flag_warnings`: a command line's warnings about
+    its flags (those it ignores), said once the data is checked and before it decodes, so that a user error found
+    first stays one line."""
     cfg.validate()
     AugmentSpec.parse(cfg.augment).refuse_unusual_strengths()
     device = select_device(cfg.device)  # an unavailable device fails before any work
@@ -278,7 +283,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
     # bad options fail before decoding; building the probe draws from torch's global generator, the caller's
     with callers_random_state_kept(torch.device("cpu")):
         probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)
-    data = load_training_data(cfg, channels, size, dataset)
+    data = load_training_data(cfg, channels, size, dataset, flag_warnings=flag_warnings)
     mean, std = channel_stats(data.train.images)
     if not getattr(probe, "standardize_inputs", True):  # the model wants pixels in [0, 1] (x / 255), e.g. seed-rnn
         mean, std = [0.0] * channels, [1.0] * channels
@@ -308,10 +313,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict:
 
 
 def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
-           val: str | None = None, device: str | None = None) -> dict:
+           val: str | None = None, device: str | None = None, flag_warnings: Sequence[str] = ()) -> dict:
     """Continue an interrupted run from checkpoint.pt, or extend a finished one to `epochs`. `data` (and `val`,
     for a run validated on --val): where the run's data is now (moved, or given from another folder than the run's
-    relative path); its classes must be the run's."""
+    relative path); its classes must be the run's. `flag_warnings`: as train's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("classifier")
     cfg = TrainConfig.for_resume(config["train"], epochs, data, device)
@@ -334,7 +339,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     if dataset.train.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {dataset.train.classes} differ from the run's {config['classes']}")
     split = require_same_data(run, dataset)
-    data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split)
+    data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split, flag_warnings)
     with callers_random_state_kept(device):  # the model's init (then the checkpoint's weights) and the epochs draw
         model = create_model(cfg.model, num_classes=len(config["classes"]), in_channels=preprocess.channels,
                              image_size=preprocess.image_size, **cfg.model_options)

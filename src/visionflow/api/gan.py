@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -35,11 +36,14 @@ log = logging.getLogger("visionflow")
 # --- training --------------------------------------------------------------------------------------------
 
 def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | None = None,
-                            size: int | None = None) -> DecodedPart:
+                            size: int | None = None, flag_warnings: Sequence[str] = ()) -> DecodedPart:
+    """`flag_warnings`: the caller's (train_gan), said once the data is checked, before it decodes."""
     source = dataset.train
     source.require_kind("image", "the GAN")
     channels, size = source.decoding_shape(channels or cfg.channels, size or cfg.image_size)
     upsampling_plan(size)
+    for warning in flag_warnings:
+        log.warning("%s", warning)
     part = decode_part(source, channels, size, strict=cfg.strict)
     if len(part) < 2:  # a step takes two images at least: one would train nothing and report it as done
         raise VisionflowError(f"{cfg.data}: the GAN needs at least 2 readable images (found {len(part)})")
@@ -48,13 +52,14 @@ def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | No
     return part
 
 
-def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
-    """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}."""
+def train_gan(cfg: GanConfig, show_progress: bool = True, flag_warnings: Sequence[str] = ()) -> dict:
+    """Train a new GAN run in cfg.out; returns {"epochs", "rows", "skipped_files"}. `flag_warnings`: a command line's
+    warnings about its flags, said once the data is checked, so that a user error found first stays one line."""
     cfg.validate()
     device = select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset = open_data(cfg.data)
-    part = _decode_training_images(cfg, dataset)
+    part = _decode_training_images(cfg, dataset, flag_warnings=flag_warnings)
     channels, size = part.images.shape[1], part.images.shape[-1]
     with callers_random_state_kept(device):  # seeded from here on; the caller's stream given back after
         pair = build_pair(cfg, channels, size, len(part.classes))
@@ -66,10 +71,10 @@ def train_gan(cfg: GanConfig, show_progress: bool = True) -> dict:
 
 
 def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
-               device: str | None = None) -> dict:
+               device: str | None = None, flag_warnings: Sequence[str] = ()) -> dict:
     """Continue an interrupted GAN run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where the
     run's data is now (moved, or given from another folder than the run's relative path); its classes must be the
-    run's."""
+    run's. `flag_warnings`: as train_gan's."""
     run = RunDir(run_dir)
     config = run.config_to_resume("gan")
     cfg = GanConfig.for_resume(config["gan"], epochs, data, device)
@@ -79,7 +84,7 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     dataset = open_data(cfg.data)
     require_same_data(run, dataset)
-    part = _decode_training_images(cfg, dataset, config["channels"], config["image_size"])
+    part = _decode_training_images(cfg, dataset, config["channels"], config["image_size"], flag_warnings)
     if part.classes != config["classes"]:
         raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")
     with callers_random_state_kept(device):  # seeded from here on; the caller's stream given back after

@@ -109,9 +109,11 @@ def train(cfg: RepairConfig, show_progress: bool = True) -> dict:
 
 
 def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, data: str | None = None,
-           device: str | None = None) -> dict:
+           device: str | None = None, flag_warnings: Sequence[str] = ()) -> dict:
     """Continue an interrupted repair run from checkpoint.pt, or extend a finished one to `epochs`. `data`: where
-    the run's data is now (moved, or given from another folder than the run's relative path)."""
+    the run's data is now (moved, or given from another folder than the run's relative path). `flag_warnings`: a
+    command line's warnings about the flags it ignores, said once the run and the data are checked, before decoding,
+    so that a user error found first stays one line."""
     run = RunDir(run_dir)
     config = run.config_to_resume("repair")
     cfg = RepairConfig.for_resume(config["train"], epochs, data, device)
@@ -121,6 +123,8 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)
     train_source, val_source, split = _training_sources(cfg, dataset, require_same_data(run, dataset))
+    for warning in flag_warnings:
+        log.warning("%s", warning)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
     with callers_random_state_kept(device):  # the networks' init (then the checkpoint's weights) and the epochs draw

@@ -157,8 +157,15 @@ class CurrentStderrHandler(logging.StreamHandler):
         return sys.stderr
 
 
+def warnings_to_stderr() -> logging.Handler:
+    """The handler through which the CLI says its warnings: 'warning: ...' on stderr."""
+    handler = CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", handlers=[CurrentStderrHandler()])
+    logging.basicConfig(level=logging.WARNING, handlers=[warnings_to_stderr()])
     try:
         from PIL import Image
         import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from visionflow.cli import none_succeeded
 from visionflow.cli.options import (add_engine_options, add_precision_option, add_run_options, add_shape_options,
-                                    given_flags, warn_ignored, warn_ignored_on_resume)
+                                    given_flags, ignored_flags, ignored_on_resume)
 from visionflow.config import EVAL_AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
 from visionflow.data.transforms import DEFAULT_STRENGTHS
 from visionflow.errors import Interrupted, VisionflowError
@@ -100,18 +100,18 @@ def run_train(args) -> int:
     from visionflow import api
 
     if args.resume:
-        warn_ignored_on_resume(args, [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
-                                      if name != "val"])
+        ignored = ignored_on_resume(args, [name for name in (*TRAIN_FLAGS, "preset", "model_options", "temporal_pool")
+                                           if name != "val"])
         report = api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data, val=args.val,
-                            device=args.device)
+                            device=args.device, flag_warnings=ignored)
     else:
         model_options = _model_options(args.model_options)
         if args.temporal_pool is not None:  # an alias for --model-options temporal_pool=...
             model_options["temporal_pool"] = args.temporal_pool
         cfg = train_config(args.data, args.out, args.preset, model_options=model_options, **given_flags(args, TRAIN_FLAGS))
-        if model_entry(cfg.model).input_kind != "clip":
-            warn_ignored(args, ["frames"], f"model '{cfg.model}' takes images, not clips")
-        report = api.train(cfg, show_progress=not args.quiet)
+        ignored = [] if model_entry(cfg.model).input_kind == "clip" else ignored_flags(
+            args, ["frames"], f"model '{cfg.model}' takes images, not clips")
+        report = api.train(cfg, show_progress=not args.quiet, flag_warnings=ignored)
     validation = report["validation"]
     noun, rate = _units(report["input_kind"])
     print(f"{args.out}: validation accuracy {validation['accuracy']:.4f}  top-{validation['top_k']} "

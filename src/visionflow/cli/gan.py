@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from visionflow.cli.options import (add_device_option, add_run_options, add_shape_options, given_flags,
-                                    warn_ignored_on_resume)
+                                    ignored_on_resume)
 from visionflow.gan.losses import GAN_LOSSES
 from visionflow.gan.train import GanConfig
-
-log = logging.getLogger("visionflow")
 
 # The `gan train` flags that set GanConfig fields (--no-minibatch-std sets minibatch_std). They parse as None unless
 # given, so GanConfig's defaults apply and --resume can name the ones it ignores.
@@ -23,15 +20,17 @@ def run_gan_train(args) -> int:
     from visionflow.api import gan as api
     given = given_flags(args, GAN_FLAGS)
     if args.resume:
-        warn_ignored_on_resume(args, GAN_FLAGS)
         summary = api.resume_gan(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data,
-                                 device=args.device)
+                                 device=args.device, flag_warnings=ignored_on_resume(args, GAN_FLAGS))
     else:
         if "no_minibatch_std" in given:
             given["minibatch_std"] = not given.pop("no_minibatch_std")
+        ignored = []
         if given.get("mode_seeking") and not given.get("conditional"):  # 0 (off) is what it is anyway
-            log.warning("--mode-seeking keeps the samples of one class apart: it applies to --conditional GANs only; ignored")
-        summary = api.train_gan(GanConfig(data=args.data, out=args.out, **given), show_progress=not args.quiet)
+            ignored.append("--mode-seeking keeps the samples of one class apart: it applies to --conditional GANs "
+                           "only; ignored")
+        summary = api.train_gan(GanConfig(data=args.data, out=args.out, **given), show_progress=not args.quiet,
+                                flag_warnings=ignored)
     last = summary["rows"][-1] if summary["rows"] else {}
     print(f"{args.out}: {summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'}  D loss {last.get('d_loss', float('nan')):.4f}  "
           f"G loss {last.get('g_loss', float('nan')):.4f}  diversity {last.get('diversity', float('nan')):.3f}  "

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 from visionflow.config import EVAL_AUGMENTS, PRECISIONS
 from visionflow.infer.predictor import ENGINES
-
-log = logging.getLogger("visionflow")
 
 
 def add_run_options(parser) -> None:
@@ -42,18 +38,21 @@ def given_flags(args, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def warn_ignored(args, names, reason: str) -> None:
-    """Name the flags among `names` the command line gave that will not be used, and why (one warning line)."""
+def ignored_flags(args, names, reason: str) -> list[str]:
+    """The warning naming the flags among `names` the command line gave that will not be used, and why; none when it
+    gave none. The API says it once the run and the data are checked (`flag_warnings`): said here, before them, it
+    would come before a user error's one line."""
     ignored = list(given_flags(args, names))
-    if ignored:
-        log.warning("%s; ignored: %s", reason, ", ".join("--" + name.replace("_", "-") for name in ignored))
+    if not ignored:
+        return []
+    return [f"{reason}; ignored: {', '.join('--' + name.replace('_', '-') for name in ignored)}"]
 
 
-def warn_ignored_on_resume(args, names) -> None:
-    """--resume continues with the run's recorded settings but --epochs and --device (where it runs now): name the
-    flags given that it will not use."""
-    warn_ignored(args, [name for name in names if name not in ("epochs", "device")],
-                 "--resume continues with the run's own settings")
+def ignored_on_resume(args, names) -> list[str]:
+    """--resume continues with the run's recorded settings but --epochs and --device (where it runs now): the warning
+    naming the flags given that it will not use."""
+    return ignored_flags(args, [name for name in names if name not in ("epochs", "device")],
+                         "--resume continues with the run's own settings")
 
 
 def add_shape_options(parser, size_help: str = "side in pixels") -> None:

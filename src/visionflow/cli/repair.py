@@ -6,7 +6,7 @@ import json
 
 from visionflow.cli import none_succeeded
 from visionflow.cli.options import (add_device_option, add_run_options, add_shape_options, given_flags,
-                                    warn_ignored_on_resume)
+                                    ignored_on_resume)
 from visionflow.gan.losses import GAN_LOSSES
 from visionflow.gan.repair import RepairConfig
 
@@ -77,9 +77,8 @@ def run_repair(args) -> int:
     from visionflow.api import repair as repair_api
     if args.repair_command == "train":
         if args.resume:
-            warn_ignored_on_resume(args, REPAIR_FLAGS)
             report = repair_api.resume(args.out, epochs=args.epochs, show_progress=not args.quiet, data=args.data,
-                                       device=args.device)
+                                       device=args.device, flag_warnings=ignored_on_resume(args, REPAIR_FLAGS))
         else:
             cfg = RepairConfig(data=args.data, out=args.out, **given_flags(args, REPAIR_FLAGS))
             report = repair_api.train(cfg, show_progress=not args.quiet)
