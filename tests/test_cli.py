@@ -848,6 +848,11 @@ def test_val_chooses_the_epoch_and_test_is_what_evaluate_scores(tmp_path: Path, 
     caplog.clear()
     assert main(["evaluate", str(tmp_path / "run2"), str(tmp_path / "d" / "train"), "--json"]) == 0
     assert "the run trained on these images" in caplog.text
+    # the part is named as the data names it
+    (tmp_path / "d" / "val").rename(tmp_path / "d" / "validation")
+    assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "run3"), "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run3" / "report.json").read_text())["validation_data"] == (
+        "the data's validation/ part")
 
 
 def test_damaged_run_files_are_one_line_exit_2_and_nothing_is_unpickled(tmp_path: Path, trained):

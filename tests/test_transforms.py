@@ -58,6 +58,22 @@ def test_strengths_out_of_range_are_refused_naming_the_operation_and_the_range(t
     assert not (tmp_path / "grid.png").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_translate_of_the_whole_side_is_refused_once_the_side_is_known(tmp_path, capsys):
+    from visionflow.cli import main
+
+    message = ("visionflow: error: --augment: translate=28 must be less than the 28-pixel side of the images (at most "
+               "27; shift=F moves by a fraction of it)\n")
+    for verb in (["preview", "digits", "--augment", "translate=28", "--out", str(tmp_path / "grid.png")],
+                 ["train", "digits", "--augment", "translate=28", "--out", str(tmp_path / "run")]):
+        assert main(verb) == 2
+        assert capsys.readouterr().err == message
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "run").exists()
+    # measured on the size the images are decoded to: at 32 pixels, 28 is in range
+    assert main(["preview", "digits", "--augment", "translate=28", "--image-size", "32",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert main(["preview", "digits", "--augment", "translate=27", "--out", str(tmp_path / "grid.png")]) == 0
+
+
 def test_a_run_recorded_with_strengths_now_refused_still_resumes(tmp_path):
     import json
 

@@ -66,13 +66,14 @@ def _validation_source(cfg: TrainConfig, dataset: DataSet,
         val_set = open_data(cfg.val, frames=cfg.frames, kind=model_entry(cfg.model).input_kind)
         val = val_set.val or val_set.test or val_set.train  # its validation part when it has one
         return dataset.train, _aligned(val, dataset.train.classes), None, f"--val {cfg.val}"
-    if dataset.val is not None:  # train/ + val/ + test/: test/ is kept for `evaluate`
-        return dataset.train, dataset.val, None, "the data's val/ part"
+    if dataset.val is not None:  # train/ + val/ (or validation/) + test/: test/ is kept for `evaluate`
+        return dataset.train, dataset.val, None, f"the data's {Path(dataset.val.name).name}/ part"
     if dataset.test is not None:
         # As Keras's validation_data=(x_test, y_test): the best epoch is then chosen on the test part, which
         # report.json says; --val or a data set without a test part keep the two apart.
-        folder = Path(dataset.test.name).name.lower()
-        return dataset.train, dataset.test, None, f"the data's {'val/' if folder in ('val', 'validation') else 'test'} part"
+        folder = Path(dataset.test.name).name
+        return dataset.train, dataset.test, None, (f"the data's {folder}/ part" if folder.lower() in ("val", "validation")
+                                                   else "the data's test part")
     held_out_from = f"{cfg.val_split:.0%} of the training part, held out (split.json)"
     if split is not None:
         train, val, changes = recorded_split(cfg.data, dataset.train, split)
@@ -280,6 +281,7 @@ def train(cfg: TrainConfig, show_progress: bool = True, flag_warnings: Sequence[
     device = select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset, channels, size = _data_shape(cfg)
+    AugmentSpec.parse(cfg.augment).refuse_translate_beyond(size)
     # bad options fail before decoding; building the probe draws from torch's global generator, the caller's
     with callers_random_state_kept(torch.device("cpu")):
         probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)
@@ -606,7 +608,9 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
         log.warning("%s holds images, not clips; ignored: --frames", data)
     rng = np.random.default_rng(seed)
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
-    part = decode_part(picked, *source.decoding_shape(channels, image_size))
+    channels, size = source.decoding_shape(channels, image_size)
+    spec.refuse_translate_beyond(size)
+    part = decode_part(picked, channels, size)
     generator = torch.Generator().manual_seed(seed)
     images = part.images
     if images.ndim == 5:  # clips: the frames a model sees, one clip per row

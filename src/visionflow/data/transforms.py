@@ -98,6 +98,14 @@ class AugmentSpec:
                                   "moves pixels by up to about 5% of the side)")
         return self
 
+    def refuse_translate_beyond(self, size: int) -> "AugmentSpec":
+        """Refuse, once the side is known, a translate that is not less than it: reflect padding takes at most the side
+        less one, and a shift of the whole side leaves nothing of the image (a slip for shift=F, a fraction)."""
+        if self.translate >= size:
+            raise VisionflowError(f"--augment: translate={self.translate:g} must be less than the {size}-pixel side of "
+                                  f"the images (at most {size - 1}; shift=F moves by a fraction of it)")
+        return self
+
     def warn_of_mirrored_sides(self, classes: list[str]) -> None:
         """One warning per flip that swaps a side some class is named after: a clip moving right, flipped, moves
         left and is still labelled "right"."""
