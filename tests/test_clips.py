@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -17,6 +19,7 @@ from PIL import Image
 
 from conftest import run_cli, write_class_folder
 from visionflow import api
+from visionflow.cli import main
 from visionflow.config import TrainConfig
 from visionflow.data.clips import ClipFiles, clip_indices, decoded_frames, expand_clip_inputs, sample_frames
 from visionflow.data.loading import decode_part
@@ -302,6 +305,28 @@ def test_a_clip_folder_with_no_frames_is_skipped_and_named(tmp_path: Path, caplo
     # given by name to predict, it is a row of its own rather than nothing
     assert expand_clip_inputs([str(tmp_path / "b" / "empty"), str(tmp_path / "a" / "clip0")]) == [
         str(tmp_path / "b" / "empty"), str(tmp_path / "a" / "clip0")]
+
+
+def test_a_frame_folder_with_a_broken_frame_is_one_error_row_naming_the_clip_that_resume_counts_done(tmp_path: Path,
+                                                                                                      capsys):
+    data, run = tmp_path / "clips", tmp_path / "run"
+    make_moving_digits(data, MovingDigitsSpec(clips=16, frames=4, size=16, format="frames"))
+    api.train(TrainConfig(data=str(data), out=str(run), model="cnn-rnn", frames=4, epochs=1), show_progress=False)
+    good, broken = sorted(path for path in data.rglob("clip_*") if path.is_dir())[:2]
+    (broken / "zy.png").write_bytes(b"")  # two unreadable frames among good ones: the clip fails once, at the first
+    (broken / "zz.png").write_bytes(b"not a png")
+    # training and evaluating skip the clip, and their warning names it and the frame
+    part = decode_part(ClipFiles([str(good), str(broken)], [0, 0], ["a"], frames=4), 1, 16)
+    assert part.skipped == [(str(broken), "zy.png: empty file")]
+    rows = tmp_path / "rows.csv"
+    assert main(["predict", str(run), str(good), str(broken), "--output", str(rows)]) == 0
+    assert f"warning: skipped {broken}: zy.png: empty file" in capsys.readouterr().err
+    table = list(csv.DictReader(io.StringIO(rows.read_text())))
+    assert [(r["path"], bool(r["label"]), r["error"]) for r in table] == [(str(good), True, ""),
+                                                                        (str(broken), False, "zy.png: empty file")]
+    # --resume finds the clip in the rows, by the path the user gave: nothing is left to label
+    assert main(["predict", str(run), str(good), str(broken), "--output", str(rows), "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote 0 rows to {rows}, after the 2 it held"
 
 
 def test_a_glob_gives_clips_only_and_one_that_matches_nothing_is_named_and_passed_over(tmp_path: Path, caplog):

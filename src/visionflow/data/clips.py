@@ -168,7 +168,14 @@ def _folder_frames(path: str, channels: int, size: int | None, count: int, frame
     if not files:
         raise BrokenImage(path, "frame folder holds no images")
     indices = clip_indices(len(files), count, frames)
-    decoded = {i: decode_image(files[i], channels, size) for i in np.unique(indices)}
+    decoded = {}
+    for i in np.unique(indices):
+        try:
+            decoded[i] = decode_image(files[i], channels, size)
+        except BrokenImage as exc:
+            # The clip is what breaks, as a video does at a damaged frame: its error row, its warning and the path
+            # --resume finds done are the folder the user gave; the reason says which frame.
+            raise BrokenImage(path, f"{os.path.basename(files[i])}: {exc.reason}") from None
     return [decoded[i] for i in indices]
 
 
