@@ -442,7 +442,8 @@ def test_predict_goes_on_past_a_glob_that_matches_nothing_and_globs_skip_non_ima
     assert len(table) == 1 and table[0]["path"].endswith("notes.txt") and "not a readable image" in table[0]["error"]
     # nothing at all to label: still an error, naming the globs
     assert user_error(capsys, ["predict", str(run), str(tmp_path / "typo*.png"), str(folder / "*.jpg")]) == (
-        f"visionflow: error: {tmp_path / 'typo*.png'}, {folder / '*.jpg'}: no such file, folder or matching glob")
+        f"visionflow: error: nothing to label: {tmp_path / 'typo*.png'}: no such file, folder or matching glob; "
+        f"{folder / '*.jpg'}: no such file, folder or matching glob")
     # and a path that is no glob is a typo, refused before any row (as `repair run` refuses it)
     assert "nope.png: no such file" in user_error(capsys, ["predict", str(run), str(folder / "a.png"), str(folder / "nope.png")])
 
@@ -460,9 +461,14 @@ def test_predict_names_a_glob_or_folder_that_gives_no_image_and_labels_the_rest(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [f"{tmp_path / 'notes' / '*'}: matches no image files; going on with the other inputs",
                         f"{tmp_path / 'empty'}: holds no image files; going on with the other inputs"]
-    # nothing at all left: one line, exit 2, as before
+    # nothing at all left: one line, exit 2, naming every input with why it gave nothing (an empty folder beside a
+    # glob that matches no file had gone unnamed, as though the glob alone had given nothing)
     assert user_error(capsys, ["predict", str(run), str(tmp_path / "notes" / "*"), str(tmp_path / "empty")]) == (
-        f"visionflow: error: no image files in {tmp_path / 'notes' / '*'} {tmp_path / 'empty'}")
+        f"visionflow: error: nothing to label: {tmp_path / 'notes' / '*'}: matches no image files; "
+        f"{tmp_path / 'empty'}: holds no image files")
+    assert user_error(capsys, ["predict", str(run), str(tmp_path / "empty"), str(tmp_path / "typo*.png")]) == (
+        f"visionflow: error: nothing to label: {tmp_path / 'empty'}: holds no image files; "
+        f"{tmp_path / 'typo*.png'}: no such file, folder or matching glob")
 
 
 def test_a_quoted_tilde_is_the_home_folder_in_every_path_argument(trained, tmp_path: Path, monkeypatch, capsys):

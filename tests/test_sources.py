@@ -309,8 +309,11 @@ def test_an_input_that_gives_no_image_is_named_and_the_others_go_on(tmp_path: Pa
     assert caplog.messages == [f"{tmp_path / 'notes' / '*'}: matches no image files; going on with the other inputs",
                                f"{tmp_path / 'empty'}: holds no image files; going on with the other inputs"]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="visionflow"):
-        assert expand_inputs([str(tmp_path / "empty")]) == []  # nothing at all: the caller's error says it, alone
+    with caplog.at_level("WARNING", logger="visionflow"):  # nothing at all: one error names each input, alone
+        with pytest.raises(VisionflowError) as raised:
+            expand_inputs([str(tmp_path / "empty"), str(tmp_path / "typo*.png")], "repair")
+    assert str(raised.value) == (f"nothing to repair: {tmp_path / 'empty'}: holds no image files; "
+                                 f"{tmp_path / 'typo*.png'}: no such file, folder or matching glob")
     assert caplog.messages == []
 
 

@@ -23,6 +23,10 @@ class BrokenImage(VisionflowError):
         return BrokenImage, (self.origin, self.reason)
 
 
+class NothingGiven(VisionflowError):
+    """None of a command's inputs (files, folders, globs) gives anything to read; the message names each with why."""
+
+
 class Interrupted(VisionflowError):
     """Stopped by Ctrl-C (or by SIGTERM, or SIGHUP as the terminal closes, which the CLI takes as Ctrl-C); the
     message says what was kept and how `--resume` continues. The CLI exits 130."""

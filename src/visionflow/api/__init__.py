@@ -29,7 +29,7 @@ from visionflow.data.moving_digits import MovingDigitsSpec, make_moving_digits
 from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_data, unlabelled_files
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
 from visionflow.devices import callers_random_state_kept, seed_global, select_device
-from visionflow.errors import VisionflowError
+from visionflow.errors import NothingGiven, VisionflowError
 from visionflow.gan.generate import synthetic_images
 from visionflow.infer.predict import LabelledRows, predict_rows
 from visionflow.infer.predictor import Predictor, warn_of_test_time_mirrors
@@ -562,9 +562,13 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
     if predictor.input_kind == "clip":
         source = unlabelled_clips(inputs, predictor.frames)
     else:
-        paths = expand_inputs(inputs)  # listed once, for the clip check and the labelling
+        try:
+            paths = expand_inputs(inputs)  # listed once, for the clip check and the labelling
+        except NothingGiven:
+            _refuse_clips(inputs, [])  # a folder of videos gives no image file: say that it holds clips
+            raise
         _refuse_clips(inputs, paths)
-        source = unlabelled_files(inputs, paths)
+        source = unlabelled_files(paths)
     if skip:
         skip = {os.path.abspath(path) for path in skip}
         source = source.subset([i for i in range(len(source)) if os.path.abspath(source.origin(i)) not in skip])
@@ -576,7 +580,7 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
 def _refuse_clips(inputs: Sequence[str], paths: list[str]) -> None:
     """An image run given only clips (`paths`: the inputs' image files, or files named as typed): say so, rather
     than 'no image files'."""
-    if all(is_clip_file(p) for p in paths) and any(is_clip_file(p) for p in expand_clip_inputs(inputs, warn=False)):
+    if all(is_clip_file(p) for p in paths) and any(is_clip_file(p) for p in expand_clip_inputs(inputs, report=False)):
         raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
 
 

@@ -244,9 +244,7 @@ def run(run_dir: str, images: Sequence[str], out: str, mask: str | None = None, 
     in_the_way = file_in_the_way(out_dir)
     if in_the_way is not None:
         raise VisionflowError(f"--out {out}: {in_the_way} is a file, not a folder for the repaired images")
-    paths = expand_inputs(images)  # a path that does not exist is an error before any work
-    if not paths:
-        raise VisionflowError(f"no image files in {' '.join(images)}")
+    paths = expand_inputs(images, "repair")  # a path that does not exist is an error before any work
     written, greyed = [], []
     for number, path in enumerate(paths):
         try:

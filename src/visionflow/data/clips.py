@@ -321,15 +321,13 @@ def _clips_of(item: str, named: bool) -> list[str]:
     return [item] if named or is_clip_file(item) else []
 
 
-def expand_clip_inputs(inputs: Sequence[str], warn: bool = True) -> list[str]:
+def expand_clip_inputs(inputs: Sequence[str], report: bool = True) -> list[str]:
     """Clip files, folders (searched recursively for clips; a folder of images is one clip) and globs, which give
-    their clips and folders only. An input that gives no clip is a warning (`warn`), or, for globs that match
-    nothing, an error when none of the inputs gives a clip."""
-    return gather_inputs(inputs, _clips_of, "clips", warn)
+    their clips and folders only. An input that gives no clip is a warning, or, when none of the inputs gives a
+    clip, part of the error naming each (gather_inputs; neither without `report`)."""
+    return gather_inputs(inputs, _clips_of, "clips", report=report)
 
 
 def unlabelled_clips(inputs: Sequence[str], frames: int) -> ClipFiles:
     paths = expand_clip_inputs(inputs)
-    if not paths:
-        raise VisionflowError(f"no clips (video files, .npy arrays or folders of frames) in {' '.join(inputs)}")
     return ClipFiles(paths, [-1] * len(paths), classes=[], frames=frames, name="inputs")

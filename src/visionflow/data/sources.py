@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from visionflow.data.decode import decode_image, is_image_file, pil_to_tensor, probe_image
-from visionflow.errors import VisionflowError
+from visionflow.errors import NothingGiven, VisionflowError
 
 BUILTIN_DATASETS = ("digits",)
 
@@ -384,27 +384,26 @@ def _in_ignored_folder(pattern: str, match: str) -> bool:
     return any(map(_ignored_folder, reached if os.path.isdir(match) else reached[:-1]))
 
 
-def gather_inputs(inputs: Sequence[str], items_of, what: str, warn: bool = True) -> list[str]:
+def gather_inputs(inputs: Sequence[str], items_of, what: str, verb: str = "label", report: bool = True) -> list[str]:
     """The paths `items_of(path, named)` gives for what each input names (matching_inputs), once each, in the order
     given; a glob's match in a folder that listings leave out gives none. An input that gives nothing (a glob that
-    matches no file, or only other files; a folder that holds none) is a warning naming it (with `warn`), and the
-    others go on. When no input gives anything, globs that match no file are an error naming them; otherwise the
-    caller says there is nothing to label."""
+    matches no file, or only other files; a folder that holds none) is a warning naming it, and the others go on;
+    when no input gives anything, one error names each input with why ('nothing to `verb`: ...'). Without `report`,
+    neither: a look at what the inputs hold, [] when nothing."""
     paths: list[str] = []
-    unmatched: list[str] = []
     passed_over: list[tuple[str, str]] = []  # (input, why it gave nothing), in the order given
     for item, matches in matching_inputs(inputs):
         given = [path for match, named in matches if named or not _in_ignored_folder(item, match)
                  for path in items_of(match, named)]
         paths.extend(given)
         if not matches:
-            unmatched.append(item)
             passed_over.append((item, "no such file, folder or matching glob"))
         elif not given:
             passed_over.append((item, f"{'holds' if matches[0][1] else 'matches'} no {what}"))
-    if unmatched and not paths:
-        raise VisionflowError(f"{', '.join(unmatched)}: no such file, folder or matching glob")
-    for item, why in passed_over if warn and paths else ():  # with no paths at all, the caller's error says it
+    if report and not paths:
+        reasons = "; ".join(f"{item}: {why}" for item, why in passed_over) or "no inputs given"
+        raise NothingGiven(f"nothing to {verb}: {reasons}")
+    for item, why in passed_over if report else ():
         log.warning("%s: %s; going on with the other inputs", item, why)
     return list(dict.fromkeys(paths))  # once each: 'photos/**' matches a folder and the files in it
 
@@ -415,16 +414,14 @@ def _image_files_of(path: str, named: bool) -> list[str]:
     return [path] if named or is_image_file(path) else []
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
+def expand_inputs(inputs: Sequence[str], verb: str = "label") -> list[str]:
     """Files, folders (recursive) and globs -> image file paths, in the order given. Folders and globs give their
     image files only, as DATA's folders do; a file named as typed is kept whatever it is (a non-image then gets an
-    error row, as an unreadable image does). An input that gives no image file is a warning naming it, or, for
-    globs that match nothing, an error when none of the inputs gives a path."""
-    return gather_inputs(inputs, _image_files_of, "image files")
+    error row, as an unreadable image does). An input that gives no image file is a warning naming it, or, when
+    none of the inputs gives a path, part of the error naming each (NothingGiven: 'nothing to `verb`: ...')."""
+    return gather_inputs(inputs, _image_files_of, "image files", verb)
 
 
-def unlabelled_files(inputs: Sequence[str], paths: list[str]) -> ImageFiles:
-    """The image files `paths` (expand_inputs(inputs), listed by the caller) to label, without labels."""
-    if not paths:
-        raise VisionflowError(f"no image files in {' '.join(inputs)}")
+def unlabelled_files(paths: list[str]) -> ImageFiles:
+    """The image files `paths` (expand_inputs, listed by the caller) to label, without labels."""
     return ImageFiles(paths, [-1] * len(paths), classes=[], name="inputs")
