@@ -103,6 +103,27 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
+def _refuse_global_options_after_the_verb(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                                          unknown: list[str], argv: list[str]) -> None:
+    """A global option (--threads) given after the verb, where argparse does not look for it and called it an
+    unrecognized argument: a one-line error saying where it goes, with the command that puts it there."""
+    verb = _chosen_parser(parser, args).prog[len(parser.prog):].strip()  # 'gan train' of 'visionflow gan train'
+    for action in parser._actions:  # the options of `visionflow` itself; every verb has its own --help
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        for word in unknown:
+            option = word.split("=", 1)[0]  # --threads of --threads=2
+            if option not in action.option_strings:
+                continue
+            given = word
+            if "=" not in word and action.nargs != 0:  # its value, as typed after it (argparse may have taken it)
+                after = len(argv) - argv[::-1].index(word)  # the last one: it is given after the verb
+                given += f" {argv[after] if after < len(argv) else action.dest.upper()}"
+            rest = " ..." if len(argv) > len(verb.split()) + len(given.split()) else ""  # the verb's arguments
+            parser.error(f"{option} is a global option, given before the verb: "
+                         f"`{parser.prog} {given} {verb}{rest}`")
+
+
 def none_succeeded(count: int, noun: str, verb: str, why: str) -> VisionflowError:
     """The error when every one of `count` inputs failed, each with its error row or warning as when some fail among
     others: exit 0 would say that the command did its work."""
@@ -176,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         parser, handlers = build_parser()
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # argparse would send the user to the top-level help; the verb's own says what it takes
+            _refuse_global_options_after_the_verb(parser, args, unknown, sys.argv[1:] if argv is None else argv)
             _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         expand_home(args)
         if args.threads is not None:
