@@ -571,11 +571,24 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     out = tmp_path / "run"
     assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
     moved = data.rename(tmp_path / "moved")
-    # the data still at the old place: the error alone, not after the warning naming the flags ignored
+    # the data still at the old place, or data of other classes: the error alone, not after the warning naming the
+    # flags ignored
     capsys.readouterr()
     assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"visionflow: error: {data}: no such file or folder (and not a built-in data set: digits)"]
+    other = tmp_path / "other"
+    for name in ("a", "b"):
+        (other / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (16, 16), color=40 * i).save(other / name / f"{i}.png")
+    assert main(["train", str(other), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: {other}: its classes ['a', 'b'] differ from the run's ['square', 'stripes_h', 'stripes_v']"]
+    # --gan-augment naming no run: refused before the warning and before any decoding
+    assert main(["train", str(other), "--out", str(tmp_path / "augmented"), "--frames", "8",
+                 "--gan-augment", str(tmp_path / "no-gan")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"visionflow: error: {tmp_path / 'no-gan'}: no such run directory"]
     assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18",
                  "--patience", "0", "--quiet"]) == 0
     assert "ignored: --model, --patience" in caplog.text  # a flag given as 0 is named too

@@ -560,6 +560,9 @@ def test_kind_mismatches_are_one_line_errors(tmp_path: Path):
         api.evaluate(run, str(clips))
     with pytest.raises(VisionflowError, match="takes images but .* holds clips"):
         list(api.predict(run, [str(clips)]))
+    with pytest.raises(VisionflowError) as refused:  # the input that holds clips is named, not the others
+        list(api.predict(run, [str(clips), str(tmp_path / "typo*.png")]))
+    assert str(refused.value) == f"the run's model takes images but {clips} holds clips (video files or .npy arrays)"
 
 
 def test_preview_shows_one_clip_per_row(digit_clips, tmp_path: Path):

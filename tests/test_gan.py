@@ -200,6 +200,21 @@ def test_mode_seeking_on_an_unconditional_gan_is_named_as_ignored_once_the_data_
     caplog.clear()
     assert main([*train, "--out", str(tmp_path / "conditional"), "--epochs", "1", "--conditional"]) == 0
     assert caplog.messages == []
+    # data the GAN cannot take, or a resume on other classes: the error alone
+    clips = tmp_path / "clips" / "a"
+    clips.mkdir(parents=True)
+    np.save(clips / "0.npy", np.zeros((4, 16, 16), dtype=np.uint8))
+    capsys.readouterr()
+    assert main([*train[:2], str(clips.parent), *train[3:], "--out", str(tmp_path / "on-clips"), "--epochs", "1"]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1 and caplog.messages == []
+    other = tmp_path / "other"
+    for name in ("x", "y"):
+        (other / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (16, 16), color=40 * i).save(other / name / f"{i}.png")
+    assert main(["gan", "train", str(other), "--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--lr", "0.1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: {other}: its classes ['x', 'y'] differ from the run's ['square', 'stripes_h', 'stripes_v']"]
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, monkeypatch):

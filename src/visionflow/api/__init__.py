@@ -30,7 +30,7 @@ from visionflow.data.sources import DataSet, DataSource, expand_inputs, open_dat
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, channel_stats
 from visionflow.devices import callers_random_state_kept, seed_global, select_device
 from visionflow.errors import NothingGiven, VisionflowError
-from visionflow.gan.generate import synthetic_images
+from visionflow.gan.generate import GanRun, augmenting_gan, synthetic_images
 from visionflow.infer.predict import LabelledRows, predict_rows
 from visionflow.infer.predictor import Predictor, warn_of_test_time_mirrors
 from visionflow.models import count_parameters, create_model, list_models, model_entry
@@ -237,9 +237,10 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     once the data is checked (train)."""
     dataset = dataset or open_training_data(cfg)
     train_source, val_source, split, val_from = _validation_source(cfg, dataset, split)
+    gan = None if cfg.gan_augment is None else augmenting_gan(cfg.gan_augment, train_source.classes, channels, size,
+                                                              cfg.device)
     # before decoding, which takes a while, and after the checks above, whose errors stay one line
-    for warning in flag_warnings:
-        log.warning("%s", warning)
+    say_each(flag_warnings)
     AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
     # recorded in the run: every epoch's validation uses it, and evaluate and predict after
     warn_of_test_time_mirrors(cfg.augment_eval, train_source.classes)
@@ -248,19 +249,25 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
                   if count == 0]
     if unreadable:  # every file of these classes was skipped: a model would learn never to predict them
         raise VisionflowError(f"{cfg.data}: no readable training images in class(es) {', '.join(unreadable)}")
-    if cfg.gan_augment is not None:
-        train = with_gan_samples(train, cfg, channels, size)
+    if gan is not None:
+        train = with_gan_samples(train, gan, cfg)
     val = decode_part(val_source, channels, size, strict=cfg.strict)
     return TrainingData(train, val, split, val_from)
 
 
-def with_gan_samples(part: DecodedPart, cfg: TrainConfig, channels: int, size: int) -> DecodedPart:
-    """The decoded training part plus cfg.gan_ratio images per real one from a conditional GAN, class by class.
+def say_each(warnings: Sequence[str]) -> None:
+    """Log a caller's warnings (`flag_warnings`: those about its command line) where the checks before have passed."""
+    for warning in warnings:
+        log.warning("%s", warning)
+
+
+def with_gan_samples(part: DecodedPart, gan: GanRun, cfg: TrainConfig) -> DecodedPart:
+    """The decoded training part plus cfg.gan_ratio images per real one from the conditional GAN (augmenting_gan),
+    class by class.
 
     Generated once (seeded by cfg.seed) and appended to the uint8 cache, so the training loop never knows.
     """
-    images, labels = synthetic_images(cfg.gan_augment, part.classes, channels, size, part.labels, cfg.gan_ratio,
-                                      cfg.seed, cfg.device)
+    images, labels = synthetic_images(gan, part.labels, cfg.gan_ratio, cfg.seed)
     origins = [f"{cfg.gan_augment}#generated{i}" for i in range(len(labels))]
     return DecodedPart(torch.cat([part.images, images]), torch.cat([part.labels, labels]), part.origins + origins,
                        part.classes, part.skipped)
@@ -578,10 +585,14 @@ def predict(run_dir: str, inputs: Sequence[str], top_k: int = 5, batch_size: int
 
 
 def _refuse_clips(inputs: Sequence[str], paths: list[str]) -> None:
-    """An image run given only clips (`paths`: the inputs' image files, or files named as typed): say so, rather
-    than 'no image files'."""
-    if all(is_clip_file(p) for p in paths) and any(is_clip_file(p) for p in expand_clip_inputs(inputs, report=False)):
-        raise VisionflowError(f"the run's model takes images but {' '.join(inputs)} holds clips (video files or .npy arrays)")
+    """An image run given only clips (`paths`: the inputs' image files, or files named as typed): say so, naming the
+    inputs that hold them, rather than 'no image files'."""
+    if not all(is_clip_file(p) for p in paths):
+        return
+    holding = [item for item in inputs if any(is_clip_file(p) for p in expand_clip_inputs([item], report=False))]
+    if holding:
+        raise VisionflowError(f"the run's model takes images but {' '.join(holding)} "
+                              f"{'holds' if len(holding) == 1 else 'hold'} clips (video files or .npy arrays)")
 
 
 def make_dataset(out: str, spec: MovingDigitsSpec) -> dict:
@@ -608,12 +619,12 @@ def preview(data: str, augment: str, out: str, count: int = 32, seed: int = 0, i
     spec = AugmentSpec.parse(augment).refuse_unusual_strengths()
     dataset = open_data(data, frames=frames or 16, kind="image" if frames is None else "clip")
     source = dataset.train
-    if frames is not None and source.kind != "clip":
+    channels, size = source.decoding_shape(channels, image_size)
+    spec.refuse_translate_beyond(size)
+    if frames is not None and source.kind != "clip":  # after the refusals: an error stays one line
         log.warning("%s holds images, not clips; ignored: --frames", data)
     rng = np.random.default_rng(seed)
     picked = source.subset(np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False)))
-    channels, size = source.decoding_shape(channels, image_size)
-    spec.refuse_translate_beyond(size)
     part = decode_part(picked, channels, size)
     generator = torch.Generator().manual_seed(seed)
     images = part.images

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from visionflow.api import require_same_data, resume as resume_classifier, train as train_classifier
+from visionflow.api import require_same_data, resume as resume_classifier, say_each, train as train_classifier
 from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import DataSet, open_data
@@ -42,8 +42,7 @@ def _decode_training_images(cfg: GanConfig, dataset: DataSet, channels: int | No
     source.require_kind("image", "the GAN")
     channels, size = source.decoding_shape(channels or cfg.channels, size or cfg.image_size)
     upsampling_plan(size)
-    for warning in flag_warnings:
-        log.warning("%s", warning)
+    say_each(flag_warnings)
     part = decode_part(source, channels, size, strict=cfg.strict)
     if len(part) < 2:  # a step takes two images at least: one would train nothing and report it as done
         raise VisionflowError(f"{cfg.data}: the GAN needs at least 2 readable images (found {len(part)})")
@@ -83,10 +82,11 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     checkpoint = run.load_checkpoint("gan")  # before decoding: damaged, or another kind of run's: fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     dataset = open_data(cfg.data)
+    # first and alone: require_same_data and the flag warnings would come before this error
+    if dataset.train.classes != config["classes"]:
+        raise VisionflowError(f"{cfg.data}: its classes {dataset.train.classes} differ from the run's {config['classes']}")
     require_same_data(run, dataset)
     part = _decode_training_images(cfg, dataset, config["channels"], config["image_size"], flag_warnings)
-    if part.classes != config["classes"]:
-        raise VisionflowError(f"{cfg.data}: its classes {part.classes} differ from the run's {config['classes']}")
     with callers_random_state_kept(device):  # seeded from here on; the caller's stream given back after
         pair = build_pair(cfg, config["channels"], config["image_size"], len(part.classes))
         config["gan"], config["data_spec"] = cfg.to_dict(), dataset.spec  # the data may have moved

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.api import (evaluation_part, recorded_split, require_enough_to_train, require_same_data, split_record,
-                           training_images_warning)
+from visionflow.api import (evaluation_part, recorded_split, require_enough_to_train, require_same_data, say_each,
+                           split_record, training_images_warning)
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -123,8 +123,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
     run.refuse_fewer_epochs(int(checkpoint["state"]["epoch"]), epochs)
     dataset = open_data(cfg.data)
     train_source, val_source, split = _training_sources(cfg, dataset, require_same_data(run, dataset))
-    for warning in flag_warnings:
-        log.warning("%s", warning)
+    say_each(flag_warnings)
     train_part = decode_part(train_source, config["channels"], config["image_size"], strict=cfg.strict)
     val_part = decode_part(val_source, config["channels"], config["image_size"], strict=cfg.strict)
     with callers_random_state_kept(device):  # the networks' init (then the checkpoint's weights) and the epochs draw

@@ -181,6 +181,7 @@ class CurrentStderrHandler(logging.StreamHandler):
 def warnings_to_stderr() -> logging.Handler:
     """The handler through which the CLI says its warnings: 'warning: ...' on stderr."""
     handler = CurrentStderrHandler()
+    handler.setLevel(logging.WARNING)  # warnings only, whatever level a caller sets on the loggers
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     return handler
 

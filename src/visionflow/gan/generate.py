@@ -64,12 +64,9 @@ def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
     return GanRun(generator.to(target).eval(), cfg, classes, config["channels"], config["image_size"], target)
 
 
-def synthetic_images(run_dir: str, classes: list[str], channels: int, image_size: int, real_labels: torch.Tensor,
-                     ratio: float, seed: int, device: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """`ratio` generated images per real training image, class by class: (uint8 images, labels).
-
-    The GAN must be conditional, on the same classes and image format as the classifier's data.
-    """
+def augmenting_gan(run_dir: str, classes: list[str], channels: int, image_size: int, device: str = "auto") -> GanRun:
+    """The GAN `--gan-augment` names, checked before the classifier's data is decoded: it must be conditional, on the
+    same classes and image format as that data."""
     gan = load_gan_run(run_dir, device)
     if not gan.config.conditional:
         raise VisionflowError(f"--gan-augment {run_dir}: the GAN is unconditional; mixing in samples needs "
@@ -79,6 +76,12 @@ def synthetic_images(run_dir: str, classes: list[str], channels: int, image_size
     if (gan.channels, gan.image_size) != (channels, image_size):
         raise VisionflowError(f"--gan-augment {run_dir}: the GAN makes {gan.channels}x{gan.image_size}x{gan.image_size} "
                               f"images but the classifier trains on {channels}x{image_size}x{image_size}")
+    return gan
+
+
+def synthetic_images(gan: GanRun, real_labels: torch.Tensor, ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ratio` generated images per real training image, class by class: (uint8 images, labels)."""
+    classes = gan.classes
     counts = torch.bincount(real_labels, minlength=len(classes))
     labels = torch.cat([torch.full((int(round(ratio * int(c))),), k, dtype=torch.int64) for k, c in enumerate(counts)])
     if len(labels) == 0:
