@@ -446,6 +446,16 @@ def test_gan_evaluate_reports_fid_beside_its_references(one_epoch_run, digit_fol
     stamp = weights.stat().st_mtime_ns
     again = gan_api.evaluate_gan(str(run_path), digit_folder, count=200, show_progress=False)
     assert weights.stat().st_mtime_ns == stamp and again["fid"] == result["fid"]
+    # one test image: its covariance, the floor's, would be NaN
+    one_test = shutil.copytree(digit_folder, tmp_path / "one-test")
+    digits = builtin_digits()
+    _write_idx(one_test / "t10k-images-idx3-ubyte.gz", digits.images[300:301])
+    _write_idx(one_test / "t10k-labels-idx1-ubyte.gz", digits.labels[300:301])
+    with pytest.raises(VisionflowError) as refused:
+        gan_api.evaluate_gan(str(run_path), str(one_test), classifier=str(run_path / "classifier"), count=200,
+                             show_progress=False)
+    assert str(refused.value) == (f"{one_test}: the domain FID needs 2 readable images or more to measure against and "
+                                  "2 held out (found 1 held out); give more images")
 
 
 def test_an_interrupted_domain_fid_classifier_is_finished_before_it_measures(one_epoch_run, digit_folder, tmp_path,

@@ -211,6 +211,11 @@ def evaluate_gan(run_dir: str, data: str, classifier: str | None = None, count: 
         keep, hold = stratified_split(train.labels.numpy(), 0.2, seed)
         reference = DecodedPart(train.images[keep], train.labels[keep], [], train.classes)
         held_out = DecodedPart(train.images[hold], train.labels[hold], [], train.classes)
+    too_few = [f"{len(part)} {where}" for part, where in ((reference, "to measure against"), (held_out, "held out"))
+               if len(part) < 2]
+    if too_few:  # a covariance of one vector is NaN: the FIDs would print as nan
+        raise VisionflowError(f"{data}: the domain FID needs 2 readable images or more to measure against and 2 held "
+                              f"out (found {' and '.join(too_few)}); give more images")
     dimensions = predictor.model.num_features
     fewer_features = "or a --classifier with fewer feature dimensions: seed-rnn has 32"
     _warn_if_singular(f"every FID is measured against {len(reference)} training images of {data}"
