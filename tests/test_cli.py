@@ -585,10 +585,12 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     assert main(["train", str(other), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"visionflow: error: {other}: its classes ['a', 'b'] differ from the run's ['square', 'stripes_h', 'stripes_v']"]
-    # --gan-augment naming no run: refused before the warning and before any decoding
+    # --gan-augment naming no run: refused before the warning and before any decoding (which would name the broken file)
+    (other / "a" / "broken.png").write_bytes(b"")
     assert main(["train", str(other), "--out", str(tmp_path / "augmented"), "--frames", "8",
                  "--gan-augment", str(tmp_path / "no-gan")]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"visionflow: error: {tmp_path / 'no-gan'}: no such run directory"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: --gan-augment {tmp_path / 'no-gan'}: no such run directory"]
     assert main(["train", str(moved), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18",
                  "--patience", "0", "--quiet"]) == 0
     assert "ignored: --model, --patience" in caplog.text  # a flag given as 0 is named too

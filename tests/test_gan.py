@@ -215,6 +215,12 @@ def test_mode_seeking_on_an_unconditional_gan_is_named_as_ignored_once_the_data_
     assert main(["gan", "train", str(other), "--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--lr", "0.1"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"visionflow: error: {other}: its classes ['x', 'y'] differ from the run's ['square', 'stripes_h', 'stripes_v']"]
+    for name in ("square", "stripes_h", "stripes_v"):  # clips of the run's classes, elsewhere: no "resuming on" first
+        (tmp_path / "clips" / name).mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "clips" / name / "0.npy", np.zeros((4, 16, 16), dtype=np.uint8))
+    assert main(["gan", "train", str(tmp_path / "clips"), "--out", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: the GAN takes images but {tmp_path / 'clips'} holds clips"]
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, monkeypatch):

@@ -64,6 +64,8 @@ def test_a_translate_of_the_whole_side_is_refused_once_the_side_is_known(tmp_pat
     message = ("visionflow: error: --augment: translate=28 must be less than the 28-pixel side of the images (at most "
                "27; shift=F moves by a fraction of it)\n")
     for verb in (["preview", "digits", "--augment", "translate=28", "--out", str(tmp_path / "grid.png")],
+                 # --frames on images is warned of after the refusal, which comes alone
+                 ["preview", "digits", "--augment", "translate=28", "--frames", "4", "--out", str(tmp_path / "grid.png")],
                  ["train", "digits", "--augment", "translate=28", "--out", str(tmp_path / "run")]):
         assert main(verb) == 2
         assert capsys.readouterr().err == message

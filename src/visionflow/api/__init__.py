@@ -236,9 +236,10 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
     """`split`: a resumed run's split.json (_validation_source). `flag_warnings`: the caller's, said with the others
     once the data is checked (train)."""
     dataset = dataset or open_training_data(cfg)
-    train_source, val_source, split, val_from = _validation_source(cfg, dataset, split)
-    gan = None if cfg.gan_augment is None else augmenting_gan(cfg.gan_augment, train_source.classes, channels, size,
+    # before _validation_source, whose warning of what changed since a resumed run started would come first
+    gan = None if cfg.gan_augment is None else augmenting_gan(cfg.gan_augment, dataset.train.classes, channels, size,
                                                               cfg.device)
+    train_source, val_source, split, val_from = _validation_source(cfg, dataset, split)
     # before decoding, which takes a while, and after the checks above, whose errors stay one line
     say_each(flag_warnings)
     AugmentSpec.parse(cfg.augment).warn_of_mirrored_sides(train_source.classes)
@@ -344,9 +345,7 @@ def resume(run_dir: str, epochs: int | None = None, show_progress: bool = True, 
                     finished + 1, epochs)
     preprocess = Preprocess(**config["preprocess"])
     dataset = open_training_data(cfg)
-    # first and alone: require_same_data and recorded_split warn of what changed, which would come before this error
-    if dataset.train.classes != config["classes"]:
-        raise VisionflowError(f"{cfg.data}: its classes {dataset.train.classes} differ from the run's {config['classes']}")
+    require_same_classes(cfg.data, dataset, config["classes"])
     split = require_same_data(run, dataset)
     data = load_training_data(cfg, preprocess.channels, preprocess.image_size, dataset, split, flag_warnings)
     with callers_random_state_kept(device):  # the model's init (then the checkpoint's weights) and the epochs draw
@@ -460,6 +459,13 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     elif dataset.spec != recorded:
         log.warning("%s: scoring the %d images it held out", where, len(part))
     return part
+
+
+def require_same_classes(data: str, dataset: DataSet, classes: list[str]) -> None:
+    """A resumed run's data must have the run's classes: checked first, so that the error comes alone, before
+    require_same_data and recorded_split warn of what changed."""
+    if dataset.train.classes != classes:
+        raise VisionflowError(f"{data}: its classes {dataset.train.classes} differ from the run's {classes}")
 
 
 def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:

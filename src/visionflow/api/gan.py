@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from visionflow.api import require_same_data, resume as resume_classifier, say_each, train as train_classifier
+from visionflow.api import (require_same_classes, require_same_data, resume as resume_classifier, say_each,
+                           train as train_classifier)
 from visionflow.config import TrainConfig, check_seed
 from visionflow.data.loading import DecodedPart, decode_part, stratified_split
 from visionflow.data.sources import DataSet, open_data
@@ -82,9 +83,8 @@ def resume_gan(run_dir: str, epochs: int | None = None, show_progress: bool = Tr
     checkpoint = run.load_checkpoint("gan")  # before decoding: damaged, or another kind of run's: fails at once
     run.refuse_fewer_epochs(int(checkpoint["epoch"]), epochs)
     dataset = open_data(cfg.data)
-    # first and alone: require_same_data and the flag warnings would come before this error
-    if dataset.train.classes != config["classes"]:
-        raise VisionflowError(f"{cfg.data}: its classes {dataset.train.classes} differ from the run's {config['classes']}")
+    dataset.train.require_kind("image", "the GAN")  # as the classes, before require_same_data can warn
+    require_same_classes(cfg.data, dataset, config["classes"])
     require_same_data(run, dataset)
     part = _decode_training_images(cfg, dataset, config["channels"], config["image_size"], flag_warnings)
     with callers_random_state_kept(device):  # seeded from here on; the caller's stream given back after

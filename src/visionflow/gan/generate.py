@@ -67,7 +67,10 @@ def load_gan_run(run_dir: str, device: str = "auto") -> GanRun:
 def augmenting_gan(run_dir: str, classes: list[str], channels: int, image_size: int, device: str = "auto") -> GanRun:
     """The GAN `--gan-augment` names, checked before the classifier's data is decoded: it must be conditional, on the
     same classes and image format as that data."""
-    gan = load_gan_run(run_dir, device)
+    try:
+        gan = load_gan_run(run_dir, device)
+    except VisionflowError as error:  # named as the option that gave it: a resume uses the run's, not typed again
+        raise VisionflowError(f"--gan-augment {error}") from None
     if not gan.config.conditional:
         raise VisionflowError(f"--gan-augment {run_dir}: the GAN is unconditional; mixing in samples needs "
                               "a GAN trained with --conditional")
