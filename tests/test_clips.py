@@ -589,3 +589,17 @@ def test_a_small_colour_class_among_grey_clips_is_probed(tmp_path: Path):
     colour[..., 0] = 200
     np.save(tmp_path / "red" / "0.npy", colour)
     assert open_data(tmp_path, kind="clip").train.guess_channels() == 3
+
+
+def test_messages_about_held_out_clips_say_clips(tmp_path: Path, caplog, capsys):
+    data = tmp_path / "clips"
+    make_moving_digits(data, MovingDigitsSpec(clips=24, frames=4, size=16, format="npy"))
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--model", "cnn-rnn", "--frames", "4", "--epochs", "1", "--val-split", "0.34",
+                 "--quiet", "--out", str(out)]) == 0
+    held_out = json.loads((out / "split.json").read_text())["held_out"]
+    Path(held_out[0]).unlink()
+    caplog.clear()
+    assert main(["evaluate", str(out), str(data), "--json"]) == 0
+    assert [m for m in caplog.messages if "gone" in m] == [
+        f"{data}: 1 of the {len(held_out)} held-out clips is gone (scoring the other {len(held_out) - 1})"]

@@ -98,10 +98,11 @@ def require_enough_to_train(data: str, train: DataSource, val: DataSource, count
     lacking = [need for need, short in (("train on", len(train) < 2), ("validate on", len(val) == 0)) if short]
     if not lacking:
         return
+    noun = train.kind  # images, or clips
     if counted is None:
-        counted = f"{len(train)} of the images the run trains on {'is' if len(train) == 1 else 'are'} left"
+        counted = f"{len(train)} of the {noun}s the run trains on {'is' if len(train) == 1 else 'are'} left"
         remedy = "put the others back, or train a new run"
-    raise VisionflowError(f"{data}: too few images to {' or '.join(lacking)} ({counted}); {remedy}")
+    raise VisionflowError(f"{data}: too few {noun}s to {' or '.join(lacking)} ({counted}); {remedy}")
 
 
 def split_record(source: DataSource, held_out: DataSource) -> dict:
@@ -147,7 +148,7 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     train_idx = [i for i, held in enumerate(is_held_out) if not held]
     gone = len(recorded) - len(val_idx)
     if mostly_gone(gone, len(recorded)):
-        raise VisionflowError(f"{data}: {how_many_of(gone, len(recorded), 'image')} the run held out for validation "
+        raise VisionflowError(f"{data}: {how_many_of(gone, len(recorded), source.kind)} the run held out for validation "
                               f"(split.json) {'is' if gone == 1 else 'are'} gone; put back what is missing, or train a "
                               "new run")
     added = None if items is None else len(train_idx) - (items - len(recorded))
@@ -172,11 +173,11 @@ def recorded_split(data: str, source: DataSource, split: dict) -> tuple[DataSour
     train, val = source.subset(train_idx), source.subset(val_idx)
     require_enough_to_train(data, train, val)
     if gone:
-        changes.append(f"{how_many_of(gone, len(recorded), 'held-out image')} {'is' if gone == 1 else 'are'} gone "
-                       f"(validating on the other {len(val_idx)})")
+        changes.append(f"{how_many_of(gone, len(recorded), 'held-out ' + source.kind)} {'is' if gone == 1 else 'are'} "
+                       f"gone (validating on the other {len(val_idx)})")
     if not changes:
         return train, val, None
-    return train, val, f"{data}: {', and '.join(changes)}; the images held out in split.json stay held out"
+    return train, val, f"{data}: {', and '.join(changes)}; the {source.kind}s held out in split.json stay held out"
 
 
 def require_every_class_to_train(data: str, train: DataSource, split: dict) -> None:
@@ -445,19 +446,19 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
         return dataset.train
     keep, source = set(held_out), dataset.train
     part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
-    gone = len(held_out) - len(part)
+    gone, noun = len(held_out) - len(part), source.kind  # images, or clips
     if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (held_out_in refuses it moved)
-        raise VisionflowError(f"{dataset.spec}: {how_many_of(gone, len(held_out), 'image')} the run held out "
+        raise VisionflowError(f"{dataset.spec}: {how_many_of(gone, len(held_out), noun)} the run held out "
                               f"(split.json) {'is' if gone == 1 else 'are'} gone, and the others trained it; put back "
                               "what is missing, or evaluate on other data")
     where = dataset.spec
     if dataset.spec != recorded:
         where = f"{dataset.spec} holds the data the run trained on ({recorded}), moved or copied"
     if gone:
-        log.warning("%s: %s %s gone (scoring the other %d)", where, how_many_of(gone, len(held_out), "held-out image"),
+        log.warning("%s: %s %s gone (scoring the other %d)", where, how_many_of(gone, len(held_out), "held-out " + noun),
                     "is" if gone == 1 else "are", len(part))
     elif dataset.spec != recorded:
-        log.warning("%s: scoring the %d images it held out", where, len(part))
+        log.warning("%s: scoring the %d %ss it held out", where, len(part), noun)
     return part
 
 
@@ -505,7 +506,7 @@ def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
     held_out = run.read_json("split.json")["held_out"]
     found = len(found_moved(dataset, recorded, held_out)) if dataset.spec != recorded else 0
     if found and mostly_gone(len(held_out) - found, len(held_out)):
-        return (f"scoring all of {dataset.spec} as other data: it holds {how_many_of(found, len(held_out), 'image')} "
+        return (f"scoring all of {dataset.spec} as other data: it holds {how_many_of(found, len(held_out), dataset.train.kind)} "
                 f"the run held out (split.json) at their places in {recorded}, the others gone (if it is that data, "
                 "moved, the run trained on the rest)")
     return None
