@@ -1000,7 +1000,8 @@ def test_a_seed_numpy_cannot_take_is_one_line_on_every_verb(tmp_path: Path, caps
     # a global option after the verb is not an unknown one: where it goes, on every verb
     (["models", "--threads", "1"],
      "error: --threads is a global option, given before the verb: `visionflow --threads 1 models` (see `visionflow --help`)"),
-    (["gan", "train", "digits", "--out", "x", "--threads=2"], "`visionflow --threads=2 gan train ...`"),
+    (["gan", "train", "digits", "--out", "x", "--threads=2"], "`visionflow --threads=2 gan train digits --out x`"),
+    (["gan", "--threads", "2", "train", "my digits"], "`visionflow --threads 2 gan train 'my digits'`"),  # between verbs
 ])
 def test_usage_errors_name_the_verb_and_its_help(capsys, argv, message):
     assert message in user_error(capsys, argv)

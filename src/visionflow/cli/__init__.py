@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -103,25 +104,23 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
-def _refuse_global_options_after_the_verb(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                                          unknown: list[str], argv: list[str]) -> None:
-    """A global option (--threads) given after the verb, where argparse does not look for it and called it an
-    unrecognized argument: a one-line error saying where it goes, with the command that puts it there."""
-    verb = _chosen_parser(parser, args).prog[len(parser.prog):].strip()  # 'gan train' of 'visionflow gan train'
-    for action in parser._actions:  # the options of `visionflow` itself; every verb has its own --help
-        if not action.option_strings or isinstance(action, argparse._HelpAction):
+def _refuse_global_options_after_the_verb(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A global option (--threads) given after the verb, or between a verb and its sub-verb, where argparse does not
+    look for it (it calls it unrecognized, or takes its value for a sub-verb): a one-line error with the command that
+    puts it before the verb."""
+    options = {name: action for action in parser._actions  # the options of `visionflow` itself
+               if action.option_strings and not isinstance(action, argparse._HelpAction)
+               for name in action.option_strings}
+    verb = 0
+    while verb < len(argv) and argv[verb].startswith("-"):  # past the global options given before the verb
+        verb += 2 if argv[verb] in options and options[argv[verb]].nargs != 0 else 1
+    for at in range(verb + 1, len(argv)):
+        option = argv[at].split("=", 1)[0]  # --threads of --threads=2
+        if option not in options:
             continue
-        for word in unknown:
-            option = word.split("=", 1)[0]  # --threads of --threads=2
-            if option not in action.option_strings:
-                continue
-            given = word
-            if "=" not in word and action.nargs != 0:  # its value, as typed after it (argparse may have taken it)
-                after = len(argv) - argv[::-1].index(word)  # the last one: it is given after the verb
-                given += f" {argv[after] if after < len(argv) else action.dest.upper()}"
-            rest = " ..." if len(argv) > len(verb.split()) + len(given.split()) else ""  # the verb's arguments
-            parser.error(f"{option} is a global option, given before the verb: "
-                         f"`{parser.prog} {given} {verb}{rest}`")
+        width = 1 if "=" in argv[at] or options[option].nargs == 0 else 2  # with its value, as typed after it
+        moved = argv[at:at + width] + argv[:at] + argv[at + width:]
+        parser.error(f"{option} is a global option, given before the verb: `{parser.prog} {shlex.join(moved)}`")
 
 
 def none_succeeded(count: int, noun: str, verb: str, why: str) -> VisionflowError:
@@ -196,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         # would say it a second time, with a line of its own source code.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         parser, handlers = build_parser()
+        _refuse_global_options_after_the_verb(parser, sys.argv[1:] if argv is None else argv)
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # argparse would send the user to the top-level help; the verb's own says what it takes
-            _refuse_global_options_after_the_verb(parser, args, unknown, sys.argv[1:] if argv is None else argv)
             _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         expand_home(args)
         if args.threads is not None:
