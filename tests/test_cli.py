@@ -1016,3 +1016,19 @@ def test_every_output_files_help_says_that_an_existing_one_is_replaced(capsys, v
     start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{option} "))
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("  -")), len(lines))
     assert "replaced" in " ".join(" ".join(lines[start:end]).split())  # the option's own description
+
+
+def test_evaluate_on_the_runs_data_moved_with_a_class_added_is_the_error_alone(tmp_path: Path, capsys):
+    data = write_class_folder(tmp_path / "data", per_class=10)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    moved = shutil.copytree(data, tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 0  # found moved: said, and scored
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"warning: {moved} holds the data the run trained on ({data}), moved or copied: scoring the 3 images it held out")
+    shutil.copytree(data / "square", moved / "circle")
+    assert main(["evaluate", str(out), str(moved), "--json"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"visionflow: error: {moved}: classes ['circle'] are not among the run's classes "
+        "['square', 'stripes_h', 'stripes_v']"]

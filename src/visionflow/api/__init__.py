@@ -258,7 +258,8 @@ def load_training_data(cfg: TrainConfig, channels: int, size: int, dataset: Data
 
 
 def say_each(warnings: Sequence[str]) -> None:
-    """Log a caller's warnings (`flag_warnings`: those about its command line) where the checks before have passed."""
+    """Log warnings held back until the checks before have passed: a caller's (`flag_warnings`, about its command
+    line), evaluation_part's."""
     for warning in warnings:
         log.warning("%s", warning)
 
@@ -286,11 +287,11 @@ def train(cfg: TrainConfig, show_progress: bool = True, flag_warnings: Sequence[
     its flags (those it ignores), said once the data is checked and before it decodes, so that a user error found
     first stays one line."""
     cfg.validate()
-    AugmentSpec.parse(cfg.augment).refuse_unusual_strengths()
+    augment = AugmentSpec.parse(cfg.augment).refuse_unusual_strengths()
     device = select_device(cfg.device)  # an unavailable device fails before any work
     run = RunDir.for_new_run(cfg.out, cfg.data)
     dataset, channels, size = _data_shape(cfg)
-    AugmentSpec.parse(cfg.augment).refuse_translate_beyond(size)
+    augment.refuse_translate_beyond(size)  # once the side is known
     # bad options fail before decoding; building the probe draws from torch's global generator, the caller's
     with callers_random_state_kept(torch.device("cpu")):
         probe = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size, **cfg.model_options)
@@ -408,7 +409,12 @@ def held_out_in(run: RunDir, dataset: DataSet, recorded: str | None) -> list[str
     held_out = run.read_json("split.json")["held_out"]
     if dataset.spec == recorded:
         return held_out
-    found = found_moved(dataset, recorded, held_out)
+    return _moved_held_out(dataset, recorded, held_out, found_moved(dataset, recorded, held_out))
+
+
+def _moved_held_out(dataset: DataSet, recorded: str | None, held_out: list[str],
+                    found: list[tuple[str, str]]) -> list[str] | None:
+    """held_out_in for data at another place than the run's, from what of it was `found` there (found_moved)."""
     if not found or mostly_gone(len(held_out) - len(found), len(held_out)):
         return None
     originals = [(origin, copy) for origin, copy in found[:100] if os.path.isfile(origin)]
@@ -434,20 +440,37 @@ def named_in(dataset: DataSet, recorded: str, origins: list[str]) -> list[str]:
     return [os.path.join(dataset.spec, os.path.relpath(origin, recorded)) for origin in origins]
 
 
-def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
+def evaluation_part(run: RunDir, dataset: DataSet) -> tuple[DataSource, list[str]]:
     """The data's own test part; else the part the run held out, when the data is the run's own (moved or not), what
     is left of it as for --resume (recorded_split): some gone is a warning, most gone an error, as the rest trained the
-    run; else all of it."""
+    run; else all of it. And the warnings for the caller to say once its own checks of the part have passed (a user
+    error is one line): what is gone, the data found moved, or why the part may hold the run's training images (all
+    of its own data when it validated on other data (--val), or all of data that holds some of the images it held out
+    at their places, too few to take it for the run's data moved with some gone)."""
     if dataset.test is not None:
-        return dataset.test
+        return dataset.test, []
     recorded = run.read_json("config.json").get("data_spec")
-    held_out = held_out_in(run, dataset, recorded)
-    if held_out is None:
-        return dataset.train
-    keep, source = set(held_out), dataset.train
+    if not run.exists("split.json"):
+        trained = dataset.spec == recorded
+        return dataset.train, [f"scoring all of {dataset.spec}: the run trained on these images (it validated on "
+                               "other data)"] if trained else []
+    held_out = run.read_json("split.json")["held_out"]
+    source, noun = dataset.train, dataset.train.kind  # images, or clips
+    if dataset.spec != recorded:
+        found = found_moved(dataset, recorded, held_out)
+        moved = _moved_held_out(dataset, recorded, held_out, found)
+        if moved is None:
+            if found and mostly_gone(len(held_out) - len(found), len(held_out)):
+                return source, [f"scoring all of {dataset.spec} as other data: it holds "
+                                f"{how_many_of(len(found), len(held_out), noun)} the run held out (split.json) at their "
+                                f"places in {recorded}, the others gone (if it is that data, moved, the run trained on "
+                                "the rest)"]
+            return source, []
+        held_out = moved
+    keep = set(held_out)
     part = source.subset([i for i in range(len(source)) if source.origin(i) in keep])
-    gone, noun = len(held_out) - len(part), source.kind  # images, or clips
-    if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (held_out_in refuses it moved)
+    gone = len(held_out) - len(part)
+    if mostly_gone(gone, len(held_out)):  # the data where the run trained on it (_moved_held_out refuses it moved)
         raise VisionflowError(f"{dataset.spec}: {how_many_of(gone, len(held_out), noun)} the run held out "
                               f"(split.json) {'is' if gone == 1 else 'are'} gone, and the others trained it; put back "
                               "what is missing, or evaluate on other data")
@@ -455,11 +478,11 @@ def evaluation_part(run: RunDir, dataset: DataSet) -> DataSource:
     if dataset.spec != recorded:
         where = f"{dataset.spec} holds the data the run trained on ({recorded}), moved or copied"
     if gone:
-        log.warning("%s: %s %s gone (scoring the other %d)", where, how_many_of(gone, len(held_out), "held-out " + noun),
-                    "is" if gone == 1 else "are", len(part))
-    elif dataset.spec != recorded:
-        log.warning("%s: scoring the %d %ss it held out", where, len(part), noun)
-    return part
+        return part, [f"{where}: {how_many_of(gone, len(held_out), 'held-out ' + noun)} {'is' if gone == 1 else 'are'} "
+                      f"gone (scoring the other {len(part)})"]
+    if dataset.spec != recorded:
+        return part, [f"{where}: scoring the {len(part)} {noun}s it held out"]
+    return part, []
 
 
 def require_same_classes(data: str, dataset: DataSet, classes: list[str]) -> None:
@@ -492,26 +515,6 @@ def require_same_data(run: RunDir, dataset: DataSet) -> dict | None:
     return None
 
 
-def training_images_warning(run: RunDir, dataset: DataSet) -> str | None:
-    """Why evaluation_part may give the run's training images, or None: all of the run's own training data when it
-    validated on other data (--val), or all of data that holds some of the images the run held out at their places, but
-    too few to take it for the run's data moved with some gone (held_out_in)."""
-    if dataset.test is not None:
-        return None
-    recorded = run.read_json("config.json").get("data_spec")
-    if not run.exists("split.json"):
-        if dataset.spec == recorded:
-            return f"scoring all of {dataset.spec}: the run trained on these images (it validated on other data)"
-        return None
-    held_out = run.read_json("split.json")["held_out"]
-    found = len(found_moved(dataset, recorded, held_out)) if dataset.spec != recorded else 0
-    if found and mostly_gone(len(held_out) - found, len(held_out)):
-        return (f"scoring all of {dataset.spec} as other data: it holds {how_many_of(found, len(held_out), dataset.train.kind)} "
-                f"the run held out (split.json) at their places in {recorded}, the others gone (if it is that data, "
-                "moved, the run trained on the rest)")
-    return None
-
-
 def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best", batch_size: int = 256,
              strict: bool = False, engine: str = "auto", precision: str = "auto", augment_eval: str | None = None) -> dict:
     """Metrics of the run on DATA's evaluation part. `augment_eval`: test-time augmentation (None = the run's)."""
@@ -521,13 +524,11 @@ def evaluate(run_dir: str, data: str, device: str = "auto", weights: str = "best
     predictor = Predictor.from_run(run, device=device, weights=weights, engine=engine, precision=precision,
                                    augment_eval=augment_eval)
     dataset = open_data(data, frames=predictor.frames, kind=predictor.input_kind)
-    source = evaluation_part(run, dataset)
+    source, warnings = evaluation_part(run, dataset)
     source.require_kind(predictor.input_kind, "the run's model")
     source = _aligned(source, predictor.classes)
+    say_each(warnings)
     warn_of_test_time_mirrors(predictor.augment_eval, predictor.classes, recorded=augment_eval is None)
-    warning = training_images_warning(run, dataset)
-    if warning is not None:
-        log.warning(warning)
     # Streamed batch by batch as predict labels: memory holds one batch and the logits (N x classes floats), not
     # the decoded collection, so a million 224x224 colour images (150 GB decoded) score in the memory of one batch.
     # The logits go into one tensor made up front: a list of a small tensor per batch, kept while the batches come
@@ -680,7 +681,7 @@ def demo(out: str = "runs/demo", show_progress: bool = True) -> dict:
     samples = run.path / "samples"
     samples.mkdir(exist_ok=True)
     dataset = open_data("digits")
-    held_out = evaluation_part(run, dataset)
+    held_out, _ = evaluation_part(run, dataset)  # evaluate above has said its warnings
     from PIL import Image
     truth = {}
     for i in range(0, len(held_out), max(1, len(held_out) // 8))[:8]:

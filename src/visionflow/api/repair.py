@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from visionflow.api import (evaluation_part, recorded_split, require_enough_to_train, require_same_data, say_each,
-                           split_record, training_images_warning)
+                           split_record)
 from visionflow.config import check_seed
 from visionflow.data.decode import decode_image, probe_image
 from visionflow.data.loading import decode_part, stratified_split
@@ -304,11 +304,9 @@ def evaluate(run_dir: str, data: str, mask: str = "center", hole: int | None = N
     if limit is not None and limit < 1:
         raise VisionflowError(f"--limit must be at least 1 (got {limit})")
     run_directory, dataset = RunDir(run_dir), open_data(data)
-    source = evaluation_part(run_directory, dataset)
+    source, warnings = evaluation_part(run_directory, dataset)
     source.require_kind("image", "image repair")
-    warning = training_images_warning(run_directory, dataset)
-    if warning is not None:
-        log.warning(warning)
+    say_each(warnings)
     if limit is not None and limit < len(source):
         # a seeded spread over the whole part: folders list one class after another
         source = source.subset(np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))
