@@ -54,6 +54,15 @@ def write_class_folder(root: Path, per_class: int = 20, size: int = 16, seed: in
     return root
 
 
+def flat_images(root: Path, classes: tuple[str, ...], per_class: int = 5) -> Path:
+    """A class folder of plain grey 16x16 images: the classes' names are what matters."""
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
 def add_images(folder: Path, count: int, seed: int) -> None:
     """`count` more 12x12 images in each class folder of write_class_folder, named to sort among the ones there."""
     rng = np.random.default_rng(seed)

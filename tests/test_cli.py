@@ -25,7 +25,7 @@ from visionflow.devices import cpu_has_native_bf16
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
 
-from conftest import add_images, run_cli, run_with_stderr_on_a_terminal, write_class_folder
+from conftest import add_images, flat_images, run_cli, run_with_stderr_on_a_terminal, write_class_folder
 from visionflow.cli import main
 from test_sources import write_idx, write_mnist
 
@@ -577,11 +577,7 @@ def test_resume_reads_the_data_where_it_is_now_and_names_what_it_ignores(tmp_pat
     assert main(["train", str(data), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"visionflow: error: {data}: no such file or folder (and not a built-in data set: digits)"]
-    other = tmp_path / "other"
-    for name in ("a", "b"):
-        (other / name).mkdir(parents=True)
-        for i in range(5):
-            Image.new("L", (16, 16), color=40 * i).save(other / name / f"{i}.png")
+    other = flat_images(tmp_path / "other", ("a", "b"))
     assert main(["train", str(other), "--out", str(out), "--resume", "--epochs", "2", "--model", "resnet18"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"visionflow: error: {other}: its classes ['a', 'b'] differ from the run's ['square', 'stripes_h', 'stripes_v']"]

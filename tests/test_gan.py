@@ -26,7 +26,7 @@ from visionflow.gan.fid import feature_distance, frechet_distance
 from visionflow.gan.train import GanConfig, GanDiverged
 from visionflow.runs import RunDir
 
-from conftest import write_class_folder
+from conftest import flat_images, write_class_folder
 
 SIZE = 16
 
@@ -207,11 +207,7 @@ def test_mode_seeking_on_an_unconditional_gan_is_named_as_ignored_once_the_data_
     capsys.readouterr()
     assert main([*train[:2], str(clips.parent), *train[3:], "--out", str(tmp_path / "on-clips"), "--epochs", "1"]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1 and caplog.messages == []
-    other = tmp_path / "other"
-    for name in ("x", "y"):
-        (other / name).mkdir(parents=True)
-        for i in range(3):
-            Image.new("L", (16, 16), color=40 * i).save(other / name / f"{i}.png")
+    other = flat_images(tmp_path / "other", ("x", "y"), per_class=3)
     assert main(["gan", "train", str(other), "--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--lr", "0.1"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"visionflow: error: {other}: its classes ['x', 'y'] differ from the run's ['square', 'stripes_h', 'stripes_v']"]

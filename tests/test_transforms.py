@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from conftest import flat_images
 from visionflow.data.transforms import Augment, AugmentSpec, Preprocess, affine_grid, channel_stats
 from visionflow.errors import VisionflowError
 from visionflow.runs import RunDir
@@ -91,21 +90,13 @@ def test_a_run_recorded_with_strengths_now_refused_still_resumes(tmp_path):
     assert json.loads((out / "config.json").read_text())["train"]["augment"] == "rotate=270,elastic=8"  # as recorded
 
 
-def flat_images(root: Path, classes: tuple[str, ...], per_class: int = 5) -> Path:
-    """A class folder of plain grey 16x16 images: the classes' names are what matters."""
-    for label in classes:
-        (root / label).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(root / label / f"{i}.png")
-    return root
-
-
 def test_flips_warn_once_when_a_class_names_the_side_they_swap(tmp_path, caplog, capsys):
     from visionflow.cli import main
 
     def warnings_of_training(data: Path, augment: str, exit_code: int = 0) -> list[str]:
         caplog.clear()
-        assert main(["train", str(data), "--augment", augment, "--epochs", "1", "--quiet",
+        # two epochs: said once before training, not once per epoch
+        assert main(["train", str(data), "--augment", augment, "--epochs", "2", "--quiet",
                      "--out", str(tmp_path / f"run-{data.name}-{augment}")]) == exit_code
         return [record.getMessage() for record in caplog.records]
 
@@ -140,8 +131,8 @@ def test_test_time_flips_warn_once_per_command_when_a_class_names_a_side(tmp_pat
     averaged = ("mirrors images left to right, but class 'left' names a side: each image's logits are averaged with "
                 "its mirror's, which shows the other side (use --augment-eval none)")
     run = tmp_path / "run-hands"
-    assert warnings_of("train", str(hands), "--augment-eval", "flip", "--epochs", "1", "--out", str(run)) == [
-        f"--augment-eval flip {averaged}"]  # once, though every epoch's validation averages the mirrors
+    assert warnings_of("train", str(hands), "--augment-eval", "flip", "--epochs", "2", "--out", str(run)) == [
+        f"--augment-eval flip {averaged}"]  # once, though both epochs' validations average the mirrors
     # evaluate and predict: the run's recorded views, or the ones the command asks for instead
     assert warnings_of("evaluate", str(run), str(hands), "--engine", "torch") == [
         f"the run's --augment-eval flip {averaged}"]
